@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse the
+# virtual environment in $(VENV) first (see launch/setup_env.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: demo test env clean-demo
+
+env:
+	@bash launch/setup_env.sh
+
+demo: env
+	@PYTHON_BIN=$(PY) bash launch/demo.sh
+
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,1 @@
+"""Latent-diffusion training pipeline: configs, data, models, training, distillation, evaluation."""

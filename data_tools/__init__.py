@@ -1,0 +1,1 @@
+"""Dataset preprocessing command-line tools: synth, shard, inspect (and later encode)."""

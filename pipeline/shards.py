@@ -1,0 +1,112 @@
+"""WebDataset shard files on disk: naming, atomic writing, listing, clean-up.
+
+One place for the rules of DESIGN.md §4 and §6 that every shard-writing stage follows:
+
+- shards are named ``{name}-{index:06d}.tar``; beside each, ``{name}-{index:06d}_stats.json``;
+- a tar appears under its final name only when complete (written to ``*.tmp-PID``,
+  flushed, then renamed), so a folder never shows a half-written shard;
+- a shard counts as *complete* when its tar exists; its stats file is written first;
+- tar members carry fixed metadata (mtime, owner, mode), so the same samples give
+  byte-identical tars and a resumed run equals an uninterrupted one.
+
+Readers need nothing from here: the tars are plain tar files that ``webdataset`` reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+FIXED_MTIME = 1_700_000_000  # 2023-11-14; any constant works, 0 makes `tar` complain
+_TMP_MARK = ".tmp-"
+
+
+def shard_name(name: str, index: int) -> str:
+    """``images-000012.tar``."""
+    return f"{name}-{index:06d}.tar"
+
+
+def stats_path(tar_path: Path) -> Path:
+    """``images-000012.tar`` -> ``images-000012_stats.json`` (img2dataset's layout)."""
+    return tar_path.with_name(tar_path.name[: -len(".tar")] + "_stats.json")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and rename it to ``path`` (atomic on POSIX)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either absent/old or complete, never partial."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    tmp.write_bytes(data)
+    _commit(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented UTF-8 JSON."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = FIXED_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write ``(key, {ext: bytes})`` samples as a WebDataset tar; returns the sample count.
+
+    Members are ``key.ext`` in the order given (extensions sorted within a sample), with
+    fixed metadata, so equal input gives an equal file. Keys must not contain dots:
+    WebDataset splits a member name at the first dot.
+    """
+    path = Path(path)
+    tmp = _tmp_path(path)
+    count = 0
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            if "." in key or "/" in key:
+                raise ValueError(f"shard key {key!r} must not contain '.' or '/'")
+            for ext in sorted(members):
+                data = members[ext]
+                tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            count += 1
+    _commit(tmp, path)
+    return count
+
+
+def complete_shards(directory: Path, name: str | None = None) -> list[Path]:
+    """The complete ``{name}-NNNNNN.tar`` files in ``directory``, sorted by index."""
+    pattern = re.compile(rf"^{re.escape(name) if name else '.+'}-(\d{{6}})\.tar$")
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and pattern.match(p.name))
+
+
+def remove_partials(directory: Path) -> int:
+    """Delete temporary files left by an interrupted writer; returns how many."""
+    removed = 0
+    for p in Path(directory).glob(f"*{_TMP_MARK}*"):
+        if p.is_file():
+            p.unlink()
+            removed += 1
+    return removed

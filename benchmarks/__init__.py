@@ -1,0 +1,6 @@
+"""Ratio benchmarks: each module's ``run(quick) -> list[dict]`` compares variants in one run.
+
+Every entry is ``{"name", "ratio", "goal", "better": "higher"|"lower", ...details}``.
+"""
+
+BENCHMARKS = ["benchmarks.shard_throughput"]

@@ -15,23 +15,19 @@ import io
 import json
 import math
 import random
-import re
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import webdataset
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from pipeline.shards import stats_path
+from pipeline.shards import complete_shards, iter_samples, stats_path
 
 PROG = "data_tools.inspect"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("no_image", "multiple_images", "undecodable_image", "no_caption", "empty_caption", "caption_not_utf8")
-_SHARD_NAME = re.compile(r"^(?:.+-)?\d+\.tar$")
 TILE_MIN, TILE_MAX, PAD, MAX_CAPTION_LINES = 128, 256, 8, 6
 MAX_INVALID_EXAMPLES = 20  # keys of invalid samples listed in the summary
 
@@ -71,20 +67,6 @@ class Reservoir:
     def sample(self) -> list:
         """The kept items in stream order."""
         return [item for _, item in sorted(self.items, key=lambda pair: pair[0])]
-
-
-def find_shards(directory: Path) -> list[Path]:
-    """Complete shard tars in ``directory``, sorted; partial ``*.tmp*`` files are skipped."""
-    files = (p for p in Path(directory).iterdir() if p.is_file() and ".tmp" not in p.name)
-    return sorted(p for p in files if _SHARD_NAME.match(p.name))
-
-
-def read_shard(path: Path) -> Iterator[dict]:
-    """Samples of one tar as webdataset yields them: ``{"__key__": ..., ext: bytes}``."""
-    dataset = webdataset.WebDataset(
-        [str(path)], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-    )
-    yield from dataset
 
 
 def decode_image(data: bytes) -> Image.Image | None:
@@ -160,7 +142,7 @@ def read_all(shards: list[Path], tally: Tally, expected: int | None) -> list[str
         for path in shards:
             before = tally.samples
             try:
-                for sample in read_shard(path):
+                for sample in iter_samples([path]):
                     tally.add(sample)
                     bar.update()
             except (tarfile.TarError, OSError, ValueError, EOFError) as e:
@@ -275,7 +257,7 @@ def inspect_shards(
     to ``sheet_path`` (default ``directory/contact_sheet.png``).
     """
     directory = Path(directory)
-    shards = find_shards(directory)
+    shards = complete_shards(directory)
     expected, warnings = expected_samples(directory)
     tally = Tally(samples, seed)
     problems = [] if shards else [f"no shard tars found in {directory}"]

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,25 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
 
 
 def complete_shards(directory: Path, name: str | None = None) -> list[Path]:
-    """The complete ``{name}-NNNNNN.tar`` files in ``directory``, sorted by index."""
-    pattern = re.compile(rf"^{re.escape(name) if name else '.+'}-(\d{{6}})\.tar$")
+    """The complete ``{name}-NNNNNN.tar`` files in ``directory``, sorted by name.
+
+    Without ``name``, any ``PREFIX-NNNN.tar`` or img2dataset's ``NNNNN.tar``; temporaries never match.
+    """
+    prefix = rf"{re.escape(name)}-" if name else r"(?:.+-)?"
+    pattern = re.compile(rf"^{prefix}\d+\.tar$")
     directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.is_file() and pattern.match(p.name))
+
+
+def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict]:
+    """Raw samples ``{"__key__", ext: bytes}`` of the shards in file order, via webdataset
+    (so ``pipe:`` URLs work). webdataset's node/worker splitting is off: callers split."""
+    import webdataset as wds
+
+    urls = [str(s) for s in shards]
+    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
 
 
 def remove_partials(directory: Path) -> int:

@@ -1,0 +1,138 @@
+"""Run checkpoints: atomic folders, newest-complete lookup, retention, and the small
+save/load helpers every stage uses (DESIGN.md §6).
+
+``runs/NAME/checkpoints/step-NNNNNN/`` appears only when complete: it is written as
+``.tmp-step-NNNNNN`` by every rank, then renamed by the main process. Loading takes the newest
+complete folder; retention deletes the oldest ones but never the newest complete checkpoint.
+Weights are safetensors; other tensors (optimizer, RNG) go through ``torch.save`` and come back
+with ``torch.load(..., weights_only=True)``; counters and the data position are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.shards import write_json_atomic
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TRAIN_STATE = "train_state.json"  # written last inside a checkpoint
+
+
+class Checkpoints:
+    """The ``checkpoints/`` folder of one run."""
+
+    def __init__(self, root: Path, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (got {keep})")
+        self.root, self.keep = Path(root), keep
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:06d}"
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def save(
+        self,
+        step: int,
+        write: Callable[[Path], None],
+        is_main: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> Path:
+        """Run ``write(tmp_folder)`` on every rank, then publish the folder atomically.
+
+        ``barrier`` synchronises the ranks (e.g. ``accelerator.wait_for_everyone``).
+        """
+        tmp, final = self.root / f".tmp-step-{step:06d}", self.path(step)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        if is_main:
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self.prune()
+        barrier()
+        return final
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest ``keep`` complete checkpoints and stale temporaries."""
+        removed = [p for _, p in self.complete()[: -self.keep]]
+        removed += [p for p in self.root.glob(".tmp-step-*") if p.is_dir()]
+        for p in removed:
+            shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+
+# ---------------------------------------------------------------------------- file helpers
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors (tensors made contiguous and unshared)."""
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_weights(module: torch.nn.Module, path: Path, strict: bool = True) -> None:
+    module.load_state_dict(load_file(str(path)), strict=strict)
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """Optimizer / scheduler / RNG state (tensors, numbers, lists, dicts) via ``torch.save``."""
+    torch.save(obj, path)
+
+
+def load_tensors(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_train_state(folder: Path, state: dict) -> None:
+    write_json_atomic(Path(folder) / TRAIN_STATE, state)
+
+
+def read_train_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / TRAIN_STATE).read_text())

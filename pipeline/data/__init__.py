@@ -1,0 +1,1 @@
+"""Shard readers: a resumable distributed batch stream, and decoders for image and latent shards."""

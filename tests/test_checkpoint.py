@@ -1,0 +1,67 @@
+"""pipeline.checkpoint: atomic folders, newest-complete lookup, retention, state round trips."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpoints, load_tensors, load_weights, rng_state, save_tensors, save_weights, set_rng_state
+
+
+def write_marker(folder):
+    (folder / "state.txt").write_text(folder.name)
+
+
+def test_save_publishes_complete_folders_and_keeps_newest(tmp_path):
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for step in (10, 20, 30):
+        ckpts.save(step, write_marker)
+    assert [s for s, _ in ckpts.complete()] == [20, 30]
+    assert ckpts.latest() == tmp_path / "checkpoints/step-000030"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_interrupted_save_is_invisible(tmp_path):
+    ckpts = Checkpoints(tmp_path / "c", keep=3)
+    ckpts.save(5, write_marker)
+
+    def crash(folder):
+        (folder / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save(6, crash)
+    assert ckpts.latest().name == "step-000005"
+    ckpts.save(7, write_marker)  # the stale temporary is cleaned by retention
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError):
+        Checkpoints(tmp_path, keep=0)
+
+
+def test_weights_and_optimizer_round_trip(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_weights(model, tmp_path / "m.safetensors")
+    save_tensors(opt.state_dict(), tmp_path / "opt.pt")
+    other = torch.nn.Linear(4, 3)
+    load_weights(other, tmp_path / "m.safetensors")
+    assert torch.equal(other.weight, model.weight)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_opt.load_state_dict(load_tensors(tmp_path / "opt.pt"))
+    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.gauss(0, 1)  # leaves a cached gauss value in the state
+    save_tensors(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_tensors(tmp_path / "rng.pt"))
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item()) == expected

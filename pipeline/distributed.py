@@ -58,13 +58,30 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
 def create_accelerator(**kwargs):
     """An ``accelerate.Accelerator`` that is really distributed on CPU-only machines too.
 
-    Without a GPU, ``accelerate launch --num_processes 2`` leaves the process-group backend
-    unset and each process silently runs alone (ENV-NOTES.md); gloo makes it a real job.
+    Without a GPU, a multi-process launch leaves accelerate's process group unset and each
+    process silently runs alone (ENV-NOTES.md). Plain jobs need ``cpu=True`` (accelerate then
+    picks MULTI_CPU with gloo); DeepSpeed jobs need the gloo backend named explicitly.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = list(kwargs.pop("kwargs_handlers", []))
     if not torch.cuda.is_available() and dist_env().world_size > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if _deepspeed_launch():
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        else:
+            kwargs.setdefault("cpu", True)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def _deepspeed_launch() -> bool:
+    """Whether ``accelerate launch --use_deepspeed`` (or a DeepSpeed config) started us."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def shutdown(accelerator) -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits
+    (left to interpreter shutdown, gloo can abort a rank: "terminate called without an active exception")."""
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

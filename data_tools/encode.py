@@ -1,0 +1,215 @@
+"""``accelerate launch -m data_tools.encode --input SHARDS --output DIR --config X.yaml``
+
+Image shards (ours or img2dataset's) -> latent shards, once, with the frozen VAE and text
+encoders (DESIGN.md §1, §4). Per sample: ``KEY.latent.npy`` (C, h, w), ``KEY.t5.npy`` (L, D)
+without padding, ``KEY.clip.npy`` (D,), ``KEY.clip_tokens.npy`` when asked, ``KEY.txt``,
+``KEY.json``. ``dataset.json`` records the latent shape and dtype, the VAE's scale/shift and the
+encoders, so the next stage needs no flags this one knew.
+
+Input shard ``i`` becomes ``latents-i.tar`` and rank ``r`` of ``N`` encodes the shards with
+``i % N == r``: the result is the same set of keys for any number of processes. A shard is
+committed atomically; a rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, exit_on_config_error, load_config, to_dict
+from pipeline.data.images import decode_image_sample
+from pipeline.distributed import create_accelerator, shutdown
+from pipeline.encoders import TextEncoders, TextEncodersConfig
+from pipeline.encoders.vae import FrozenVAE, VAEConfig
+from pipeline.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+
+PROG = "data_tools.encode"
+NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+@dataclass(kw_only=True)
+class EncodeConfig:
+    """What ``data_tools.encode`` reads, runs and writes."""
+
+    input: Path | None = None  # image-shard folder (or --input)
+    output: Path | None = None  # latent-shard folder (or --output)
+    vae: VAEConfig
+    text: TextEncodersConfig
+    resolution: int | None = None  # None: the input's dataset.json resolution, else the images' own size
+    batch_size: int = 64
+    store_dtype: Literal["fp16", "fp32"] = "fp16"
+    name: str = "latents"
+
+    def __post_init__(self) -> None:
+        if self.input is None or self.output is None:
+            raise ValueError("input and output are required (--input DIR --output DIR)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (got {self.resolution})")
+
+
+@dataclass
+class Encoders:
+    """The frozen models, built once per process."""
+
+    vae: FrozenVAE
+    text: TextEncoders
+    store: type = field(default=np.float16)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def input_resolution(cfg: EncodeConfig) -> int | None:
+    if cfg.resolution is not None:
+        return cfg.resolution
+    meta = cfg.input / "dataset.json"
+    return json.loads(meta.read_text()).get("resolution") if meta.exists() else None
+
+
+def batches(shard: Path, size: int, resolution: int | None, skipped: Counter) -> Iterator[list[dict]]:
+    """Decoded samples of one image shard in batches; undecodable ones are counted and dropped."""
+    pending = []
+    for raw in iter_samples([shard]):
+        sample = decode_image_sample(raw, resolution)
+        if sample is None:
+            skipped["undecodable_image"] += 1
+            continue
+        if not sample["caption"].strip():
+            skipped["empty_caption"] += 1
+            continue
+        sample["json"] = raw.get("json", b"{}")
+        pending.append(sample)
+        if len(pending) == size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+@torch.no_grad()
+def encode_batch(samples: list[dict], encoders: Encoders, device: torch.device) -> list[tuple[str, dict[str, bytes]]]:
+    """One batch of decoded images + captions -> tar members (text unpadded)."""
+    images = torch.stack([s["image"] for s in samples]).to(device)  # (B, 3, H, W)
+    latents = encoders.vae.encode(images).cpu().numpy()  # (B, C, h, w)
+    text = {k: v.cpu() for k, v in encoders.text.encode([s["caption"] for s in samples]).items()}
+    out = []
+    for i, s in enumerate(samples):
+        members = {"latent.npy": npy_bytes(latents[i].astype(encoders.store)), "txt": s["caption"].encode(), "json": s["json"]}
+        for name in ("t5", "clip_tokens"):
+            if name in text:
+                real = text[f"{name}_mask"][i]  # (L,) bool
+                members[f"{name}.npy"] = npy_bytes(text[name][i][real].numpy().astype(encoders.store))  # (L_i, D)
+        if "clip" in text:
+            members["clip.npy"] = npy_bytes(text["clip"][i].numpy().astype(encoders.store))
+        out.append((s["key"], members))
+    return out
+
+
+def encode_shard(src: Path, dst: Path, cfg: EncodeConfig, encoders: Encoders, device: torch.device, bar: tqdm) -> dict:
+    """Encode one image shard into ``dst`` atomically; returns its stats."""
+    start, skipped, written = time.time(), Counter(), []
+    for samples in batches(src, cfg.batch_size, input_resolution(cfg), skipped):
+        written += encode_batch(samples, encoders, device)
+        bar.update(len(samples))
+    stats = {
+        "shard": dst.name,
+        "source": src.name,
+        "count": len(written) + sum(skipped.values()),
+        "successes": len(written),
+        "failed": sum(skipped.values()),
+        "failures": dict(sorted(skipped.items())),
+        "duration": time.time() - start,
+    }
+    write_json_atomic(stats_path(dst), stats)
+    write_tar_atomic(dst, written)
+    return stats
+
+
+def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
+    """dataset.json of the latent folder, from every shard's stats and the encoders."""
+    samples, skipped = 0, Counter()
+    for shard in shards:
+        stats = json.loads(stats_path(shard).read_text())
+        samples += stats["successes"]
+        skipped.update(stats["failures"])
+    resolution = input_resolution(cfg)
+    down = encoders.vae.downsample
+    return {
+        "kind": "latent_shards",
+        "created_by": PROG,
+        "input": str(cfg.input),
+        "samples": samples,
+        "skipped": dict(sorted(skipped.items())),
+        "shards": [s.name for s in shards],
+        "resolution": resolution,
+        "latent_shape": [encoders.vae.latent_channels, resolution // down, resolution // down] if resolution else None,
+        "latent_dtype": cfg.store_dtype,
+        "vae": encoders.vae.describe(),
+        "text_encoders": encoders.text.describe(),
+        "config": to_dict(cfg),
+    }
+
+
+def run(cfg: EncodeConfig) -> dict | None:
+    """Encode this rank's share of the shards; the main process writes dataset.json."""
+    accelerator = create_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sources = complete_shards(cfg.input)
+    if not sources:
+        raise ConfigError(f"no image shards in {cfg.input}")
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    targets = [cfg.output / shard_name(cfg.name, i) for i in range(len(sources))]
+    if accelerator.is_main_process:
+        remove_partials(cfg.output)
+    accelerator.wait_for_everyone()
+    mine = [i for i in range(len(sources)) if i % world == rank and not targets[i].exists()]
+    encoders = Encoders(FrozenVAE(cfg.vae, accelerator.device), TextEncoders(cfg.text, accelerator.device), NUMPY_DTYPES[cfg.store_dtype])
+    start, done = time.time(), 0
+    with tqdm(desc=f"{PROG} rank {rank}", unit="img", position=rank, mininterval=0.5) as bar:
+        for i in mine:
+            done += encode_shard(sources[i], targets[i], cfg, encoders, accelerator.device, bar)["count"]
+    rate = done / max(time.time() - start, 1e-9)
+    print(f"{PROG}: rank {rank}/{world} encoded {len(mine)} shard(s), {done} samples, {rate:.1f} samples/s")
+    accelerator.wait_for_everyone()
+    summary = None
+    if accelerator.is_main_process:
+        summary = describe(cfg, encoders, targets)
+        write_json_atomic(cfg.output / "dataset.json", summary)
+        skipped = summary["skipped"] or "none"
+        print(f"{PROG}: {summary['samples']} samples in {len(targets)} latent shard(s) at {cfg.output}, skipped {skipped}")
+    shutdown(accelerator)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", type=Path, help="image-shard folder")
+    p.add_argument("--output", type=Path, help="latent-shard folder (resumes when rerun)")
+    p.add_argument("--config", type=Path, help="YAML with vae:, text:, batch_size, ...")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args(argv)
+    paths = [f"{k}={v}" for k, v in (("input", args.input), ("output", args.output)) if v is not None]
+    with exit_on_config_error(PROG):
+        run(load_config(EncodeConfig, args.config, [*args.overrides, *paths]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

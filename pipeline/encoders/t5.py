@@ -1,0 +1,88 @@
+"""The frozen T5 text encoder: captions -> token embeddings (B, L, D) and their mask.
+
+DESIGN.md §3 "Text conditions": the DiT attends to the T5 token sequence. Loaded with
+transformers' ``AutoTokenizer`` and ``T5EncoderModel`` (never ``trust_remote_code``), so the
+same config points at a small local model offline or at T5-XXL with network access. The
+batch is padded to its longest caption; padded positions are zeroed and masked, and the
+real tokens do not depend on the batch (padded keys are masked out of attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+
+from .common import EncoderLoadError, check_local_source, check_texts, resolve_dtype
+
+
+@dataclass(kw_only=True)
+class T5EncoderConfig:
+    """Where the T5 encoder and its tokenizer live, and how captions are cut."""
+
+    path: str
+    """Folder (or hub id) with T5 encoder weights and tokenizer files (transformers format)."""
+    max_length: int = 128
+    """Captions are truncated to this many tokens (including the end-of-sequence token)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path must not be empty")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        resolve_dtype(self.dtype)
+
+
+def load_t5(cfg: T5EncoderConfig, device: str | torch.device = "cpu",
+            ) -> tuple[PreTrainedTokenizerBase, T5EncoderModel]:
+    """Tokenizer + encoder from ``cfg.path`` with errors that name the path; eval, frozen."""
+    check_local_source(cfg.path, "T5 encoder", required=("config.json",))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        model = T5EncoderModel.from_pretrained(cfg.path, dtype=resolve_dtype(cfg.dtype))
+    except Exception as err:  # OSError / ValueError from transformers or the hub
+        raise EncoderLoadError(f"cannot load a T5 encoder and tokenizer from '{cfg.path}': {err}") from err
+    return tokenizer, model.to(device).eval().requires_grad_(False)
+
+
+class FrozenT5(torch.nn.Module):
+    """T5 encoder token embeddings for a batch of captions; never trains."""
+
+    def __init__(self, cfg: T5EncoderConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer, self.model = load_t5(cfg, device)
+        self.width = int(self.model.config.d_model)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenT5:
+        """Stay in eval mode (no dropout) whatever a parent module asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> embeddings (B, L, D) float32 and mask (B, L) bool; L = longest in batch."""
+        check_texts(texts)
+        batch = self.tokenizer(list(texts), padding="longest", truncation=True,
+                               max_length=self.cfg.max_length, return_tensors="pt")
+        ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        return hidden.float() * mask.unsqueeze(-1), mask
+
+    def describe(self) -> dict:
+        """JSON-ready identity and width (for ``dataset.json``)."""
+        return {
+            "source": self.cfg.path,
+            "width": self.width,
+            "max_length": self.cfg.max_length,
+            "vocab_size": len(self.tokenizer),
+            "dtype": self.cfg.dtype,
+        }

@@ -20,15 +20,15 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
+from pipeline.grid import contact_sheet
 from pipeline.shards import complete_shards, iter_samples, stats_path
 
 PROG = "data_tools.inspect"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REASONS = ("no_image", "multiple_images", "undecodable_image", "no_caption", "empty_caption", "caption_not_utf8")
-TILE_MIN, TILE_MAX, PAD, MAX_CAPTION_LINES = 128, 256, 8, 6
 MAX_INVALID_EXAMPLES = 20  # keys of invalid samples listed in the summary
 
 
@@ -181,66 +181,6 @@ def expected_samples(directory: Path) -> tuple[int | None, list[str]]:
     if not isinstance(samples, int):
         return None, ["dataset.json has no integer 'samples': total not cross-checked"]
     return samples, []
-
-
-def wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels, at most ``MAX_CAPTION_LINES`` lines."""
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-        while font.getlength(line) > width and len(line) > 1:  # a word longer than the tile
-            cut = len(line) - 1
-            while cut > 1 and font.getlength(line[:cut]) > width:
-                cut -= 1
-            lines.append(line[:cut])
-            line = line[cut:]
-    lines.append(line)
-    if len(lines) > MAX_CAPTION_LINES:
-        lines, last = lines[:MAX_CAPTION_LINES], lines[MAX_CAPTION_LINES - 1]
-        while last and font.getlength(last + "...") > width:
-            last = last[:-1]
-        lines[-1] = last + "..."
-    return lines
-
-
-def fit(image: Image.Image, side: int) -> Image.Image:
-    """``image`` on white, scaled so its longer side is ``side`` (NEAREST when enlarging)."""
-    rgba = image.convert("RGBA")
-    scale = side / max(image.width, image.height)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    rgba = rgba.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-    flat = Image.new("RGB", size, "white")
-    flat.paste(rgba, mask=rgba)
-    return flat
-
-
-def contact_sheet(samples: list[tuple[Image.Image, str]], path: Path, columns: int) -> Image.Image:
-    """Grid of ``(image, caption)`` tiles with wrapped captions beneath; saved as PNG at ``path``."""
-    font = ImageFont.load_default(size=13)  # the built-in scalable font where FreeType is present
-    tile = min(TILE_MAX, max([TILE_MIN, *(max(im.size) for im, _ in samples)]))
-    captions = [wrap(caption, font, tile) for _, caption in samples]
-    line_h = font.getbbox("Ag")[3] + 2
-    cell_w, cell_h = tile + 2 * PAD, tile + 2 * PAD + line_h * max(map(len, captions))
-    columns = max(1, min(columns, len(samples)))
-    rows = math.ceil(len(samples) / columns)
-    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, ((image, _), lines) in enumerate(zip(samples, captions)):
-        x, y = (i % columns) * cell_w + PAD, (i // columns) * cell_h + PAD
-        thumb = fit(image, tile)
-        tx, ty = x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2
-        sheet.paste(thumb, (tx, ty))
-        draw.rectangle((tx - 1, ty - 1, tx + thumb.width, ty + thumb.height), outline=(190, 190, 190))
-        for n, line in enumerate(lines):
-            draw.text((x, y + tile + PAD // 2 + n * line_h), line, fill="black", font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
-    return sheet
 
 
 def inspect_shards(

@@ -9,9 +9,11 @@ project reads those variables (open_clip's ``world_info_from_env``, returned as 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,12 +68,28 @@ def create_accelerator(**kwargs):
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = list(kwargs.pop("kwargs_handlers", []))
+    deepspeed = _deepspeed_launch() or kwargs.get("deepspeed_plugin") is not None
+    if deepspeed and dist_env().launcher == "none":
+        _single_process_group_env()
     if not torch.cuda.is_available() and dist_env().world_size > 1:
-        if _deepspeed_launch():
+        if deepspeed:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         else:
             kwargs.setdefault("cpu", True)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def _single_process_group_env() -> None:
+    """DeepSpeed always builds a process group; started without a launcher (plain ``python -m``)
+    it would look for MPI. Describe a one-process job instead."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
 
 
 def _deepspeed_launch() -> bool:
@@ -85,3 +103,33 @@ def shutdown(accelerator) -> None:
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def deepspeed_config(template: dict, micro_batch: int, grad_accum: int, grad_clip: float, precision: str, world_size: int) -> dict:
+    """A DeepSpeed JSON (``launch/deepspeed/*.json``) with its ``"auto"`` fields filled from our
+    config, so batch size, accumulation, clipping and precision are stated in one place only."""
+    filled = json.loads(json.dumps(template))
+    auto = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in auto.items():
+        if filled.get(key, "auto") == "auto":
+            filled[key] = value
+    for key, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = filled.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
+    return filled
+
+
+def deepspeed_plugin(config_path: str, zero_stage: int | None, **fill) -> object:
+    """accelerate's ``DeepSpeedPlugin`` from a JSON template filled by :func:`deepspeed_config`."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    template = json.loads(Path(config_path).read_text())
+    if zero_stage is not None:
+        template.setdefault("zero_optimization", {})["stage"] = zero_stage
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config(template, **fill))

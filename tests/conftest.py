@@ -48,3 +48,30 @@ def tiny_text_encoders_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_text_encoders")
     assert make_encoders.main(["--output", str(folder), "--seed", "0"]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 synthetic 32 px images (``data_tools.synth``) in 4 PNG image shards."""
+    from data_tools import shard, synth
+
+    root = tmp_path_factory.mktemp("images")
+    synth.generate(root / "synth", count=48, resolution=32, seed=0)
+    args = ["--input", str(root / "synth"), "--output", str(root / "shards"), "--resolution", "32"]
+    assert shard.main([*args, "--format", "png", "--samples-per-shard", "12"]) == 0
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def latent_shards(tmp_path_factory, image_shards: Path, tiny_vae_dir: Path, tiny_text_encoders_dir: Path) -> Path:
+    """``image_shards`` encoded by ``data_tools.encode`` with the tiny VAE, T5 and CLIP."""
+    import yaml
+
+    from data_tools import encode
+
+    root = tmp_path_factory.mktemp("latents")
+    text = yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())
+    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(tiny_vae_dir)}, "text": text, "batch_size": 12}))
+    args = ["--input", str(image_shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
+    assert encode.main(args) == 0
+    return root / "latents"

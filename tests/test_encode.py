@@ -16,22 +16,12 @@ import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from data_tools import encode, shard, synth
+from data_tools import encode
 from pipeline.data.images import image_to_tensor
 from pipeline.shards import iter_samples, shard_name, write_tar_atomic
 from tests.helpers import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def image_shards(tmp_path_factory) -> Path:
-    """48 synthetic 32 px images in 4 shards."""
-    root = tmp_path_factory.mktemp("images")
-    synth.generate(root / "synth", count=48, resolution=32, seed=0)
-    args = ["--input", str(root / "synth"), "--output", str(root / "shards"), "--resolution", "32", "--format", "png"]
-    assert shard.main([*args, "--samples-per-shard", "12"]) == 0
-    return root / "shards"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFont
 
-from data_tools.inspect import MAX_CAPTION_LINES, contact_sheet, inspect_shards, main, wrap
+from data_tools.inspect import inspect_shards, main
+from pipeline.grid import MAX_CAPTION_LINES, contact_sheet, wrap
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import iter_samples, stats_path
@@ -160,7 +161,9 @@ class ShardLoader:
         start = {"offsets": dict(self.offsets), "rotation": self.batches % self.workers}
         dataset = ShardStream(self.schedule, self.decode, self.collate, self.rank, start)
         extra = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False} if self.cfg.num_workers else {}
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, **extra)
+        # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator, **extra)
         for stream, offset, batch in loader:
             self.offsets[str(stream)] = int(offset)
             self.batches += 1

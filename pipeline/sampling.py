@@ -1,0 +1,59 @@
+"""Samplers over any ``model(x, t, cond) -> v`` (DESIGN.md §3 conventions, ``pipeline.flow``).
+
+- ``euler``: the probability-flow ODE from ``t = 1`` (noise) to ``t = 0`` (data),
+  ``x ← x + (t_next − t)·v̂``, on a grid warped by the resolution shift.
+- Classifier-free guidance, diffusers convention: ``v̂ = v_null + g·(v_cond − v_null)``;
+  ``g = 1`` is no guidance (one model call per step). The null condition is the model's own
+  (``cond["drop"] = True``), so the conditional and unconditional halves run as one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from pipeline.flow import Model, shift_time
+
+
+def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """``steps + 1`` times from 1 to 0 (uniform, then shifted)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def with_null(cond: dict, batch: int) -> dict:
+    """``cond`` twice along the batch: first half as given, second half dropped (null)."""
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+    device = next((v.device for v in cond.values() if torch.is_tensor(v)), None)
+    keep = cond.get("drop", torch.zeros(batch, dtype=torch.bool, device=device))
+    doubled["drop"] = torch.cat([keep, torch.ones(batch, dtype=torch.bool, device=device)])
+    return doubled
+
+
+def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
+    """``v_null + g·(v_cond − v_null)``; a single call when ``g == 1``."""
+    if guidance == 1.0:
+        return model(x, t, cond)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), with_null(cond, x.shape[0]))
+    v_cond, v_null = v.chunk(2)
+    return v_null + guidance * (v_cond - v_null)
+
+
+@torch.no_grad()
+def euler(
+    model: Model,
+    noise: torch.Tensor,
+    cond: dict,
+    steps: int = 50,
+    guidance: float = 1.0,
+    shift: float = 1.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``."""
+    grid = time_grid(steps, shift, noise.device)
+    x = noise
+    for i in tqdm(range(steps), desc="euler", disable=not progress, leave=False):
+        t = grid[i].expand(x.shape[0])
+        x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance)
+    return x

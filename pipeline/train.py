@@ -1,0 +1,296 @@
+"""``accelerate launch -m pipeline.train --config configs/X.yaml [section.key=value ...]``
+
+Trains a DiT on latent shards with rectified flow (``pipeline.flow``), under accelerate with
+DeepSpeed ZeRO-2 by default (ZeRO-3 as an option, plain DDP when DeepSpeed is off), an fp32
+EMA, atomic checkpoints with the complete state (model, optimizer, LR schedule, EMA, step, RNG
+states, data position) and exact resume, a guided sample grid every N steps, and at the end the
+EMA weights exported as a ``from_pretrained`` model folder.
+
+Classifier-free guidance: with probability ``p_uncond`` a sample's text is replaced by the
+model's learned null condition (``cond["drop"]``: a learned null token instead of the T5/CLIP
+tokens and a learned null vector instead of the pooled CLIP embedding). Sampling uses the same
+null condition for the unconditional half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.checkpoint import Checkpoints, read_train_state, write_train_state
+from pipeline.config import parse_cli, save_config, to_dict
+from pipeline.data.latents import latent_loader
+from pipeline.distributed import create_accelerator, deepspeed_plugin, shutdown
+from pipeline.ema import EMA
+from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
+from pipeline.models.dit import build_dit, flops_per_sample
+from pipeline.optim import build_optimizer
+from pipeline.tracking import Throughput, Tracker, device_peak_tflops
+from pipeline.train_config import TrainConfig
+
+PROG = "pipeline.train"
+T_BUCKETS = 10
+TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s depend on it
+
+
+def latent_meta(folder: Path) -> dict:
+    path = Path(folder) / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
+    return json.loads(path.read_text())
+
+
+def build_model(cfg: TrainConfig, meta: dict):
+    """The DiT sized for the latents and text encoders recorded in the latent dataset.json."""
+    text = meta["text_encoders"]
+    channels, height, _ = meta["latent_shape"]
+    widths = {
+        "text_dim": text["t5"]["width"] if text.get("t5") else 0,
+        "clip_dim": text["clip"]["width"] if text.get("clip") else 0,
+        "clip_token_dim": text["clip"]["token_width"] if text.get("clip") and text["clip"].get("return_tokens") else 0,
+    }
+    model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, qk_norm=cfg.model.qk_norm, **widths, **cfg.model.overrides)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
+    """The model's ``cond`` from a latent batch; rows drawn with ``p_uncond`` use the null condition."""
+    cond = {k: v.to(device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+    rows = batch["latent"].shape[0]
+    cond["drop"] = (torch.rand(rows) < p_uncond).to(device)
+    return cond
+
+
+class Trainer:
+    """One training run: build, resume, loop, checkpoint, export."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg, self.meta = cfg, latent_meta(cfg.data.latents)
+        self.accelerator = self._accelerator()
+        self.is_main = self.accelerator.is_main_process
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg, self.meta)
+        self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
+        self.ema = EMA(model.named_parameters(), cfg.ema.decay)
+        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.loader = latent_loader(cfg.data.latents, cfg.data.loader, rank, world)
+        self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.step, self.bad_steps, self.skipped = 0, 0, 0
+        self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
+
+    def _accelerator(self):
+        cfg, plugin = self.cfg, None
+        if cfg.deepspeed.enabled:
+            from pipeline.distributed import dist_env
+
+            plugin = deepspeed_plugin(
+                str(cfg.deepspeed.config),
+                cfg.deepspeed.zero_stage,
+                micro_batch=cfg.data.loader.batch_size,
+                grad_accum=cfg.optim.grad_accum,
+                grad_clip=cfg.optim.grad_clip,
+                precision=cfg.mixed_precision,
+                world_size=dist_env().world_size,
+            )
+        return create_accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum, deepspeed_plugin=plugin
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def save(self) -> Path:
+        """Checkpoint every piece of state; atomic (``pipeline.checkpoint``)."""
+
+        def write(folder: Path) -> None:
+            self.accelerator.save_state(str(folder / "accelerate"), safe_serialization=True)
+            (folder / f"data_rank{self.accelerator.process_index}.json").write_text(json.dumps(self.loader.state_dict()))
+            if self.is_main:
+                self.ema.save(folder / "ema.safetensors")
+                torch.save({"sums": self.t_sums, "counts": self.t_counts}, folder / "loss_by_t.pt")
+                write_train_state(folder, {"step": self.step, "bad_steps": self.bad_steps, "skipped": self.skipped})
+
+        return self.checkpoints.save(self.step, write, self.is_main, self.accelerator.wait_for_everyone)
+
+    def resume(self) -> None:
+        choice = self.cfg.checkpoint.resume
+        folder = None if choice == "never" else (self.checkpoints.latest() if choice == "auto" else Path(choice))
+        if folder is None:
+            return
+        self.accelerator.load_state(str(folder / "accelerate"))
+        self.loader.load_state_dict(json.loads((folder / f"data_rank{self.accelerator.process_index}.json").read_text()))
+        self.ema.load(folder / "ema.safetensors")
+        buckets = torch.load(folder / "loss_by_t.pt", weights_only=True)
+        self.t_sums, self.t_counts = buckets["sums"], buckets["counts"]
+        state = read_train_state(folder)
+        self.step, self.bad_steps, self.skipped = state["step"], state["bad_steps"], state["skipped"]
+        self.accelerator.print(f"{PROG}: resumed from {folder} at step {self.step}")
+
+    # ------------------------------------------------------------------ steps
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """All ranks agree whether this micro-batch's loss is finite (one sync per step)."""
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
+
+    def micro_step(self, batch: dict) -> torch.Tensor | None:
+        """Forward + backward (+ optimizer step at the accumulation boundary); None if skipped."""
+        device = self.accelerator.device
+        x0 = batch["latent"].to(device)  # (B, C, h, w)
+        cond = condition(batch, self.cfg.p_uncond, device)
+        t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device)
+        per_sample = flow_loss(self.model, x0, cond, t, torch.randn_like(x0))  # (B,)
+        loss = per_sample.mean()
+        if not self._finite_everywhere(loss):
+            return None
+        with self.accelerator.accumulate(self.model):
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.cfg.optim.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        sums, counts = loss_by_t(t, per_sample, T_BUCKETS)
+        self.t_sums += sums.cpu()
+        self.t_counts += counts.cpu()
+        return loss.detach()
+
+    def update_ema(self) -> None:
+        decay = 0.0 if self.step <= self.cfg.ema.start_step else None
+        gathered = contextlib.nullcontext()
+        if self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with gathered:
+            self.ema.update(self.accelerator.unwrap_model(self.model).named_parameters(), decay)
+
+    def handle_bad_step(self) -> None:
+        self.bad_steps += 1
+        self.skipped += 1
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{PROG}: {self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                "Lower optim.lr, raise optim.warmup_steps or check the latents."
+            )
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+        self.resume()
+        tracker = Tracker(cfg.run_dir, cfg.logging, to_dict(cfg), cfg.run, enabled=self.is_main)
+        tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
+        meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
+        running, micro = [], 0
+        with tqdm(total=cfg.steps, initial=self.step, desc=PROG, disable=not self.is_main, unit="step") as bar:
+            for batch in self.loader:
+                if self.step >= cfg.steps:
+                    break
+                loss = self.micro_step(batch)
+                if loss is None:
+                    self.handle_bad_step()
+                    continue
+                self.bad_steps, micro = 0, micro + 1
+                running.append(loss)
+                meter.add(batch["latent"].shape[0])
+                if micro % cfg.optim.grad_accum:
+                    continue
+                self.step += 1
+                self.update_ema()
+                bar.update()
+                self.after_step(tracker, meter, running)
+        self.finish(tracker)
+
+    def after_step(self, tracker: Tracker, meter: Throughput, running: list) -> None:
+        """Logging, sample grids and checkpoints on their schedules."""
+        cfg = self.cfg
+        if self.step % cfg.logging.every == 0 or self.step == cfg.steps:
+            loss = torch.stack(running).mean().item()
+            running.clear()
+            metrics = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped, **meter.report()}
+            metrics["epoch"] = self.loader.epoch()
+            tracker.log(self.step, metrics)
+        if cfg.sampling.every and self.step % cfg.sampling.every == 0:
+            self.sample_grid(f"step-{self.step:06d}")
+        if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+            self.save()
+
+    def finish(self, tracker: Tracker) -> None:
+        """Export the EMA weights, draw the final grid and the loss-by-t plot."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            from pipeline.report_plots import plot_loss_by_t
+
+            self.export()
+            self.sample_grid("final")
+            plot_loss_by_t(self.t_sums, self.t_counts, self.cfg.run_dir / "loss_by_t.png")
+            print(f"{PROG}: done at step {self.step}; model in {self.cfg.run_dir / 'model'}")
+        tracker.close()
+        shutdown(self.accelerator)
+
+    # ------------------------------------------------------------------ outputs
+
+    def ema_model(self):
+        model = build_model(self.cfg, self.meta)
+        self.ema.copy_to(model)
+        return model.eval()
+
+    def export(self) -> Path:
+        from pipeline.export import export_model
+
+        sampling = {"sampling": {"steps": self.cfg.sampling.steps, "guidance": self.cfg.sampling.guidance, "shift": self.cfg.sampling.shift}}
+        return export_model(self.cfg.run_dir / "model", self.ema_model(), self.meta, sampling)
+
+    def sample_grid(self, name: str) -> Path | None:
+        """A captioned grid from the fixed prompts and seed, with the EMA weights (main process)."""
+        if not self.is_main:
+            return None
+        from pipeline.sample import write_grid
+
+        s = self.cfg.sampling
+        pipe = self.sampler()
+        pipe.transformer = self.ema_model().to(self.accelerator.device)
+        images, _ = pipe.generate(s.prompts, s.steps, s.guidance, s.shift, s.seed)
+        return write_grid(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
+
+    def sampler(self):
+        """VAE + text encoders named in the latent dataset.json, loaded once."""
+        if getattr(self, "_sampler", None) is None:
+            from pipeline.config import from_dict
+            from pipeline.encoders import TextEncoders, TextEncodersConfig
+            from pipeline.encoders.vae import FrozenVAE, VAEConfig
+            from pipeline.sample import TextToImage
+
+            device, config = self.accelerator.device, self.meta["config"]
+            vae = FrozenVAE(from_dict(VAEConfig, config["vae"]), device)
+            text = TextEncoders(from_dict(TextEncodersConfig, config["text"]), device)
+            self._sampler = TextToImage(self.ema_model(), vae, text, self.meta["latent_shape"])
+        return self._sampler
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(TrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    try:
+        Trainer(cfg).fit()
+    except FloatingPointError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Typed configuration of ``pipeline.train`` (DiT + rectified flow), one dataclass per section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.data.stream import LoaderConfig
+from pipeline.flow import TimestepConfig
+from pipeline.optim import OptimConfig
+from pipeline.tracking import LoggingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS
+    qk_norm: bool = False
+    gradient_checkpointing: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4}
+
+    def __post_init__(self) -> None:
+        from pipeline.models.dit import DIT_CONFIGS
+
+        if self.name not in DIT_CONFIGS:
+            raise ValueError(f"unknown model '{self.name}' (known: {', '.join(DIT_CONFIGS)})")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    latents: Path = Path("runs/demo/latents")  # a latent-shard folder written by data_tools.encode
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # loader.batch_size is the per-device micro-batch
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    enabled: bool = True
+    zero_stage: Literal[2, 3] = 2
+    config: Path = ROOT / "launch/deepspeed/zero2.json"  # "auto" fields are filled from this config
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    decay: float = 0.9999
+    start_step: int = 0  # before it the EMA copies the weights
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay must be in [0, 1) (got {self.decay})")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+    resume: str = "auto"  # "auto" (newest complete checkpoint, if any), "never", or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("every and keep must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """The grid drawn every ``every`` steps from fixed prompts and seed (0 = only at the end)."""
+
+    every: int = 0
+    prompts: list[str] = field(default_factory=lambda: ["a large red circle at the center on a white background"])
+    steps: int = 50
+    guidance: float = 4.0
+    shift: float = 1.0
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run: str = "dit"  # the run folder is output_dir/run
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    steps: int = 1000  # optimizer steps
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    p_uncond: float = 0.1  # probability of training on the null condition (for guidance)
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must be in [0, 1) (got {self.p_uncond})")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run

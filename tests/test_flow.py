@@ -1,0 +1,102 @@
+"""pipeline.flow and pipeline.sampling: the time convention, timestep samplers, the loss,
+and the Euler sampler on a case whose exact flow is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.flow import TimestepConfig, flow_loss, interpolate, loss_by_t, sample_timesteps, shift_time, velocity
+from pipeline.sampling import euler, guided_velocity, time_grid
+
+
+def test_time_convention_sign():
+    x0, noise = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(interpolate(x0, noise, torch.zeros(3)), x0)  # t = 0 is data
+    assert torch.equal(interpolate(x0, noise, torch.ones(3)), noise)  # t = 1 is noise
+    t, h = torch.full((3,), 0.3), 1e-3
+    finite_difference = (interpolate(x0, noise, t + h) - interpolate(x0, noise, t - h)) / (2 * h)
+    torch.testing.assert_close(finite_difference, velocity(x0, noise), atol=1e-3, rtol=1e-3)  # v = dx_t/dt = ε − x0
+
+
+def test_logit_normal_statistics():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(200_000, TimestepConfig(kind="logit_normal", mean=0.5, std=0.8), g)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 0.8) < 0.01
+    assert 0 < t.min() and t.max() < 1
+
+
+def test_uniform_and_mode_samplers_stay_in_range():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(100_000, TimestepConfig(kind="uniform"), g)
+    assert abs(uniform.mean().item() - 0.5) < 0.01
+    mode = sample_timesteps(100_000, TimestepConfig(kind="mode", mode_scale=1.29), g)
+    assert 0 <= mode.min() and mode.max() <= 1
+    middle = ((mode > 0.4) & (mode < 0.6)).float().mean()
+    assert middle > ((uniform > 0.4) & (uniform < 0.6)).float().mean()  # s > 0 favours the middle
+
+
+def test_shift_keeps_endpoints_and_moves_towards_noise():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    shifted = shift_time(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:3] > t[1:3]).all()
+    assert shifted[2] == pytest.approx(0.75)  # 3·0.5 / (1 + 2·0.5)
+
+
+def test_loss_is_zero_for_the_exact_velocity_and_buckets_add_up():
+    x0, noise, t = torch.randn(8, 2, 3, 3), torch.randn(8, 2, 3, 3), torch.rand(8)
+    perfect = lambda x, tt, cond: velocity(x0, noise)  # noqa: E731
+    assert torch.all(flow_loss(perfect, x0, {}, t, noise) == 0)
+    per_sample = flow_loss(lambda x, tt, cond: torch.zeros_like(x), x0, {}, t, noise)
+    sums, counts = loss_by_t(t, per_sample, buckets=4)
+    assert counts.sum() == 8 and torch.allclose(sums.sum(), per_sample.sum())
+
+
+def gaussian_velocity(mu: float, sigma: float):
+    """The exact rectified-flow velocity when data ~ N(mu, sigma²) (per coordinate)."""
+
+    def model(x, t, cond):
+        a, tt = 1 - t.view(-1, 1), t.view(-1, 1)
+        var = a**2 * sigma**2 + tt**2
+        return (tt - a * sigma**2) / var * (x - a * mu) - mu
+
+    return model
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_follows_the_exact_flow(shift):
+    # For Gaussian data the flow maps noise ε to mu + sigma·ε exactly.
+    mu, sigma = 2.0, 0.5
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0 = euler(gaussian_velocity(mu, sigma), noise, {}, steps=400, shift=shift)
+    torch.testing.assert_close(x0, mu + sigma * noise, atol=2e-2, rtol=0)
+
+
+def test_time_grid():
+    grid = time_grid(4)
+    assert grid.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError):
+        time_grid(0)
+
+
+class Counting:
+    """v = 1 for conditional rows, v = 0 for dropped rows; counts calls."""
+
+    calls = 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        drop = cond.get("drop", torch.zeros(x.shape[0], dtype=torch.bool))
+        return (~drop).float().view(-1, 1).expand_as(x).clone()
+
+
+def test_guidance_follows_the_diffusers_convention():
+    model, x = Counting(), torch.zeros(3, 2)
+    v = guided_velocity(model, x, torch.ones(3), {"t5": torch.zeros(3, 1, 1)}, guidance=4.0)
+    assert torch.equal(v, torch.full((3, 2), 4.0)) and model.calls == 1  # 0 + 4·(1 − 0), one batched call
+    euler(model, x, {}, steps=5, guidance=1.0)
+    assert model.calls == 1 + 5  # g = 1: no unconditional pass
+    assert math.isclose(euler(Counting(), x, {}, steps=5, guidance=2.0)[0, 0].item(), -2.0)  # ∫ dt·2 from 1 to 0

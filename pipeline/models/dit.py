@@ -1,0 +1,491 @@
+"""Diffusion transformer over latents: architecture only, for one device.
+
+References:
+- Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (DiT): patchify, adaLN-Zero
+  blocks, zero-initialised modulation and final layer, the size registry
+  (facebookresearch/DiT ``models.py``, which this file follows in layout).
+- Chen et al. 2023, "PixArt-α": cross-attention from image tokens to T5 tokens after the
+  self-attention, with a plain pre-LayerNorm and no adaLN.
+- Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3): per-head QK RMS-norm; the model
+  predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §3 "Time").
+
+Contract used by the loss and the samplers: ``model(x, t, cond) -> v`` with ``x`` (B, C, H, W),
+``t`` (B,) float in [0, 1] (0 = data, 1 = noise) and ``cond`` a dict of optional tensors:
+
+    "t5" (B, L, text_dim), "t5_mask" (B, L) bool (True = real token)
+    "clip" (B, clip_dim) pooled vector
+    "clip_tokens" (B, L', clip_token_dim), "clip_tokens_mask" (B, L') bool
+    "drop" (B,) bool: replace the row's text by the learned null condition (classifier-free guidance)
+    "guidance" (B,) float guidance scale (only with ``guidance_embed``)
+
+The null condition lives here. A dropped row's token sequence becomes the learned null sequence:
+one learned token (hidden width, after the text projections) at position 0 with every other key
+masked out, so its output does not depend on its text at all. Its pooled CLIP vector is replaced
+by a learned null vector in ``clip_dim`` space (before the CLIP MLP). A row with no real token
+(mask all False, or L = 0) gets the null sequence too, so no row ever attends to zero keys. Keys
+the model's config does not use are ignored; unknown keys and missing required keys raise
+``ValueError``.
+
+Activation checkpointing is the diffusers mechanism (``model.enable_gradient_checkpointing()``,
+or ``gradient_checkpointing=True`` at construction; not saved in the config).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance"})
+FREQ_DIM = 256  # width of the sinusoidal timestep / guidance features (DiT)
+TIME_SCALE = 1000.0  # t ∈ [0, 1] and guidance scales are embedded as value · 1000 (DiT / Flux)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(values: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
+    """(B,) -> (B, dim) cos/sin features (ADM / DiT ``timestep_embedding``), in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """2D sin-cos positional embedding (MAE / DiT) for a grid_h × grid_w grid of patches.
+
+    Positions are patch indices 0..g−1 on each axis, so the default grid matches DiT and larger or
+    non-square grids extend it. Returns (grid_h · grid_w, dim) float32, row-major over (h, w).
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )  # (gh, gw) each
+    out_w = xs.reshape(-1, 1) * omega[None]  # (N, dim/4)
+    out_h = ys.reshape(-1, 1) * omega[None]  # (N, dim/4)
+    # First half encodes the column (w), second half the row (h), as in DiT's get_2d_sincos_pos_embed.
+    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # (N, dim)
+    return emb.float()
+
+
+class ScalarEmbedder(nn.Module):
+    """A scalar per row (timestep or guidance scale) -> (B, hidden): sinusoid of value·1000, then MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = FREQ_DIM) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, values: Tensor) -> Tensor:
+        features = sinusoidal_embedding(values.float() * TIME_SCALE, self.freq_dim)  # (B, freq_dim), float32
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, hidden)
+
+
+class TokenProjection(nn.Module):
+    """Text tokens (B, L, in_dim) -> (B, L, hidden): Linear, then LayerNorm."""
+
+    def __init__(self, in_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.norm(self.linear(tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer block
+# ----------------------------------------------------------------------------------------------
+
+
+SDPA_MIN_SCORES = 128 * 128  # on CPU, below N·S = this, attention is computed with plain matmuls
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax attention (B, H, N, Dh), (B, H, S, Dh) × 2 -> (B, H, N, Dh); mask (B, 1, 1, S) bool, True = attend.
+
+    ``F.scaled_dot_product_attention`` everywhere except on CPU with short sequences
+    (N·S < ``SDPA_MIN_SCORES``), where its flash CPU kernel measured 2–3× slower (forward + backward)
+    than the same maths as matmul + softmax: the DiT-tiny demo has N = 16 image and ~16 text tokens.
+    """
+    if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] >= SDPA_MIN_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, H, N, S)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # (B, H, N, Dh)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, N, D) · (1 + scale) + shift, with shift and scale (B, 1, D)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with fused projections and SDPA; self-attention when ``context`` is None.
+
+    Self-attention uses one fused qkv Linear; cross-attention a q Linear on the image tokens and a
+    fused kv Linear on the context. ``mask`` (B, 1, 1, S) bool marks the keys that take part.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, cross: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        B, N, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        if self.cross:
+            S = context.shape[1]
+            q = self.q(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+            kv = self.kv(context).view(B, S, 2, H, Dh).transpose(1, 3)  # (B, H, 2, S, Dh)
+            k, v = kv.unbind(2)  # 2 × (B, H, S, Dh)
+        else:
+            qkv = self.qkv(x).view(B, N, 3, H, Dh).transpose(1, 3)  # (B, H, 3, N, Dh)
+            q, k, v = qkv.unbind(2)  # 3 × (B, H, N, Dh); backward stacks straight into the Linear's layout
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = attention(q, k, v, mask)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D) -> (B, N, D)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU (tanh) -> Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, PixArt-style cross-attention (pre-LayerNorm, no adaLN), adaLN-Zero MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, cross=False)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross else None
+        self.cross_attn = Attention(hidden_size, num_heads, qk_norm, cross=True) if cross else None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x (B, N, D), c (B, D), context (B, S, D), mask (B, 1, 1, S) bool -> (B, N, D)."""
+        modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)  # 6 × (B, 1, D)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then Linear to p·p·C per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # 2 × (B, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Text-conditioned DiT predicting the rectified-flow velocity; see the module docstring.
+
+    ``sample_size`` is the default latent side (any multiple of ``patch_size`` works at forward
+    time); ``text_dim`` / ``clip_token_dim`` are the T5 / CLIP token widths and ``clip_dim`` the
+    pooled CLIP width (0 = not used); ``qk_norm`` adds per-head RMSNorm on queries and keys;
+    ``guidance_embed`` adds an embedding of ``cond["guidance"]`` to the conditioning vector (for a
+    guidance-distilled student).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    ignore_for_config = ["gradient_checkpointing"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 0,
+        clip_dim: int = 0,
+        clip_token_dim: int = 0,
+        qk_norm: bool = False,
+        guidance_embed: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads or hidden_size % 4:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads ({num_heads}) and by 4")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
+        self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
+        self.has_text = text_dim > 0 or clip_token_dim > 0
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.t_embedder = ScalarEmbedder(hidden_size)
+        self.guidance_embedder = ScalarEmbedder(hidden_size) if guidance_embed else None
+        self.clip_embedder = self._pooled_mlp(clip_dim, hidden_size) if clip_dim else None
+        self.null_clip = nn.Parameter(torch.zeros(clip_dim)) if clip_dim else None  # (clip_dim,)
+        self.t5_proj = TokenProjection(text_dim, hidden_size) if text_dim else None
+        self.clip_token_proj = TokenProjection(clip_token_dim, hidden_size) if clip_token_dim else None
+        self.null_text = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.has_text else None  # (1, 1, D)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self._pos_cache: dict[tuple, Tensor] = {}
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    @staticmethod
+    def _pooled_mlp(in_dim: int, hidden_size: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def initialize_weights(self) -> None:
+        """The one place for initialisation (DiT): a fresh model outputs exactly zero.
+
+        xavier-uniform for every Linear and the patch embedding (as a Linear), zero biases;
+        normal(0.02) for the timestep / guidance / pooled-CLIP MLPs and the null condition; zero
+        for every adaLN modulation output layer, the cross-attention output projections and the
+        final Linear.
+        """
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        w = self.x_embedder.weight.data  # (D, C, p, p)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear (D, C·p·p)
+        nn.init.zeros_(self.x_embedder.bias)
+        for mlp in (self.t_embedder.mlp, getattr(self.guidance_embedder, "mlp", None), self.clip_embedder):
+            if mlp is not None:
+                nn.init.normal_(mlp[0].weight, std=0.02)
+                nn.init.normal_(mlp[2].weight, std=0.02)
+        for null in (self.null_text, self.null_clip):
+            if null is not None:
+                nn.init.normal_(null, std=0.02)
+        zero_init = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for block in self.blocks:
+            zero_init.append(block.adaLN_modulation[-1])
+            if block.cross_attn is not None:
+                zero_init.append(block.cross_attn.proj)
+        for layer in zero_init:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) in [0, 1], cond (module docstring) -> velocity (B, C, H, W)."""
+        cond = self._check_inputs(x, t, {} if cond is None else cond)
+        B, _, H, W = x.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D), a strided view
+        # Table first: the sum takes its contiguous layout, so the residual stream is contiguous
+        # (with the view first, every later op inherited the (B, D, N) strides and LayerNorm copied).
+        h = torch.add(self._pos_embed(gh, gw, h.dtype, h.device), h)  # (B, N, D)
+        c = self._conditioning(t.expand(B) if t.ndim == 0 else t, cond)  # (B, D)
+        context, mask = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h, c, context, mask)
+            else:
+                h = block(h, c, context, mask)
+        h = self.final_layer(h, c)  # (B, N, p·p·C)
+        return self.unpatchify(h, gh, gw)
+
+    def unpatchify(self, h: Tensor, gh: int, gw: int) -> Tensor:
+        """(B, N, p·p·C) -> (B, C, gh·p, gw·p); token order row-major, features ordered (p, p, C)."""
+        p, C = self.patch_size, self.in_channels
+        h = h.reshape(h.shape[0], gh, gw, p, p, C)  # (B, gh, gw, p, p, C)
+        h = h.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
+        return h.reshape(h.shape[0], C, gh * p, gw * p)  # (B, C, H, W)
+
+    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(1, gh·gw, D) sin-cos table for this grid, cached per (grid, dtype, device)."""
+        key = (gh, gw, dtype, device)
+        table = self._pos_cache.get(key)
+        if table is None:
+            table = sincos_pos_embed_2d(self.hidden_size, gh, gw).to(device=device, dtype=dtype)[None]  # (1, N, D)
+            self._pos_cache[key] = table
+        return table
+
+    def _conditioning(self, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """c (B, D) = timestep MLP + pooled-CLIP MLP (null vector for dropped rows) + guidance MLP."""
+        c = self.t_embedder(t)  # (B, D)
+        if self.clip_embedder is not None:
+            clip = cond["clip"]  # (B, clip_dim)
+            if "drop" in cond:
+                clip = torch.where(cond["drop"].bool()[:, None], self.null_clip.to(clip.dtype), clip)
+            c = c + self.clip_embedder(clip.to(c.dtype))
+        if self.guidance_embedder is not None:
+            c = c + self.guidance_embedder(cond["guidance"])
+        return c
+
+    def _text_context(self, cond: Mapping[str, Tensor], batch: int) -> tuple[Tensor | None, Tensor | None]:
+        """Projected token sequences, concatenated, with the learned null token where needed.
+
+        Returns context (B, S, D) and key mask (B, 1, 1, S) bool. Without masks and without
+        ``drop``, every key is real and the mask is None. Otherwise a row that is dropped or has no
+        real token gets the null sequence: the null token at position 0, every other key masked
+        out, so its output does not depend on its text. (With L = 0 the null token is the sequence.)
+        """
+        if not self.has_text:
+            return None, None
+        sequences, masks = [], []
+        for key, proj in (("t5", self.t5_proj), ("clip_tokens", self.clip_token_proj)):
+            if proj is not None:
+                sequences.append(proj(cond[key]))  # (B, L_k, D)
+                masks.append(cond.get(f"{key}_mask"))  # (B, L_k) or None
+        tokens = torch.cat(sequences, dim=1) if len(sequences) > 1 else sequences[0]  # (B, L, D)
+        null = self.null_text.to(tokens.dtype)  # (1, 1, D)
+        if tokens.shape[1] == 0:
+            return null.expand(batch, 1, -1), None  # (B, 1, D): every row is text-less
+        if "drop" not in cond and all(m is None for m in masks):
+            return tokens, None
+        ones = [seq.new_ones(seq.shape[:2], dtype=torch.bool) for seq in sequences]  # (B, L_k) each
+        real = torch.cat([o if m is None else m.bool() for m, o in zip(masks, ones)], dim=1)  # (B, L)
+        if "drop" in cond:
+            real = real & ~cond["drop"].bool()[:, None]  # (B, L)
+        first = torch.arange(tokens.shape[1], device=tokens.device)[None] == 0  # (1, L)
+        null_slot = ~real.any(dim=1, keepdim=True) & first  # (B, L): position 0 of null rows
+        context = torch.where(null_slot[:, :, None], null, tokens)  # (B, L, D)
+        return context, (real | null_slot)[:, None, None, :]  # (B, 1, 1, L)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Shapes and keys, checked without touching tensor values (no device sync)."""
+        unknown = set(cond) - COND_KEYS
+        if unknown:
+            raise ValueError(f"DiT: unknown cond keys {sorted(unknown)} (known: {sorted(COND_KEYS)})")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"DiT: x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"DiT: latent size {H}x{W} is not a multiple of patch_size {self.patch_size}")
+        if t.shape not in ((B,), ()):
+            raise ValueError(f"DiT: t must be (B,) = ({B},), got {tuple(t.shape)}")
+        cfg = self.config
+        required = {"t5": cfg.text_dim, "clip": cfg.clip_dim, "clip_tokens": cfg.clip_token_dim}
+        for key, width in required.items():
+            if width and key not in cond:
+                raise ValueError(f"DiT: cond[{key!r}] is required (the model was built with width {width})")
+            if width and (cond[key].shape[0] != B or cond[key].shape[-1] != width):
+                raise ValueError(f"DiT: cond[{key!r}] must be (B={B}, ..., {width}), got {tuple(cond[key].shape)}")
+            mask = cond.get(f"{key}_mask")
+            if width and mask is not None and mask.shape != cond[key].shape[:2]:
+                raise ValueError(f"DiT: cond['{key}_mask'] {tuple(mask.shape)} != {tuple(cond[key].shape[:2])}")
+        if cfg.guidance_embed and "guidance" not in cond:
+            raise ValueError("DiT: cond['guidance'] (B,) is required (the model was built with guidance_embed)")
+        for key in ("drop", "guidance"):
+            if key in cond and cond[key].shape != (B,):
+                raise ValueError(f"DiT: cond[{key!r}] must be (B,) = ({B},), got {tuple(cond[key].shape)}")
+        return cond
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting, FLOPs and the size registry
+# ----------------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not); works on ``meta``-device models."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _full_config(config: Mapping[str, Any] | DiT) -> dict[str, Any]:
+    """A DiT config with every constructor default filled in."""
+    given = dict(config.config) if isinstance(config, DiT) else dict(config)
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(DiT.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **given}
+
+
+def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float:
+    """Forward FLOPs of one sample at the config's ``sample_size`` (2 × multiply-accumulates).
+
+    Counted: patch embedding; per block the self-attention qkv / output projections and its
+    score and value matmuls over the N image tokens; with text (``text_dim`` or
+    ``clip_token_dim``), the cross-attention q / output projections over N, k / v projections over
+    ``tokens_text`` = L keys and its N × L score and value matmuls, plus the text projection
+    (assumed from ``text_dim`` when set); the MLP; the adaLN modulation and the final layer.
+    Not counted: norms, activations, softmax and the timestep / CLIP / guidance MLPs (per sample,
+    tiny). Training (forward + backward) ≈ 3 × this; with activation checkpointing ≈ 4 ×.
+    """
+    cfg = _full_config(config)
+    D, p, C, depth = cfg["hidden_size"], cfg["patch_size"], cfg["in_channels"], cfg["depth"]
+    n = (cfg["sample_size"] // p) ** 2  # image tokens
+    hidden_mlp = int(D * cfg["mlp_ratio"])
+    text_width = cfg["text_dim"] or cfg["clip_token_dim"]
+    L = tokens_text if text_width else 0
+    macs = n * C * p * p * D  # patch embedding
+    block = 4 * n * D * D + 2 * n * n * D  # qkv + out projections, scores + values
+    block += 2 * n * D * hidden_mlp + 6 * D * D  # MLP, adaLN modulation
+    if text_width:
+        block += 2 * n * D * D + 2 * L * D * D + 2 * n * L * D  # q + out, k + v, scores + values
+        macs += L * text_width * D  # text projection
+    macs += depth * block + 2 * D * D + n * D * p * p * C  # blocks, final adaLN, final Linear
+    return 2.0 * macs
+
+
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    "DiT-tiny": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2),
+    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+}
+
+
+def build_dit(name: str, **overrides: Any) -> DiT:
+    """A registry size with constructor overrides, e.g. ``build_dit("DiT-S/2", text_dim=4096, clip_dim=768)``."""
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown DiT size {name!r} (known: {', '.join(DIT_CONFIGS)})")
+    return DiT(**{**DIT_CONFIGS[name], **overrides})

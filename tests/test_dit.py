@@ -1,0 +1,263 @@
+"""pipeline.models.dit: zero init, registry sizes, other resolutions, padding and null-condition
+invariances, save/load, activation checkpointing, FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import DIT_CONFIGS, DiT, build_dit, count_parameters, flops_per_sample
+from pipeline.models import dit
+from pipeline.models.dit import SDPA_MIN_SCORES, attention
+
+TEXT_DIM, CLIP_DIM, CLIP_TOKEN_DIM = 16, 12, 8
+# DiT paper, Table 4 (class-conditional, learned sigma): parameters in millions.
+PAPER_PARAMS_M = {"DiT-S/2": 33, "DiT-B/2": 130, "DiT-L/2": 458, "DiT-XL/2": 675}
+
+
+def tiny(**overrides) -> DiT:
+    """A very small DiT with every kind of conditioning (seeded)."""
+    cfg = dict(
+        in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4,
+        text_dim=TEXT_DIM, clip_dim=CLIP_DIM, clip_token_dim=CLIP_TOKEN_DIM,
+    )
+    torch.manual_seed(0)
+    return DiT(**{**cfg, **overrides})
+
+
+def perturbed(model: DiT) -> DiT:
+    """Every weight moved off its init (the zero-initialised ones included), so outputs are non-trivial."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def lengths_mask(lengths: list[int], total: int) -> torch.Tensor:
+    return torch.arange(total)[None] < torch.tensor(lengths)[:, None]  # (B, total)
+
+
+def inputs(h: int = 8, w: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Batch of 3: full text, partial text, no T5 tokens at all (mask all False)."""
+    g = torch.Generator().manual_seed(seed)
+    cond = {
+        "t5": torch.randn(3, 5, TEXT_DIM, generator=g),
+        "t5_mask": lengths_mask([5, 2, 0], 5),
+        "clip": torch.randn(3, CLIP_DIM, generator=g),
+        "clip_tokens": torch.randn(3, 4, CLIP_TOKEN_DIM, generator=g),
+        "clip_tokens_mask": lengths_mask([4, 3, 0], 4),
+    }
+    return torch.randn(3, 4, h, w, generator=g), torch.rand(3, generator=g), cond
+
+
+def pad(cond: dict[str, torch.Tensor], key: str, extra: int, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Append ``extra`` padding tokens (random values, mask False) to cond[key]."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = cond[key]
+    junk = torch.randn(tokens.shape[0], extra, tokens.shape[2], generator=g) * 100
+    mask = torch.cat([cond[f"{key}_mask"], torch.zeros(tokens.shape[0], extra, dtype=torch.bool)], dim=1)
+    return {**cond, key: torch.cat([tokens, junk], dim=1), f"{key}_mask": mask}
+
+
+def test_fresh_model_outputs_exactly_zero():
+    x, t, cond = inputs()
+    model = tiny(qk_norm=True, guidance_embed=True)
+    out = model(x, t, {**cond, "guidance": torch.full((3,), 4.0), "drop": torch.tensor([False, True, False])})
+    assert out.shape == x.shape and torch.all(out == 0)
+    plain = build_dit("DiT-tiny", sample_size=8)  # no text at all
+    assert torch.all(plain(x, t, {}) == 0)
+
+
+def test_fresh_blocks_are_identities():
+    """adaLN-Zero: zero gates (and zero cross-attention output) make every new block the identity."""
+    model = tiny(qk_norm=True)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append(torch.equal(out, args[0])))
+    x, t, cond = inputs()
+    model(x, t, cond)
+    assert seen == [True] * len(model.blocks)
+
+
+@pytest.mark.parametrize("name", ["DiT-tiny", "DiT-S/2"])
+def test_registry_sizes_run(name: str):
+    model = perturbed(build_dit(name, sample_size=8, text_dim=TEXT_DIM, clip_dim=CLIP_DIM))
+    x, t, cond = inputs()
+    cond = {k: cond[k] for k in ("t5", "t5_mask", "clip")}
+    with torch.no_grad():
+        out = model(x, t, cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def cross_attention_params(hidden: int, depth: int, text_dim: int) -> int:
+    """Per block: pre-LayerNorm 2D, q D²+D, kv 2D²+2D, out D²+D; T5 Linear + LayerNorm; null token D."""
+    return depth * (4 * hidden * hidden + 6 * hidden) + text_dim * hidden + 3 * hidden + hidden
+
+
+def test_parameter_counts_match_the_dit_paper():
+    for name, paper_m in PAPER_PARAMS_M.items():
+        with torch.device("meta"):
+            plain = build_dit(name)
+            text = build_dit(name, text_dim=4096)
+        cfg = DIT_CONFIGS[name]
+        # The paper's models also hold a 1001-class embedding table and a learned-sigma output.
+        assert abs(count_parameters(plain) / 1e6 - paper_m) / paper_m < 0.02, (name, count_parameters(plain))
+        expected = count_parameters(plain) + cross_attention_params(cfg["hidden_size"], cfg["depth"], 4096)
+        assert count_parameters(text) == expected
+    with torch.device("meta"):
+        meta_tiny = build_dit("DiT-tiny")
+    assert count_parameters(meta_tiny) == count_parameters(build_dit("DiT-tiny"))  # meta and real agree
+
+
+def test_other_resolutions_and_bad_sizes():
+    model = perturbed(tiny())
+    for h, w in [(8, 12), (16, 16), (4, 2)]:
+        x, t, cond = inputs(h, w)
+        with torch.no_grad():
+            out = model(x, t, cond)
+        assert out.shape == (3, 4, h, w) and torch.isfinite(out).all()
+    x, t, cond = inputs(7, 8)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model(x, t, cond)
+
+
+@pytest.fixture(params=["matmul", "sdpa"])
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both attention paths: plain matmuls (short CPU sequences) and SDPA (elsewhere)."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(dit, "SDPA_MIN_SCORES", 0)
+    return request.param
+
+
+def test_padding_tokens_do_not_change_the_output(attention_path: str):
+    model = perturbed(tiny(qk_norm=True))
+    x, t, cond = inputs()
+    with torch.no_grad():
+        ref = model(x, t, cond)
+        padded = model(x, t, pad(pad(cond, "t5", 3), "clip_tokens", 2))
+    torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(ref).all()  # the text-less row attends to the null token
+
+
+def test_full_masks_equal_no_masks():
+    model = perturbed(tiny())
+    x, t, cond = inputs()
+    full = {**cond, "t5_mask": lengths_mask([5] * 3, 5), "clip_tokens_mask": lengths_mask([4] * 3, 4)}
+    bare = {k: v for k, v in cond.items() if not k.endswith("_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, full), model(x, t, bare), atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_rows_ignore_their_text(attention_path: str):
+    model = perturbed(tiny())
+    x, t, cond = inputs()
+    drop = torch.tensor([True, False, True])
+    _, _, other = inputs(seed=7)  # different text, pooled vectors and token values for every row
+    other = {**other, "t5_mask": lengths_mask([1, 2, 5], 5), "clip_tokens_mask": lengths_mask([2, 3, 4], 4)}
+    with torch.no_grad():
+        a = model(x, t, {**cond, "drop": drop})
+        b = model(x, t, {**other, "drop": drop})
+        kept = model(x, t, cond)
+    torch.testing.assert_close(a[drop], b[drop], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[~drop], b[~drop])  # the kept row does see its text
+    assert not torch.allclose(a[0], kept[0])  # dropping changes the output
+    torch.testing.assert_close(a[1], kept[1], atol=1e-5, rtol=1e-5)  # and only for dropped rows
+
+
+def test_no_text_tokens_at_all_is_finite(attention_path: str):
+    model = perturbed(tiny())
+    x, t, cond = inputs()
+    empty = {**cond, "t5": cond["t5"][:, :0], "t5_mask": cond["t5_mask"][:, :0]}
+    empty = {**empty, "clip_tokens": cond["clip_tokens"][:, :0], "clip_tokens_mask": cond["clip_tokens_mask"][:, :0]}
+    with torch.no_grad():
+        assert torch.isfinite(model(x, t, empty)).all()
+        bare = {k: v for k, v in empty.items() if not k.endswith("_mask")}
+        assert torch.isfinite(model(x, t, bare)).all()
+
+
+def test_guidance_embedding_changes_the_output():
+    model = perturbed(tiny(guidance_embed=True))
+    x, t, cond = inputs()
+    with torch.no_grad():
+        low = model(x, t, {**cond, "guidance": torch.full((3,), 1.0)})
+        high = model(x, t, {**cond, "guidance": torch.full((3,), 5.0)})
+    assert not torch.allclose(low, high)
+    with pytest.raises(ValueError, match="guidance"):
+        model(x, t, cond)
+
+
+def test_cond_errors_are_clear():
+    model = tiny()
+    x, t, cond = inputs()
+    with pytest.raises(ValueError, match="unknown cond keys"):
+        model(x, t, {**cond, "t5mask": cond["t5_mask"]})
+    with pytest.raises(ValueError, match="'t5'"):
+        model(x, t, {k: v for k, v in cond.items() if k != "t5"})
+    with pytest.raises(ValueError, match="'clip'"):
+        model(x, t, {**cond, "clip": torch.zeros(3, CLIP_DIM + 1)})
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = perturbed(tiny(qk_norm=True, guidance_embed=True, gradient_checkpointing=True))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["text_dim"] == TEXT_DIM and config["qk_norm"] is True and "gradient_checkpointing" not in config
+    loaded = DiT.from_pretrained(tmp_path).eval()
+    x, t, cond = inputs()
+    cond = {**cond, "guidance": torch.full((3,), 3.0), "drop": torch.tensor([False, True, False])}
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, cond), model(x, t, cond))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t, cond = inputs()
+    cond = {**cond, "drop": torch.tensor([False, True, False])}
+
+    def grads(model: DiT) -> dict[str, torch.Tensor]:
+        model.train().zero_grad()
+        model(x, t, cond).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = perturbed(tiny())
+    plain = grads(model)
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads(model)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert tiny(gradient_checkpointing=True).is_gradient_checkpointing
+
+
+def test_attention_paths_agree():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (6, 5, 5))
+    mask = lengths_mask([5, 2], 5)[:, None, None, :]  # (B, 1, 1, S)
+    assert 6 * 5 < SDPA_MIN_SCORES  # the matmul path
+    weights = torch.randn(2, 4, 6, 8, generator=g)
+    for m in (None, mask):
+        grads = []
+        for fn in (attention, lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])):
+            leaves = [tensor.clone().requires_grad_() for tensor in (q, k, v)]
+            out = fn(*leaves, m)
+            (out * weights).sum().backward()
+            grads.append([out.detach(), *(leaf.grad for leaf in leaves)])
+        for ours, expected in zip(*grads):
+            torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_per_sample():
+    xl = DIT_CONFIGS["DiT-XL/2"]
+    # DiT paper: DiT-XL/2 at 256² (32² latents) is 118.6 GFLOPs counted as multiply-accumulates.
+    assert abs(flops_per_sample(xl, 0) / 2 / 1e9 - 118.6) < 1.2
+    for cfg in (xl, {**DIT_CONFIGS["DiT-S/2"], "text_dim": 4096}):
+        small = flops_per_sample({**cfg, "sample_size": 32}, 64)
+        large = flops_per_sample({**cfg, "sample_size": 64}, 64)
+        assert small > 0 and 4.0 <= large / small <= 5.0  # ~4× tokens, plus a little quadratic attention
+    model = tiny()
+    assert flops_per_sample(model, 16) == flops_per_sample(dict(model.config), 16) > flops_per_sample(model, 0)

@@ -1,7 +1,8 @@
 """``python -m pipeline.sample --model DIR --prompt "…" [--prompt …] --steps 50 --guidance 4 --seed 0 --output grid.png``
 
-Encodes the prompts with the run's text encoders, samples latents with the Euler sampler and
-classifier-free guidance, decodes them with the run's VAE and writes a captioned PNG grid.
+Encodes the prompts with the run's text encoders, samples latents — Euler with classifier-free
+guidance for a teacher, multistep consistency sampling for a distilled student (as its
+``pipeline.json`` says) — decodes them with the run's VAE and writes a captioned PNG grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 from pipeline.encoders import TextEncoders
 from pipeline.encoders.vae import FrozenVAE
 from pipeline.grid import contact_sheet
-from pipeline.sampling import euler
+from pipeline.sampling import consistency, euler
 
 PROG = "pipeline.sample"
 
@@ -25,8 +26,12 @@ PROG = "pipeline.sample"
 class TextToImage:
     """A transformer with the VAE and text encoders it was trained against."""
 
-    def __init__(self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders, latent_shape: list[int]) -> None:
-        self.transformer, self.vae, self.text = transformer.eval(), vae, text
+    def __init__(
+        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders, latent_shape: list[int], sampler: str = "euler"
+    ) -> None:
+        if sampler not in ("euler", "consistency"):
+            raise ValueError(f"unknown sampler '{sampler}' (euler, consistency)")
+        self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
         self.latent_shape = list(latent_shape)  # [C, h, w]
 
     @classmethod
@@ -34,7 +39,7 @@ class TextToImage:
         from pipeline.export import load_pipeline
 
         loaded = load_pipeline(folder, device)
-        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"])
+        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"))
 
     def noise(self, count: int, seed: int) -> torch.Tensor:
         """The same seed gives the same starting noise, batch after batch."""
@@ -43,8 +48,13 @@ class TextToImage:
 
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0) -> torch.Tensor:
-        cond = self.text.encode(prompts)
-        return euler(self.transformer, self.noise(len(prompts), seed), cond, steps, guidance, shift)
+        """Euler with classifier-free guidance (teacher), or consistency steps with the guidance
+        scale given to the model as an input (student: one evaluation per step)."""
+        cond, noise = self.text.encode(prompts), self.noise(len(prompts), seed)
+        if self.sampler == "euler":
+            return euler(self.transformer, noise, cond, steps, guidance, shift)
+        cond["guidance"] = torch.full((len(prompts),), float(guidance), device=noise.device)
+        return consistency(self.transformer, noise, cond, steps, shift, torch.Generator().manual_seed(seed + 1))
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="exported model folder (runs/NAME/model)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (1 = none); a student takes it as an input")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--columns", type=int, default=4)

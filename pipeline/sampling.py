@@ -2,6 +2,9 @@
 
 - ``euler``: the probability-flow ODE from ``t = 1`` (noise) to ``t = 0`` (data),
   ``x ← x + (t_next − t)·v̂``, on a grid warped by the resolution shift.
+- ``consistency``: the multistep consistency sampler (Song et al. 2023, "Consistency Models",
+  Algorithm 1) for a student whose ``f(x, t) = x − t·v(x, t)``: ``x0 = f(ε, 1)``, then for each
+  ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
 - Classifier-free guidance, diffusers convention: ``v̂ = v_null + g·(v_cond − v_null)``;
   ``g = 1`` is no guidance (one model call per step). The null condition is the model's own
   (``cond["drop"] = True``), so the conditional and unconditional halves run as one batch.
@@ -31,13 +34,34 @@ def with_null(cond: dict, batch: int) -> dict:
     return doubled
 
 
-def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
-    """``v_null + g·(v_cond − v_null)``; a single call when ``g == 1``."""
-    if guidance == 1.0:
+def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float | torch.Tensor) -> torch.Tensor:
+    """``v_null + g·(v_cond − v_null)``; ``g`` a number or one per row (B,); one call when ``g == 1``."""
+    if not torch.is_tensor(guidance) and guidance == 1.0:
         return model(x, t, cond)
     v = model(torch.cat([x, x]), torch.cat([t, t]), with_null(cond, x.shape[0]))
     v_cond, v_null = v.chunk(2)
-    return v_null + guidance * (v_cond - v_null)
+    g = guidance.reshape(-1, *([1] * (x.dim() - 1))).to(v.dtype) if torch.is_tensor(guidance) else guidance
+    return v_null + g * (v_cond - v_null)
+
+
+def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """``f(x, t) = x − t·v(x, t)``: the x0-prediction; ``f(x, 0) = x`` exactly."""
+    return x - t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype) * model(x, t, cond)
+
+
+@torch.no_grad()
+def consistency(
+    model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Multistep consistency sampling from ``t = 1``; ``steps`` model evaluations."""
+    grid = time_grid(steps, shift, noise.device)  # 1 = t_0 > t_1 > … > t_steps = 0
+    ones = torch.ones(noise.shape[0], device=noise.device)
+    x0 = consistency_fn(model, noise, ones, cond)
+    for t_k in grid[1:-1]:
+        fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+        x = (1 - t_k) * x0 + t_k * fresh
+        x0 = consistency_fn(model, x, t_k * ones, cond)
+    return x0
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ class Trainer:
         self.accelerator = self._accelerator()
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.meta)
+        model = self.build_model()
         self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
         self.ema = EMA(model.named_parameters(), cfg.ema.decay)
         optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)
@@ -88,6 +88,10 @@ class Trainer:
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.step, self.bad_steps, self.skipped = 0, 0, 0
         self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
+
+    def build_model(self) -> torch.nn.Module:
+        """The trained network (a subclass may start it from another model)."""
+        return build_model(self.cfg, self.meta)
 
     def _accelerator(self):
         cfg, plugin = self.cfg, None
@@ -118,6 +122,7 @@ class Trainer:
             if self.is_main:
                 self.ema.save(folder / "ema.safetensors")
                 torch.save({"sums": self.t_sums, "counts": self.t_counts}, folder / "loss_by_t.pt")
+                self.save_extra(folder)
                 write_train_state(folder, {"step": self.step, "bad_steps": self.bad_steps, "skipped": self.skipped})
 
         return self.checkpoints.save(self.step, write, self.is_main, self.accelerator.wait_for_everyone)
@@ -132,9 +137,16 @@ class Trainer:
         self.ema.load(folder / "ema.safetensors")
         buckets = torch.load(folder / "loss_by_t.pt", weights_only=True)
         self.t_sums, self.t_counts = buckets["sums"], buckets["counts"]
+        self.load_extra(folder)
         state = read_train_state(folder)
         self.step, self.bad_steps, self.skipped = state["step"], state["bad_steps"], state["skipped"]
         self.accelerator.print(f"{PROG}: resumed from {folder} at step {self.step}")
+
+    def save_extra(self, folder: Path) -> None:
+        """More state for a subclass to checkpoint (main process)."""
+
+    def load_extra(self, folder: Path) -> None:
+        """Restore what :meth:`save_extra` wrote."""
 
     # ------------------------------------------------------------------ steps
 
@@ -143,13 +155,17 @@ class Trainer:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
-    def micro_step(self, batch: dict) -> torch.Tensor | None:
-        """Forward + backward (+ optimizer step at the accumulation boundary); None if skipped."""
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample rectified-flow loss (B,) and the times it was drawn at (B,)."""
         device = self.accelerator.device
         x0 = batch["latent"].to(device)  # (B, C, h, w)
         cond = condition(batch, self.cfg.p_uncond, device)
         t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device)
-        per_sample = flow_loss(self.model, x0, cond, t, torch.randn_like(x0))  # (B,)
+        return flow_loss(self.model, x0, cond, t, torch.randn_like(x0)), t
+
+    def micro_step(self, batch: dict) -> torch.Tensor | None:
+        """Forward + backward (+ optimizer step at the accumulation boundary); None if skipped."""
+        per_sample, t = self.loss(batch)  # (B,), (B,)
         loss = per_sample.mean()
         if not self._finite_everywhere(loss):
             return None
@@ -164,6 +180,9 @@ class Trainer:
         self.t_sums += sums.cpu()
         self.t_counts += counts.cpu()
         return loss.detach()
+
+    def after_optimizer_step(self) -> None:
+        self.update_ema()
 
     def update_ema(self) -> None:
         decay = 0.0 if self.step <= self.cfg.ema.start_step else None
@@ -210,7 +229,7 @@ class Trainer:
                 if micro % cfg.optim.grad_accum:
                     continue
                 self.step += 1
-                self.update_ema()
+                self.after_optimizer_step()
                 bar.update()
                 self.after_step(tracker, meter, running)
         self.finish(tracker)
@@ -245,15 +264,19 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
 
     def ema_model(self):
-        model = build_model(self.cfg, self.meta)
+        model = self.build_model()
         self.ema.copy_to(model)
         return model.eval()
 
     def export(self) -> Path:
         from pipeline.export import export_model
 
-        sampling = {"sampling": {"steps": self.cfg.sampling.steps, "guidance": self.cfg.sampling.guidance, "shift": self.cfg.sampling.shift}}
-        return export_model(self.cfg.run_dir / "model", self.ema_model(), self.meta, sampling)
+        return export_model(self.cfg.run_dir / "model", self.ema_model(), self.meta, self.export_info())
+
+    def export_info(self) -> dict:
+        """What ``pipeline.json`` says beyond the encoders: the sampler and its defaults."""
+        s = self.cfg.sampling
+        return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift}}
 
     def sample_grid(self, name: str) -> Path | None:
         """A captioned grid from the fixed prompts and seed, with the EMA weights (main process)."""
@@ -262,14 +285,14 @@ class Trainer:
         from pipeline.sample import write_grid
 
         s = self.cfg.sampling
-        pipe = self.sampler()
+        pipe = self.text_to_image()
         pipe.transformer = self.ema_model().to(self.accelerator.device)
         images, _ = pipe.generate(s.prompts, s.steps, s.guidance, s.shift, s.seed)
         return write_grid(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
 
-    def sampler(self):
+    def text_to_image(self):
         """VAE + text encoders named in the latent dataset.json, loaded once."""
-        if getattr(self, "_sampler", None) is None:
+        if getattr(self, "_pipe", None) is None:
             from pipeline.config import from_dict
             from pipeline.encoders import TextEncoders, TextEncodersConfig
             from pipeline.encoders.vae import FrozenVAE, VAEConfig
@@ -278,8 +301,8 @@ class Trainer:
             device, config = self.accelerator.device, self.meta["config"]
             vae = FrozenVAE(from_dict(VAEConfig, config["vae"]), device)
             text = TextEncoders(from_dict(TextEncodersConfig, config["text"]), device)
-            self._sampler = TextToImage(self.ema_model(), vae, text, self.meta["latent_shape"])
-        return self._sampler
+            self._pipe = TextToImage(self.ema_model(), vae, text, self.meta["latent_shape"], self.export_info()["sampler"])
+        return self._pipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,3 +75,15 @@ def latent_shards(tmp_path_factory, image_shards: Path, tiny_vae_dir: Path, tiny
     args = ["--input", str(image_shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
     assert encode.main(args) == 0
     return root / "latents"
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, latent_shards: Path) -> Path:
+    """A tiny DiT teacher trained for a few steps on ``latent_shards`` and exported."""
+    from pipeline import train
+
+    root = tmp_path_factory.mktemp("teacher")
+    args = [f"data.latents={latent_shards}", f"output_dir={root}", "run=teacher", "steps=6", "deepspeed.enabled=false"]
+    args += ["model.overrides={depth: 2}", "data.loader.batch_size=8", "optim.lr=2e-3", "sampling.steps=2", "checkpoint.every=6"]
+    assert train.main(args) == 0
+    return root / "teacher/model"

@@ -1,0 +1,176 @@
+"""``accelerate launch -m pipeline.distill --config configs/distill_demo.yaml [section.key=value ...]``
+
+Consistency distillation of a rectified-flow teacher into a student that samples in 1–4 steps.
+References: Song et al. 2023, "Consistency Models" (consistency distillation, Alg. 2); Luo et al.
+2023, "Latent Consistency Models" (guidance-conditioned student, skipping-step teacher solver);
+Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models" (pseudo-Huber).
+
+- Teacher: the trained EMA DiT (frozen). Student: a copy of it with an extra guidance-scale
+  embedding whose output layer starts at zero, so at step 0 the student *is* the teacher.
+- Consistency function ``f(x, t) = x − t·v_student(x, t, g)``: ``f(x, 0) = x`` exactly.
+- Target network: an EMA of the student (``distill.target_decay``), the bootstrapping that keeps
+  consistency training from collapsing. (The export EMA is separate: ``ema.decay``.)
+- Loss: draw ``n`` from N intervals of the (shifted) grid, ``x_{t_{n+1}}`` from data + noise, one
+  teacher ODE step (Euler or Heun) to ``t_n`` with classifier-free guidance at ``g ~ U[g_min,
+  g_max]``, then ``d(f_student(x_{t_{n+1}}), f_target(x̂_{t_n}))`` with L2 or pseudo-Huber ``d``.
+- Everything else — DeepSpeed, checkpoints, exact resume, logging, grids — is ``pipeline.train``'s.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.config import parse_cli
+from pipeline.ema import EMA
+from pipeline.flow import shift_time
+from pipeline.sampling import consistency_fn, guided_velocity
+from pipeline.train import Trainer, condition
+from pipeline.train_config import SamplingConfig, TrainConfig
+
+PROG = "pipeline.distill"
+
+
+@dataclass(kw_only=True)
+class DistillSection:
+    intervals: int = 32  # N: the discretisation of [0, 1] the teacher steps on
+    shift: float = 1.0  # resolution shift of that grid
+    solver: Literal["euler", "heun"] = "euler"
+    guidance_min: float = 2.0  # g ~ U[min, max], given to the student as an input
+    guidance_max: float = 6.0
+    target_decay: float = 0.95  # EMA of the student used as the target network
+    loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
+
+    def __post_init__(self) -> None:
+        if self.intervals < 1 or not 0 <= self.target_decay < 1:
+            raise ValueError("intervals must be >= 1 and target_decay in [0, 1)")
+        if not 1 <= self.guidance_min <= self.guidance_max:
+            raise ValueError(f"need 1 <= guidance_min <= guidance_max (got {self.guidance_min}, {self.guidance_max})")
+
+
+@dataclass(kw_only=True)
+class DistillConfig(TrainConfig):
+    teacher: Path = Path("runs/demo/teacher/model")  # an exported model folder (pipeline.train)
+    distill: DistillSection = field(default_factory=DistillSection)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=4, guidance=4.0))
+
+
+def load_teacher(folder: Path):
+    from pipeline.models.dit import DiT
+
+    return DiT.from_pretrained(Path(folder) / "transformer").eval().requires_grad_(False)
+
+
+def student_from(teacher) -> torch.nn.Module:
+    """The teacher's architecture plus a guidance embedding whose output starts at zero."""
+    from pipeline.models.dit import DiT
+
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    student = DiT(**{**config, "guidance_embed": True})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_embedder") for k in missing), (missing, unexpected)
+    last = student.guidance_embedder.mlp[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return student
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None) -> torch.Tensor:
+    """Per-sample L2 (mean squared) or pseudo-Huber ``sqrt(||a − b||² + c²) − c`` (B,)."""
+    diff = (a.float() - b.float()).flatten(1)
+    if kind == "l2":
+        return (diff**2).mean(1)
+    c = 0.00054 * diff.shape[1] ** 0.5 if c is None else c
+    return torch.sqrt((diff**2).sum(1) + c**2) - c
+
+
+class Distiller(Trainer):
+    """``pipeline.train``'s machinery with the consistency-distillation loss."""
+
+    cfg: DistillConfig
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.teacher = load_teacher(cfg.teacher)
+        super().__init__(cfg)
+        self.teacher.to(self.accelerator.device)
+        self.target = EMA(self.accelerator.unwrap_model(self.model).named_parameters(), cfg.distill.target_decay)
+        self.target_model = self.build_model().to(self.accelerator.device).eval().requires_grad_(False)
+        self.target.copy_to(self.target_model)
+        d = cfg.distill
+        self.grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
+
+    def build_model(self) -> torch.nn.Module:
+        return student_from(self.teacher)
+
+    def teacher_step(self, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict, g: torch.Tensor) -> torch.Tensor:
+        """One guided ODE step of the frozen teacher from ``t_hi`` down to ``t_lo``."""
+        dt = (t_lo - t_hi).reshape(-1, 1, 1, 1)
+        v = guided_velocity(self.teacher, x, t_hi, cond, g)
+        x_euler = x + dt * v
+        if self.cfg.distill.solver == "euler":
+            return x_euler
+        return x + dt * 0.5 * (v + guided_velocity(self.teacher, x_euler, t_lo, cond, g))
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        d, device = self.cfg.distill, self.accelerator.device
+        x0 = batch["latent"].to(device)  # (B, C, h, w)
+        rows = x0.shape[0]
+        cond = condition(batch, 0.0, device)
+        n = torch.randint(0, d.intervals, (rows,), device=device)
+        t_lo, t_hi = self.grid[n], self.grid[n + 1]
+        noise = torch.randn_like(x0)
+        x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
+        g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)
+        with torch.no_grad():
+            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
+            target = consistency_fn(self.target_model, x_lo, t_lo, {**cond, "guidance": g})
+        prediction = consistency_fn(self.model, x_hi, t_hi, {**cond, "guidance": g})
+        return distance(prediction, target, d.loss, d.huber_c), t_hi
+
+    def after_optimizer_step(self) -> None:
+        self.update_ema()
+        self.target.update(self.accelerator.unwrap_model(self.model).named_parameters())
+        self.target.copy_to(self.target_model)
+
+    def save_extra(self, folder: Path) -> None:
+        self.target.save(folder / "target.safetensors")
+
+    def load_extra(self, folder: Path) -> None:
+        self.target.load(folder / "target.safetensors")
+        self.target.copy_to(self.target_model)
+
+    def export_info(self) -> dict:
+        s, d = self.cfg.sampling, self.cfg.distill
+        return {
+            "kind": "consistency_student",
+            "sampler": "consistency",
+            "teacher": str(self.cfg.teacher),
+            "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
+            "guidance_range": [d.guidance_min, d.guidance_max],
+        }
+
+    def finish(self, tracker) -> None:
+        super().finish(tracker)
+        if self.is_main:
+            from pipeline.distill_report import write_report
+
+            write_report(self.cfg, self.meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    try:
+        Distiller(cfg).fit()
+    except FloatingPointError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

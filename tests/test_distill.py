@@ -1,0 +1,79 @@
+"""pipeline.distill: the boundary condition, the student starting as the teacher, a short run
+that lowers the consistency loss and resumes exactly, and the sampler's evaluation count."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from pipeline import distill
+from pipeline.sampling import consistency, consistency_fn
+
+
+def cond_for(model, rows: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    cond = {"t5": torch.randn(rows, 5, cfg.text_dim, generator=g), "t5_mask": torch.ones(rows, 5, dtype=torch.bool)}
+    if cfg.clip_dim:
+        cond["clip"] = torch.randn(rows, cfg.clip_dim, generator=g)
+    return cond
+
+
+def test_boundary_condition_is_exact(teacher_dir):
+    student = distill.student_from(distill.load_teacher(teacher_dir))
+    x = torch.randn(3, 4, 8, 8)
+    cond = {**cond_for(student, 3), "guidance": torch.full((3,), 4.0)}
+    assert torch.equal(consistency_fn(student, x, torch.zeros(3), cond), x)
+
+
+def test_fresh_student_is_the_teachers_x0_prediction(teacher_dir):
+    teacher = distill.load_teacher(teacher_dir)
+    student = distill.student_from(teacher)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.6, 1.0])
+    cond = cond_for(teacher, 3)
+    with torch.no_grad():
+        f = consistency_fn(student, x, t, {**cond, "guidance": torch.tensor([1.0, 3.0, 7.0])})
+        x0_teacher = x - t.view(-1, 1, 1, 1) * teacher(x, t, cond)
+    torch.testing.assert_close(f, x0_teacher, atol=1e-6, rtol=0)
+
+
+class Counting(torch.nn.Module):
+    calls = 0
+
+    def forward(self, x, t, cond):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_consistency_sampler_makes_exactly_the_requested_evaluations(steps):
+    model = Counting()
+    consistency(model, torch.randn(2, 4, 8, 8), {}, steps=steps)
+    assert model.calls == steps
+
+
+ARGS = ["deepspeed.enabled=false", "data.loader.batch_size=8", "optim.lr=1e-3", "logging.every=1", "sampling.steps=2"]
+
+
+def run_args(teacher_dir, latents, out, *extra):
+    return [f"teacher={teacher_dir}", f"data.latents={latents}", f"output_dir={out}", "run=s", "distill.intervals=8", *ARGS, *extra]
+
+
+def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, latent_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill.Distiller, "finish", distill.Trainer.finish)  # the report has its own test
+    same = ["checkpoint.every=6", "checkpoint.keep=5", "steps=24"]
+    assert distill.main(run_args(teacher_dir, latent_shards, tmp_path / "full", *same)) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "full/s/metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    part = run_args(teacher_dir, latent_shards, tmp_path / "part", "checkpoint.every=6", "checkpoint.keep=5")
+    assert distill.main([*part, "steps=12"]) == 0
+    assert distill.main([*part, "steps=24"]) == 0
+    for name in ("accelerate/model.safetensors", "target.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(tmp_path / d / "s/checkpoints/step-000024" / name)) for d in ("full", "part"))
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    info = json.loads((tmp_path / "full/s/model/pipeline.json").read_text())
+    assert info["kind"] == "consistency_student" and info["sampler"] == "consistency"

@@ -204,10 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, help="latent-shard folder (resumes when rerun)")
     p.add_argument("--config", type=Path, help="YAML with vae:, text:, batch_size, ...")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--dry-run", action="store_true", help="print each rank's share of the shards and exit")
+    p.add_argument("--world-size", type=int, help="with --dry-run: plan for N processes (default: this launch's)")
     args = p.parse_args(argv)
     paths = [f"{k}={v}" for k, v in (("input", args.input), ("output", args.output)) if v is not None]
     with exit_on_config_error(PROG):
-        run(load_config(EncodeConfig, args.config, [*args.overrides, *paths]))
+        cfg = load_config(EncodeConfig, args.config, [*args.overrides, *paths])
+    if args.dry_run:
+        from pipeline import dry_run
+
+        return dry_run.run_encode(cfg, dry_run.DryRunOptions(args.world_size), PROG)
+    with exit_on_config_error(PROG):
+        run(cfg)
     return 0
 
 

@@ -163,10 +163,15 @@ class Distiller(Trainer):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import dry_run
+
+    options, argv = dry_run.split_flags(argv)  # --dry-run [--world-size N]: print the plan and exit
     cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    if options is not None:
+        return dry_run.run_stage(cfg, options, dry_run.plan_for_distill, PROG)
     try:
         Distiller(cfg).fit()
-    except FloatingPointError as e:
+    except (FloatingPointError, dry_run.PlanError) as e:
         print(e, file=sys.stderr)
         return 1
     return 0

@@ -133,3 +133,61 @@ def deepspeed_plugin(config_path: str, zero_stage: int | None, **fill) -> object
     if zero_stage is not None:
         template.setdefault("zero_optimization", {})["stage"] = zero_stage
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(template, **fill))
+
+
+# ---------------------------------------------------------------------------- the launch's DeepSpeed
+
+_DS_FIELDS_OURS = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
+                   "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
+                   "zero3_save_16bit_model", "mixed_precision")  # accelerate refuses these beside a config passed in code
+
+
+@dataclass(frozen=True)
+class DeepSpeedLaunch:
+    """What ``accelerate launch`` was told about DeepSpeed (its config file or flags)."""
+
+    enabled: bool = False
+    config_file: Path | None = None  # the accelerate YAML's ``deepspeed_config.deepspeed_config_file``
+    zero_stage: int | None = None  # from that JSON, else from ``--zero_stage``; None: not stated
+    accelerate_fields: tuple[str, ...] = ()  # keys of the accelerate YAML's ``deepspeed_config`` section
+
+
+def deepspeed_launch(env: Mapping[str, str] | None = None) -> DeepSpeedLaunch:
+    """Read the DeepSpeed part of an ``accelerate launch`` from its environment variables."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return DeepSpeedLaunch()
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    config_file = Path(path) if path and path != "none" else None
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if config_file is not None and config_file.is_file():
+        stage = json.loads(config_file.read_text()).get("zero_optimization", {}).get("stage", stage)
+    fields = tuple(f for f in env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f)
+    return DeepSpeedLaunch(True, config_file, int(stage) if stage not in (None, "auto") else None, fields)
+
+
+def deepspeed_launch_conflict(enabled: bool, zero_stage: int, env: Mapping[str, str] | None = None) -> str | None:
+    """Why the launch's DeepSpeed setting and the training config's disagree; None when they agree.
+
+    The rule: the training config says everything about the batch (micro-batch, accumulation,
+    clipping, precision) and whether DeepSpeed runs at which ZeRO stage; our trainer hands
+    accelerate its own ``DeepSpeedPlugin`` built from it, which replaces the launch file's JSON. A
+    launch file may name a DeepSpeed JSON (so accelerate starts the DeepSpeed launcher), but then
+    its ZeRO stage must be the config's, and it must not state what the config states.
+    """
+    launch = deepspeed_launch(env)
+    if not launch.enabled:
+        return None  # a plain launch (gpu1.yaml, cpu2.yaml, --multi_gpu, torchrun): the config decides
+    where = f" ({launch.config_file})" if launch.config_file else ""
+    if not enabled:
+        return (f"the launch runs DeepSpeed{where} but the config has deepspeed.enabled=false: launch with a plain "
+                "file (launch/accelerate/gpu1.yaml, --multi_gpu) or set deepspeed.enabled=true")
+    if launch.zero_stage is not None and launch.zero_stage != zero_stage:
+        return (f"the launch asks for ZeRO-{launch.zero_stage}{where} but the config has deepspeed.zero_stage={zero_stage}: "
+                f"add deepspeed.zero_stage={launch.zero_stage}"
+                + (f" deepspeed.config={launch.config_file}" if launch.config_file else "") + ", or use the other launch file")
+    stated = [f for f in launch.accelerate_fields if f in _DS_FIELDS_OURS]
+    if stated:
+        return (f"the accelerate config file states {', '.join(stated)}; the training config states those "
+                "(optim.grad_accum, optim.grad_clip, mixed_precision, deepspeed.*): remove them from the launch file")
+    return None

@@ -24,6 +24,11 @@ class EMA:
         self.decay = decay
         self.shadow = {name: p.detach().float().clone() for name, p in named_parameters if p.requires_grad}
 
+    def to(self, device: torch.device | str) -> EMA:
+        """Keep the shadow weights where the parameters live (after ``accelerator.prepare``)."""
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
     @torch.no_grad()
     def update(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], decay: float | None = None) -> None:
         """One averaging step; ``decay=0`` copies the weights (used before the EMA starts)."""
@@ -47,4 +52,5 @@ class EMA:
         if set(loaded) != set(self.shadow):
             missing, extra = set(self.shadow) - set(loaded), set(loaded) - set(self.shadow)
             raise ValueError(f"EMA checkpoint does not match the model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
-        self.shadow = {k: v.float() for k, v in loaded.items()}
+        device = next(iter(self.shadow.values())).device if self.shadow else "cpu"
+        self.shadow = {k: v.float().to(device) for k, v in loaded.items()}

@@ -58,15 +58,19 @@ class TextToImage:
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
-        pixels = self.vae.decode(latents)  # (B, 3, H, W) in [-1, 1]
-        array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in array]
+        return tensor_to_images(self.vae.decode(latents))
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float = 1.0, seed: int = 0) -> tuple[list[Image.Image], float]:
         """Images for ``prompts`` and the wall seconds per image."""
         start = time.perf_counter()
         images = self.images(self.latents(prompts, steps, guidance, shift, seed))
         return images, (time.perf_counter() - start) / len(prompts)
+
+
+def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
 
 
 def write_grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:

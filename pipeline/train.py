@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline import dry_run
 from pipeline.checkpoint import Checkpoints, read_train_state, write_train_state
 from pipeline.config import parse_cli, save_config, to_dict
 from pipeline.data.latents import latent_loader
-from pipeline.distributed import create_accelerator, deepspeed_plugin, shutdown
+from pipeline.distributed import create_accelerator, deepspeed_plugin, dist_env, shutdown
 from pipeline.ema import EMA
 from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.models.dit import build_dit, flops_per_sample
@@ -74,6 +75,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg, self.meta = cfg, latent_meta(cfg.data.latents)
+        dry_run.preflight_for(cfg, dist_env().world_size)  # before any collective: a plan that cannot run stops every rank alike
         self.accelerator = self._accelerator()
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -82,6 +84,7 @@ class Trainer:
         self.ema = EMA(model.named_parameters(), cfg.ema.decay)
         optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.ema.to(self.accelerator.device)  # built before prepare (ZeRO-3 partitions after it)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.loader = latent_loader(cfg.data.latents, cfg.data.loader, rank, world)
@@ -99,7 +102,7 @@ class Trainer:
             from pipeline.distributed import dist_env
 
             plugin = deepspeed_plugin(
-                str(cfg.deepspeed.config),
+                str(cfg.deepspeed.config_path),
                 cfg.deepspeed.zero_stage,
                 micro_batch=cfg.data.loader.batch_size,
                 grad_accum=cfg.optim.grad_accum,
@@ -306,11 +309,18 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(TrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    dry, argv = dry_run.split_flags(argv)  # --dry-run [--world-size N]: print the launch plan and exit
+    about = __doc__.split("\n\n")[0] + " With --dry-run [--world-size N]: print the launch plan and exit."
+    cfg = parse_cli(TrainConfig, argv, PROG, description=about)
+    if dry is not None:
+        return dry_run.run_stage(cfg, dry, dry_run.plan_for_train, PROG)
     try:
         Trainer(cfg).fit()
     except FloatingPointError as e:
         print(e, file=sys.stderr)
+        return 1
+    except dry_run.PlanError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -38,7 +38,11 @@ class DataConfig:
 class DeepSpeedConfig:
     enabled: bool = True
     zero_stage: Literal[2, 3] = 2
-    config: Path = ROOT / "launch/deepspeed/zero2.json"  # "auto" fields are filled from this config
+    config: Path | None = None  # None: launch/deepspeed/zero{stage}.json; its "auto" fields are filled from this config
+
+    @property
+    def config_path(self) -> Path:
+        return self.config if self.config is not None else ROOT / f"launch/deepspeed/zero{self.zero_stage}.json"
 
 
 @dataclass(kw_only=True)

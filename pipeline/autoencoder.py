@@ -1,0 +1,103 @@
+"""The autoencoder stage's parts: a diffusers ``AutoencoderKL`` built from a typed config, a
+patch-GAN discriminator, and the latent-diffusion losses.
+
+References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
+(the KL-regularised autoencoder recipe); Esser et al. 2021, "Taming Transformers" (patch-GAN
+with hinge loss and the adaptive generator weight, eq. 7); Isola et al. 2017, "pix2pix"
+(PatchGAN discriminator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class AutoencoderModelConfig:
+    """Architecture of the ``AutoencoderKL`` (diffusers' names)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # downsampling 2 ** (len - 1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    sample_size: int = 32
+
+    def __post_init__(self) -> None:
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups {self.norm_num_groups}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        mid_block_add_attention=cfg.mid_block_add_attention,
+    )
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming's NLayerDiscriminator): one real/fake logit per patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            width = out
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))  # (B, 1, h', w') logits
+        self.net = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: ``½·(mean relu(1 − real) + mean relu(1 + fake))``."""
+    return 0.5 * (torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean())
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """Taming eq. 7: ``λ = ||∇_L rec|| / (||∇_L gan|| + 1e-4)`` at the decoder's last layer L."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB on the [0, 1] scale, from images in [-1, 1] (B,)."""
+    mse = (((reconstruction.clamp(-1, 1) - original) / 2) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def measure_factors(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` = (1/std, mean) of posterior-mean latents of ``images``."""
+    latents = torch.cat([vae.encode(images[i : i + batch]).latent_dist.mode() for i in range(0, len(images), batch)])
+    return float(1.0 / latents.std()), float(latents.mean())

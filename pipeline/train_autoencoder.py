@@ -1,0 +1,274 @@
+"""``accelerate launch -m pipeline.train_autoencoder --config configs/autoencoder_demo.yaml [section.key=value ...]``
+
+Trains an ``AutoencoderKL`` on image shards with the latent-diffusion recipe (``pipeline.autoencoder``):
+L1 (+ optional L2) reconstruction + KL + a patch-GAN with hinge loss, adaptive weight and a
+delayed start. Checkpoints and resumes like every stage (atomic folders, newest complete, exact
+data position and RNG). At the end it measures ``scaling_factor`` / ``shift_factor`` on the
+training data, exports a ``from_pretrained`` folder ``RUN/vae/``, reports held-out PSNR in
+``RUN/eval.json`` and draws originals beside reconstructions in ``RUN/reconstructions.png``.
+The last image shard is held out (its first ``data.held_out`` samples) and never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.autoencoder import (
+    AutoencoderModelConfig,
+    PatchDiscriminator,
+    adaptive_weight,
+    build_autoencoder,
+    generator_loss,
+    hinge_d_loss,
+    measure_factors,
+    psnr,
+)
+from pipeline.checkpoint import Checkpoints, load_tensors, load_weights, read_train_state, rng_state, save_tensors, save_weights, set_rng_state, write_train_state
+from pipeline.config import parse_cli, save_config
+from pipeline.data.images import collate_images, decode_image_sample, image_loader
+from pipeline.data.latents import shard_list
+from pipeline.data.stream import LoaderConfig
+from pipeline.distributed import create_accelerator, shutdown
+from pipeline.grid import contact_sheet
+from pipeline.optim import OptimConfig, build_optimizer
+from pipeline.shards import iter_samples
+from pipeline.tracking import LoggingConfig, Tracker
+from pipeline.train_config import CheckpointConfig
+
+PROG = "pipeline.train_autoencoder"
+
+
+@dataclass(kw_only=True)
+class AEDataConfig:
+    shards: Path = Path("runs/demo/shards")
+    resolution: int = 32
+    held_out: int = 256  # first samples of the last shard, never trained on
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass(kw_only=True)
+class AELossConfig:
+    l2_weight: float = 0.0
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 50001  # optimizer step at which the GAN term and the discriminator start
+    disc_lr: float | None = None  # None: optim.lr
+
+    def __post_init__(self) -> None:
+        if min(self.l2_weight, self.kl_weight, self.disc_weight) < 0 or self.disc_start < 0:
+            raise ValueError("loss weights and disc_start must be >= 0")
+
+
+@dataclass(kw_only=True)
+class AutoencoderTrainConfig:
+    run: str = "autoencoder"
+    output_dir: Path = Path("runs/demo")
+    seed: int = 0
+    steps: int = 1000
+    eval_every: int = 200
+    factor_samples: int = 1000  # training images used to measure scaling/shift
+    data: AEDataConfig = field(default_factory=AEDataConfig)
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    loss: AELossConfig = field(default_factory=AELossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, betas=(0.5, 0.9), grad_clip=0.0))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run
+
+
+def held_out_images(shard: str, count: int, resolution: int) -> torch.Tensor:
+    samples = []
+    for raw in iter_samples([shard]):
+        sample = decode_image_sample(raw, resolution)
+        if sample is not None:
+            samples.append(sample)
+        if len(samples) == count:
+            break
+    return collate_images(samples)["image"]  # (N, 3, H, W)
+
+
+class AutoencoderTrainer:
+    """VAE + discriminator, two optimizers, one loop."""
+
+    def __init__(self, cfg: AutoencoderTrainConfig) -> None:
+        self.cfg, self.accelerator = cfg, create_accelerator()
+        torch.manual_seed(cfg.seed)
+        vae, disc = build_autoencoder(cfg.model), PatchDiscriminator()
+        opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)
+        disc_optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.loss.disc_lr or cfg.optim.lr})
+        opt_d, sched_d = build_optimizer(disc.parameters(), disc_optim, cfg.steps)
+        prepared = self.accelerator.prepare(vae, disc, opt_g, opt_d, sched_g, sched_d)
+        self.vae, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d = prepared
+        shards = shard_list(cfg.data.shards)
+        if len(shards) < 2:
+            raise ValueError(f"{cfg.data.shards}: need at least 2 shards (the last one is held out)")
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.loader = image_loader(shards[:-1], cfg.data.loader, rank, world, cfg.data.resolution)
+        self.held_out = held_out_images(shards[-1], cfg.data.held_out, cfg.data.resolution)
+        self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.step = 0
+
+    # ------------------------------------------------------------------ one step
+
+    def generator_step(self, x: torch.Tensor) -> dict:
+        cfg, vae = self.cfg.loss, self.accelerator.unwrap_model(self.vae)
+        posterior = self.vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        rec = (recon - x).abs().mean() + cfg.l2_weight * ((recon - x) ** 2).mean()
+        loss = rec + cfg.kl_weight * posterior.kl().mean()
+        out = {"rec": rec.detach(), "gan_weight": 0.0}
+        if self.step >= cfg.disc_start:
+            g_loss = generator_loss(self.disc(recon))
+            weight = cfg.disc_weight * adaptive_weight(rec, g_loss, vae.decoder.conv_out.weight)
+            loss = loss + weight * g_loss
+            out["gan_weight"] = weight
+        self.opt_g.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.opt_g.step()
+        self.sched_g.step()
+        out["recon"] = recon.detach()
+        return out
+
+    def discriminator_step(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+        if self.step < self.cfg.loss.disc_start:
+            return None
+        loss = hinge_d_loss(self.disc(x), self.disc(recon))
+        self.opt_d.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.opt_d.step()
+        self.sched_d.step()
+        return loss.detach()
+
+    # ------------------------------------------------------------------ state
+
+    def save(self) -> Path:
+        def write(folder: Path) -> None:
+            rank = self.accelerator.process_index
+            save_tensors(rng_state(), folder / f"rng_rank{rank}.pt")
+            (folder / f"data_rank{rank}.json").write_text(json.dumps(self.loader.state_dict()))
+            if self.accelerator.is_main_process:
+                unwrap = self.accelerator.unwrap_model
+                save_weights(unwrap(self.vae), folder / "vae.safetensors")
+                save_weights(unwrap(self.disc), folder / "disc.safetensors")
+                for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
+                    save_tensors(getattr(self, name).state_dict(), folder / f"{name}.pt")
+                write_train_state(folder, {"step": self.step})
+
+        return self.checkpoints.save(self.step, write, self.accelerator.is_main_process, self.accelerator.wait_for_everyone)
+
+    def resume(self) -> None:
+        folder = self.checkpoints.latest() if self.cfg.checkpoint.resume == "auto" else None
+        if self.cfg.checkpoint.resume not in ("auto", "never"):
+            folder = Path(self.cfg.checkpoint.resume)
+        if folder is None:
+            return
+        load_weights(self.accelerator.unwrap_model(self.vae), folder / "vae.safetensors")
+        load_weights(self.accelerator.unwrap_model(self.disc), folder / "disc.safetensors")
+        for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
+            getattr(self, name).load_state_dict(load_tensors(folder / f"{name}.pt"))
+        rank = self.accelerator.process_index
+        set_rng_state(load_tensors(folder / f"rng_rank{rank}.pt"))
+        self.loader.load_state_dict(json.loads((folder / f"data_rank{rank}.json").read_text()))
+        self.step = read_train_state(folder)["step"]
+        self.accelerator.print(f"{PROG}: resumed from {folder} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+
+    @torch.no_grad()
+    def evaluate(self, count: int | None = None) -> tuple[float, torch.Tensor]:
+        vae = self.accelerator.unwrap_model(self.vae).eval()
+        x = self.held_out[:count].to(self.accelerator.device)
+        recon = torch.cat([vae.decode(vae.encode(x[i : i + 128]).latent_dist.mode()).sample for i in range(0, len(x), 128)])
+        vae.train()
+        return float(psnr(recon, x).mean()), recon
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.accelerator.is_main_process:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+        self.resume()
+        tracker = Tracker(cfg.run_dir, cfg.logging, {}, cfg.run, enabled=self.accelerator.is_main_process)
+        with tqdm(total=cfg.steps, initial=self.step, desc=PROG, disable=not self.accelerator.is_main_process) as bar:
+            for batch in self.loader:
+                if self.step >= cfg.steps:
+                    break
+                x = batch["image"].to(self.accelerator.device)
+                out = self.generator_step(x)
+                d_loss = self.discriminator_step(x, out["recon"])
+                self.step += 1
+                bar.update()
+                self.log(tracker, out, d_loss)
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+                    self.save()
+        self.finish(tracker)
+
+    def log(self, tracker: Tracker, out: dict, d_loss: torch.Tensor | None) -> None:
+        metrics = {}
+        if self.step % self.cfg.logging.every == 0:
+            metrics = {"l1_rec": float(out["rec"]), "gan_weight": float(out["gan_weight"]), "lr": self.sched_g.get_last_lr()[0]}
+            if d_loss is not None:
+                metrics["d_loss"] = float(d_loss)
+        if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            metrics["psnr_held_out_64"] = self.evaluate(64)[0]
+        if metrics:
+            tracker.log(self.step, metrics)
+
+    def finish(self, tracker: Tracker) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.export()
+        tracker.close()
+        shutdown(self.accelerator)
+
+    def export(self) -> None:
+        """vae/ with measured factors, eval.json, reconstructions.png."""
+        cfg, vae = self.cfg, self.accelerator.unwrap_model(self.vae).eval()
+        scale, shift = measure_factors(vae, self._factor_images().to(self.accelerator.device))
+        vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        vae.save_pretrained(cfg.run_dir / "vae", safe_serialization=True)
+        value, recon = self.evaluate()
+        report = {"psnr_held_out": value, "held_out": len(self.held_out), "steps": self.step, "scaling_factor": scale, "shift_factor": shift}
+        (cfg.run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        self.reconstructions(recon)
+        print(f"{PROG}: held-out PSNR {value:.2f} dB over {len(self.held_out)} images; VAE in {cfg.run_dir / 'vae'}")
+
+    def _factor_images(self) -> torch.Tensor:
+        """One batch of ``factor_samples`` training images (a fresh loader: training data, own seed)."""
+        cfg = self.cfg
+        loader = image_loader(shard_list(cfg.data.shards)[:-1], LoaderConfig(batch_size=cfg.factor_samples, seed=1), resolution=cfg.data.resolution)
+        return next(iter(loader))["image"]
+
+    def reconstructions(self, recon: torch.Tensor, count: int = 16) -> Path:
+        from pipeline.sample import tensor_to_images
+
+        from PIL import Image
+
+        pairs = []
+        for original, rebuilt in zip(tensor_to_images(self.held_out[:count]), tensor_to_images(recon[:count])):
+            pair = Image.new("RGB", (original.width * 2, original.height))
+            pair.paste(original, (0, 0))
+            pair.paste(rebuilt, (original.width, 0))
+            pairs.append((pair, "original | reconstruction"))
+        path = self.cfg.run_dir / "reconstructions.png"
+        contact_sheet(pairs, path, columns=4)
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(AutoencoderTrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    AutoencoderTrainer(cfg).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

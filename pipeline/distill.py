@@ -93,6 +93,7 @@ class Distiller(Trainer):
     """``pipeline.train``'s machinery with the consistency-distillation loss."""
 
     cfg: DistillConfig
+    prog = PROG
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.teacher = load_teacher(cfg.teacher)

@@ -73,6 +73,8 @@ def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
 class Trainer:
     """One training run: build, resume, loop, checkpoint, export."""
 
+    prog = PROG  # the command's name in messages and the progress bar
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg, self.meta = cfg, latent_meta(cfg.data.latents)
         dry_run.preflight_for(cfg, dist_env().world_size)  # before any collective: a plan that cannot run stops every rank alike
@@ -143,7 +145,7 @@ class Trainer:
         self.load_extra(folder)
         state = read_train_state(folder)
         self.step, self.bad_steps, self.skipped = state["step"], state["bad_steps"], state["skipped"]
-        self.accelerator.print(f"{PROG}: resumed from {folder} at step {self.step}")
+        self.accelerator.print(f"{self.prog}: resumed from {folder} at step {self.step}")
 
     def save_extra(self, folder: Path) -> None:
         """More state for a subclass to checkpoint (main process)."""
@@ -202,7 +204,7 @@ class Trainer:
         self.skipped += 1
         if self.bad_steps >= self.cfg.max_bad_steps:
             raise FloatingPointError(
-                f"{PROG}: {self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                f"{self.prog}: {self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
                 "Lower optim.lr, raise optim.warmup_steps or check the latents."
             )
 
@@ -218,7 +220,7 @@ class Trainer:
         tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
         meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
         running, micro = [], 0
-        with tqdm(total=cfg.steps, initial=self.step, desc=PROG, disable=not self.is_main, unit="step") as bar:
+        with tqdm(total=cfg.steps, initial=self.step, desc=self.prog, disable=not self.is_main, unit="step") as bar:
             for batch in self.loader:
                 if self.step >= cfg.steps:
                     break
@@ -260,7 +262,7 @@ class Trainer:
             self.export()
             self.sample_grid("final")
             plot_loss_by_t(self.t_sums, self.t_counts, self.cfg.run_dir / "loss_by_t.png")
-            print(f"{PROG}: done at step {self.step}; model in {self.cfg.run_dir / 'model'}")
+            print(f"{self.prog}: done at step {self.step}; model in {self.cfg.run_dir / 'model'}")
         tracker.close()
         shutdown(self.accelerator)
 

@@ -52,6 +52,19 @@ def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
     )
 
 
+class Reconstruction(nn.Module):
+    """Encode, sample the posterior, decode — as one ``forward``, so DDP sees (and syncs) it."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> reconstruction (B, 3, H, W) and KL per image (B,)."""
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming's NLayerDiscriminator): one real/fake logit per patch."""
 

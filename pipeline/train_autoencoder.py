@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.autoencoder import (
     AutoencoderModelConfig,
     PatchDiscriminator,
+    Reconstruction,
     adaptive_weight,
     build_autoencoder,
     generator_loss,
@@ -106,8 +107,8 @@ class AutoencoderTrainer:
         opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)
         disc_optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.loss.disc_lr or cfg.optim.lr})
         opt_d, sched_d = build_optimizer(disc.parameters(), disc_optim, cfg.steps)
-        prepared = self.accelerator.prepare(vae, disc, opt_g, opt_d, sched_g, sched_d)
-        self.vae, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d = prepared
+        prepared = self.accelerator.prepare(Reconstruction(vae), disc, opt_g, opt_d, sched_g, sched_d)
+        self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d = prepared
         shards = shard_list(cfg.data.shards)
         if len(shards) < 2:
             raise ValueError(f"{cfg.data.shards}: need at least 2 shards (the last one is held out)")
@@ -117,18 +118,22 @@ class AutoencoderTrainer:
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.step = 0
 
+    @property
+    def vae(self):
+        """The bare ``AutoencoderKL`` (inside the possibly DDP-wrapped reconstruction module)."""
+        return self.accelerator.unwrap_model(self.model).vae
+
     # ------------------------------------------------------------------ one step
 
     def generator_step(self, x: torch.Tensor) -> dict:
-        cfg, vae = self.cfg.loss, self.accelerator.unwrap_model(self.vae)
-        posterior = self.vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        cfg = self.cfg.loss
+        recon, kl = self.model(x)  # (B, 3, H, W), (B,)
         rec = (recon - x).abs().mean() + cfg.l2_weight * ((recon - x) ** 2).mean()
-        loss = rec + cfg.kl_weight * posterior.kl().mean()
+        loss = rec + cfg.kl_weight * kl.mean()
         out = {"rec": rec.detach(), "gan_weight": 0.0}
         if self.step >= cfg.disc_start:
             g_loss = generator_loss(self.disc(recon))
-            weight = cfg.disc_weight * adaptive_weight(rec, g_loss, vae.decoder.conv_out.weight)
+            weight = cfg.disc_weight * adaptive_weight(rec, g_loss, self.vae.decoder.conv_out.weight)
             loss = loss + weight * g_loss
             out["gan_weight"] = weight
         self.opt_g.zero_grad(set_to_none=True)
@@ -157,7 +162,7 @@ class AutoencoderTrainer:
             (folder / f"data_rank{rank}.json").write_text(json.dumps(self.loader.state_dict()))
             if self.accelerator.is_main_process:
                 unwrap = self.accelerator.unwrap_model
-                save_weights(unwrap(self.vae), folder / "vae.safetensors")
+                save_weights(self.vae, folder / "vae.safetensors")
                 save_weights(unwrap(self.disc), folder / "disc.safetensors")
                 for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
                     save_tensors(getattr(self, name).state_dict(), folder / f"{name}.pt")
@@ -171,7 +176,7 @@ class AutoencoderTrainer:
             folder = Path(self.cfg.checkpoint.resume)
         if folder is None:
             return
-        load_weights(self.accelerator.unwrap_model(self.vae), folder / "vae.safetensors")
+        load_weights(self.vae, folder / "vae.safetensors")
         load_weights(self.accelerator.unwrap_model(self.disc), folder / "disc.safetensors")
         for name in ("opt_g", "opt_d", "sched_g", "sched_d"):
             getattr(self, name).load_state_dict(load_tensors(folder / f"{name}.pt"))
@@ -185,7 +190,7 @@ class AutoencoderTrainer:
 
     @torch.no_grad()
     def evaluate(self, count: int | None = None) -> tuple[float, torch.Tensor]:
-        vae = self.accelerator.unwrap_model(self.vae).eval()
+        vae = self.vae.eval()
         x = self.held_out[:count].to(self.accelerator.device)
         recon = torch.cat([vae.decode(vae.encode(x[i : i + 128]).latent_dist.mode()).sample for i in range(0, len(x), 128)])
         vae.train()
@@ -232,7 +237,7 @@ class AutoencoderTrainer:
 
     def export(self) -> None:
         """vae/ with measured factors, eval.json, reconstructions.png."""
-        cfg, vae = self.cfg, self.accelerator.unwrap_model(self.vae).eval()
+        cfg, vae = self.cfg, self.vae.eval()
         scale, shift = measure_factors(vae, self._factor_images().to(self.accelerator.device))
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
         vae.save_pretrained(cfg.run_dir / "vae", safe_serialization=True)

@@ -64,3 +64,13 @@ def test_resume_equals_an_uninterrupted_run(image_shards, tmp_path):
 def test_bad_key_is_one_line():
     result = subprocess.run([sys.executable, "-m", "pipeline.train_autoencoder", "loss.kl_wieght=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "kl_wieght" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_process_run_trains_and_exports(image_shards, tmp_path):
+    from tests.helpers import accelerate_launch
+
+    result = accelerate_launch(["-m", "pipeline.train_autoencoder", *args(image_shards, tmp_path, "steps=2", "loss.disc_start=1")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "ae/checkpoints/step-000002"
+    assert (ckpt / "data_rank0.json").exists() and (ckpt / "data_rank1.json").exists()
+    assert AutoencoderKL.from_pretrained(tmp_path / "ae/vae") is not None

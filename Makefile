@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: demo test env clean-demo
+.PHONY: demo demo-quick test env clean-demo
 
 env:
 	@bash launch/setup_env.sh
@@ -12,8 +12,12 @@ env:
 demo: env
 	@PYTHON_BIN=$(PY) bash launch/demo.sh
 
+# The same chain at toy size (runs/demo-quick, 2-3 minutes); tests/test_demo.py runs it in CI.
+demo-quick: env
+	@PYTHON_BIN=$(PY) bash launch/demo.sh --quick
+
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-quick

@@ -1,43 +1,80 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the embedded synthetic dataset, on CPU:
-# synth -> shard -> inspect -> autoencoder -> text encoders -> latents -> teacher -> student.
-# Every stage writes into runs/demo/ and can be rerun alone; finished stages are skipped
-# (each one resumes or recognises its complete output).
+# synth -> shard -> inspect -> autoencoder -> text encoders -> latents -> teacher -> student
+# -> evaluate -> report.
+# Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
+# resumes or recognises its complete output).
+#
+#   bash launch/demo.sh           the demo (runs/demo, ~15 min on 2 cores)
+#   bash launch/demo.sh --quick   the same chain at toy size (runs/demo-quick, ~2-3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON_BIN:-python}
-OUT=runs/demo
-COUNT=${DEMO_COUNT:-3000}
 RES=32
+if [ "${1:-}" = "--quick" ]; then
+    OUT=${DEMO_OUT:-runs/demo-quick}
+    COUNT=400 EVAL_COUNT=16 PER_SHARD=100
+    AE=(steps=150 eval_every=150 factor_samples=200 data.held_out=64 checkpoint.every=150)
+    TEACHER=(steps=200 sampling.every=0 checkpoint.every=200 data.loader.batch_size=32 optim.warmup_steps=20)
+    STUDENT=(steps=40 checkpoint.every=40 distill.report_prompts=8 data.loader.batch_size=32 optim.warmup_steps=10)
+else
+    OUT=${DEMO_OUT:-runs/demo}
+    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=64 PER_SHARD=500
+    AE=() TEACHER=() STUDENT=()
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 start=$(date +%s)
-stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+mkdir -p "$OUT"
+: > "$OUT/stages.tsv"
+stage() {
+    local t=$(( $(date +%s) - start ))
+    printf '%s\t%s\n' "$1" "$t" >> "$OUT/stages.tsv"
+    echo; echo "== $1 ($t s)"
+}
 
-stage "1/8 synth: $COUNT compositional images at ${RES}px"
+stage "synth"
 "$PY" -m data_tools.synth --output "$OUT/synth" --count "$COUNT" --resolution "$RES" --seed 0
-stage "2/8 shard: WebDataset image shards"
+stage "shard"
 "$PY" -m data_tools.shard --input "$OUT/synth" --output "$OUT/shards" --resolution "$RES" \
-    --format png --samples-per-shard 500 --workers 2 --seed 0
-stage "3/8 inspect: validate shards, contact sheet"
+    --format png --samples-per-shard "$PER_SHARD" --workers 2 --seed 0
+stage "inspect"
 "$PY" -m data_tools.inspect "$OUT/shards" --contact-sheet "$OUT/contact_sheet.png" --samples 24
-stage "4/8 autoencoder: VAE + patch-GAN"
-[ -f "$OUT/autoencoder/vae/config.json" ] || "$PY" -m pipeline.train_autoencoder --config configs/autoencoder_demo.yaml
-stage "5/8 text encoders: small seeded T5 + CLIP"
+stage "autoencoder"
+[ -f "$OUT/autoencoder/vae/config.json" ] || "$PY" -m pipeline.train_autoencoder \
+    --config configs/autoencoder_demo.yaml output_dir="$OUT" data.shards="$OUT/shards" ${AE[@]+"${AE[@]}"}
+stage "text-encoders"
 [ -f "$OUT/encoders/encoders.yaml" ] || "$PY" -m data_tools.make_encoders --output "$OUT/encoders"
-stage "6/8 encode: latent shards"
-"$PY" -m data_tools.encode --input "$OUT/shards" --output "$OUT/latents" --config configs/encode_demo.yaml
-stage "7/8 teacher: DiT + rectified flow"
-"$PY" -m pipeline.train --config configs/dit_demo.yaml
-stage "8/8 student: consistency distillation"
-"$PY" -m pipeline.distill --config configs/distill_demo.yaml
-
+stage "encode"
+"$PY" -m data_tools.encode --input "$OUT/shards" --output "$OUT/latents" --config configs/encode_demo.yaml \
+    vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip"
+stage "teacher"
+"$PY" -m pipeline.train --config configs/dit_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \
+    ${TEACHER[@]+"${TEACHER[@]}"}
+stage "distill"
+"$PY" -m pipeline.distill --config configs/distill_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \
+    teacher="$OUT/teacher/model" ${STUDENT[@]+"${STUDENT[@]}"}
+stage "evaluate"
+# Unseen prompts: the synthetic generator with another seed gives new attribute combinations,
+# with their images as the reference set.
+"$PY" -m data_tools.synth --output "$OUT/eval_synth" --count "$EVAL_COUNT" --resolution "$RES" --seed 12345
+"$PY" -m data_tools.shard --input "$OUT/eval_synth" --output "$OUT/eval_shards" --resolution "$RES" \
+    --format png --samples-per-shard 500 --workers 1 --seed 0
+EVAL=(--reference "$OUT/eval_shards" --count "$EVAL_COUNT" --guidance 4 --batch-size 64)
+"$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps 50 --output "$OUT/eval/teacher_50" "${EVAL[@]}"
+for steps in 1 2 4; do
+    "$PY" -m pipeline.evaluate --model "$OUT/student/model" --steps "$steps" --output "$OUT/eval/student_$steps" "${EVAL[@]}"
+done
+stage "report"
+"$PY" -m pipeline.demo_report --run "$OUT"
 stage "done"
+
 cat <<TXT
 demo output in $OUT/:
+  report.md, report.json         the summary: PSNR, adherence, seconds per image, goals, grids, curves
   contact_sheet.png              24 training samples with their captions
   autoencoder/                   VAE (vae/), held-out PSNR (eval.json), reconstructions.png
   latents/                       latent shards + dataset.json
   teacher/samples/final.png      teacher grid, 50 Euler steps, guidance 4
-  teacher/loss_by_t.png          training loss by timestep
-  student/report/report.md       student (1/2/4/8 steps) vs teacher (50 steps): adherence, s/image, grids
+  student/report/report.md       distillation report: student 1/2/4/8 steps vs teacher 50 and few steps
+  eval/                          pipeline.evaluate outputs (per_prompt.jsonl, summary.json, images)
 TXT

@@ -45,10 +45,13 @@ class DistillSection:
     target_decay: float = 0.95  # EMA of the student used as the target network
     loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
     huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
+    report_prompts: int = 64  # synthetic prompts in the end-of-run report; 0: no report
 
     def __post_init__(self) -> None:
         if self.intervals < 1 or not 0 <= self.target_decay < 1:
             raise ValueError("intervals must be >= 1 and target_decay in [0, 1)")
+        if self.report_prompts < 0:
+            raise ValueError(f"report_prompts must be >= 0 (got {self.report_prompts})")
         if not 1 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 1 <= guidance_min <= guidance_max (got {self.guidance_min}, {self.guidance_max})")
 
@@ -157,10 +160,10 @@ class Distiller(Trainer):
 
     def finish(self, tracker) -> None:
         super().finish(tracker)
-        if self.is_main:
+        if self.is_main and self.cfg.distill.report_prompts > 0:
             from pipeline.distill_report import write_report
 
-            write_report(self.cfg, self.meta)
+            write_report(self.cfg, self.meta, self.cfg.distill.report_prompts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,10 @@ def eval_prompts(count: int, resolution: int) -> list[str]:
 def measure(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float, grid: Path) -> dict:
     """Generate, time, score adherence and save a grid of the first 16."""
     from pipeline.adherence import evaluate
+    from pipeline.evaluate import generate_images
 
-    pipe.generate(prompts[:2], 1, guidance, shift, seed=0)  # warm-up: first calls are slower
-    images, seconds = pipe.generate(prompts, steps, guidance, shift, seed=0)
+    images, seconds = generate_images(pipe, prompts, steps, guidance, shift, seed=0, batch_size=64,
+                                      desc=f"{grid.stem}")
     scores = evaluate(images, prompts)
     write_grid(images[:16], prompts[:16], grid)
     return {

@@ -46,11 +46,18 @@ class TextToImage:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(count, *self.latent_shape, generator=g).to(self.vae.device)  # (B, C, h, w)
 
+    def noise_per_image(self, seeds: list[int]) -> torch.Tensor:
+        """One generator per image: image k's noise depends on its seed only, not on the batch."""
+        return torch.cat([self.noise(1, s) for s in seeds])  # (B, C, h, w)
+
     @torch.no_grad()
-    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0) -> torch.Tensor:
+    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Euler with classifier-free guidance (teacher), or consistency steps with the guidance
-        scale given to the model as an input (student: one evaluation per step)."""
-        cond, noise = self.text.encode(prompts), self.noise(len(prompts), seed)
+        scale given to the model as an input (student: one evaluation per step). ``noise``
+        (B, C, h, w) replaces the batch noise drawn from ``seed``."""
+        cond = self.text.encode(prompts)
+        noise = self.noise(len(prompts), seed) if noise is None else noise.to(self.vae.device)
         if self.sampler == "euler":
             return euler(self.transformer, noise, cond, steps, guidance, shift)
         cond["guidance"] = torch.full((len(prompts),), float(guidance), device=noise.device)

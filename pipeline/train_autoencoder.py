@@ -31,7 +31,7 @@ from pipeline.autoencoder import (
     psnr,
 )
 from pipeline.checkpoint import Checkpoints, load_tensors, load_weights, read_train_state, rng_state, save_tensors, save_weights, set_rng_state, write_train_state
-from pipeline.config import parse_cli, save_config
+from pipeline.config import ConfigError, exit_on_config_error, parse_cli, save_config
 from pipeline.data.images import collate_images, decode_image_sample, image_loader
 from pipeline.data.latents import shard_list
 from pipeline.data.stream import LoaderConfig
@@ -109,9 +109,13 @@ class AutoencoderTrainer:
         opt_d, sched_d = build_optimizer(disc.parameters(), disc_optim, cfg.steps)
         prepared = self.accelerator.prepare(Reconstruction(vae), disc, opt_g, opt_d, sched_g, sched_d)
         self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d = prepared
-        shards = shard_list(cfg.data.shards)
+        try:
+            shards = shard_list(cfg.data.shards)
+        except ValueError:  # a folder without complete shards
+            shards = []
         if len(shards) < 2:
-            raise ValueError(f"{cfg.data.shards}: need at least 2 shards (the last one is held out)")
+            raise ConfigError(f"data.shards: '{cfg.data.shards}' has {len(shards)} shard(s); "
+                              "need at least 2 (the last one is held out)")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.loader = image_loader(shards[:-1], cfg.data.loader, rank, world, cfg.data.resolution)
         self.held_out = held_out_images(shards[-1], cfg.data.held_out, cfg.data.resolution)
@@ -271,7 +275,9 @@ class AutoencoderTrainer:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(AutoencoderTrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
-    AutoencoderTrainer(cfg).fit()
+    with exit_on_config_error(PROG):
+        trainer = AutoencoderTrainer(cfg)
+    trainer.fit()
     return 0
 
 

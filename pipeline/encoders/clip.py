@@ -48,9 +48,10 @@ class ClipEncoderConfig:
         return self.path if self.path is not None else f"{self.model}:{self.checkpoint}"
 
 
-def load_open_clip(cfg: ClipEncoderConfig, device: str | torch.device = "cpu",
-                   ) -> tuple[torch.nn.Module, object]:
-    """open_clip model + tokenizer, weights required, errors naming the source; text tower only."""
+def load_open_clip(cfg: ClipEncoderConfig, device: str | torch.device = "cpu", image_tower: bool = False,
+                   ) -> tuple[torch.nn.Module, object, object]:
+    """open_clip model, tokenizer and image preprocessing; weights required, errors naming the
+    source. The image tower is dropped (and the preprocessing is ``None``) unless asked for."""
     import open_clip  # here, not at the top: it imports torchvision (~3 s at every CLI start)
     from open_clip.transformer import TextTransformer
 
@@ -65,19 +66,21 @@ def load_open_clip(cfg: ClipEncoderConfig, device: str | torch.device = "cpu",
                 and not os.path.isfile(cfg.checkpoint):
             raise EncoderLoadError(f"CLIP checkpoint file not found: '{cfg.checkpoint}'")
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, precision=cfg.dtype, device=device,
-                                       require_pretrained=True, weights_only=True)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=cfg.dtype, device=device, require_pretrained=True, weights_only=True)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # RuntimeError / ValueError / OSError from open_clip
         raise EncoderLoadError(f"cannot load an open_clip model from '{cfg.source}': {err}") from err
-    if getattr(model, "visual", None) is not None:
-        model.visual = None  # the image tower is never used here: free its memory
+    if image_tower and getattr(model, "visual", None) is None:
+        raise EncoderLoadError(f"'{cfg.source}' has no image tower")
+    if not image_tower and getattr(model, "visual", None) is not None:
+        model.visual, preprocess = None, None  # the text encoder never uses it: free its memory
     if isinstance(getattr(model, "text", None), TextTransformer):
         model.text.output_tokens = True  # forward returns (pooled, tokens)
     elif not isinstance(model, open_clip.CLIP):
         raise EncoderLoadError(f"'{cfg.source}': unsupported open_clip text tower "
                                f"({type(model).__name__}); expected open_clip's own text transformer")
-    return model.eval().requires_grad_(False), tokenizer
+    return model.eval().requires_grad_(False), tokenizer, preprocess
 
 
 class FrozenCLIP(torch.nn.Module):
@@ -86,7 +89,7 @@ class FrozenCLIP(torch.nn.Module):
     def __init__(self, cfg: ClipEncoderConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.cfg = cfg
-        self.model, self.tokenizer = load_open_clip(cfg, device)
+        self.model, self.tokenizer, _ = load_open_clip(cfg, device)
         tower = self._tower()
         self.token_width = int(tower.transformer.width)
         projection = tower.text_projection

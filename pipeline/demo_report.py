@@ -1,0 +1,134 @@
+"""``python -m pipeline.demo_report --run runs/demo``: the end-to-end demo's report.
+
+Collects what the demo's stages wrote into one ``report.md`` + ``report.json`` in the run folder:
+the autoencoder's held-out PSNR, the evaluation of the teacher (50 steps, guidance) and of the
+student at 1/2/4 steps (``pipeline.evaluate`` outputs under ``eval/``), seconds per image, loss
+curves, the stage timings of ``launch/demo.sh`` and the goals of the issues, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.report_plots import plot_loss_curves
+
+PROG = "pipeline.demo_report"
+GOALS = {
+    "autoencoder_psnr": 30.0,  # dB, held-out
+    "teacher_adherence_all": 0.90,
+    "student_4_vs_teacher": 0.95,
+    "student_1_vs_teacher": 0.80,
+    "student_4_speedup": 20.0,
+}
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing stage output: '{path}' (run launch/demo.sh first)")
+    return json.loads(path.read_text())
+
+
+def collect(run: Path) -> dict:
+    """``report.json``'s content from the stage outputs under ``run``."""
+    ae = _json(run / "autoencoder/eval.json")
+    teacher = _json(run / "eval/teacher_50/summary.json")
+    students = []
+    for folder in sorted((run / "eval").glob("student_*"), key=lambda p: int(p.name.split("_")[1])):
+        s = _json(folder / "summary.json")
+        students.append({
+            "steps": s["steps"], "adherence_all": s["adherence_all"], "seconds_per_image": s["seconds_per_image"],
+            "adherence": s["adherence"], "grid": str(folder / "grid.png"),
+            "adherence_vs_teacher": s["adherence_all"] / max(teacher["adherence_all"], 1e-9),
+            "speedup_vs_teacher": teacher["seconds_per_image"] / max(s["seconds_per_image"], 1e-12),
+        })
+    report = {
+        "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"],
+                        "reconstructions": str(run / "autoencoder/reconstructions.png")},
+        "teacher": {"steps": teacher["steps"], "guidance": teacher["guidance"], "adherence_all": teacher["adherence_all"],
+                    "adherence": teacher["adherence"], "seconds_per_image": teacher["seconds_per_image"],
+                    "prompts": teacher["count"], "grid": str(run / "eval/teacher_50/grid.png")},
+        "students": students,
+        "stages": read_stages(run / "stages.tsv"),
+    }
+    report["goals"] = goals(report)
+    return report
+
+
+def read_stages(path: Path) -> list[dict]:
+    """``launch/demo.sh``'s ``name<TAB>start seconds`` lines."""
+    if not path.is_file():
+        return []
+    rows = [line.split("\t") for line in path.read_text().splitlines() if "\t" in line]
+    return [{"stage": name, "start_s": int(start)} for name, start in rows]
+
+
+def goals(report: dict) -> list[dict]:
+    by_steps = {s["steps"]: s for s in report["students"]}
+    checks = [("autoencoder_psnr", report["autoencoder"]["psnr"]),
+              ("teacher_adherence_all", report["teacher"]["adherence_all"])]
+    if 4 in by_steps:
+        checks += [("student_4_vs_teacher", by_steps[4]["adherence_vs_teacher"]),
+                   ("student_4_speedup", by_steps[4]["speedup_vs_teacher"])]
+    if 1 in by_steps:
+        checks.append(("student_1_vs_teacher", by_steps[1]["adherence_vs_teacher"]))
+    return [{"goal": name, "value": value, "target": GOALS[name], "met": value >= GOALS[name]} for name, value in checks]
+
+
+def plot_curves(run: Path) -> dict[str, str]:
+    """Loss-curve PNGs of the autoencoder, teacher and student (whichever logged metrics)."""
+    out = {}
+    for name, key in (("autoencoder", "l1_rec"), ("teacher", "loss"), ("student", "loss")):
+        metrics = run / name / "metrics.jsonl"
+        if metrics.is_file():
+            out[name] = str(plot_loss_curves({name: metrics}, run / f"loss_{name}.png", key))
+    return out
+
+
+def markdown(report: dict, run: Path) -> str:
+    ae, t = report["autoencoder"], report["teacher"]
+    rel = lambda p: Path(p).relative_to(run).as_posix()  # noqa: E731 - paths relative to report.md
+    lines = ["# Demo report", "",
+             f"Autoencoder held-out PSNR: **{ae['psnr']:.2f} dB** ({ae['held_out']} images, {ae['steps']} steps).", "",
+             f"Adherence on {t['prompts']} unseen synthetic prompts (all attributes correct), guidance {t['guidance']}:", "",
+             "| model | steps | adherence (all) | × teacher | s / image | speed-up |", "|---|---:|---:|---:|---:|---:|",
+             f"| teacher (Euler + CFG) | {t['steps']} | {t['adherence_all']:.3f} | 1.00 | {t['seconds_per_image']:.4f} | 1.0 |"]
+    lines += [f"| student (consistency) | {s['steps']} | {s['adherence_all']:.3f} | {s['adherence_vs_teacher']:.2f} | "
+              f"{s['seconds_per_image']:.4f} | {s['speedup_vs_teacher']:.1f} |" for s in report["students"]]
+    lines += ["", "| attribute | " + " | ".join(["teacher"] + [f"student {s['steps']}" for s in report["students"]]) + " |",
+              "|---|" + "---:|" * (1 + len(report["students"]))]
+    for attr in t["adherence"]:
+        lines.append(f"| {attr} | " + " | ".join(f"{m['adherence'][attr]:.3f}" for m in [t, *report["students"]]) + " |")
+    lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
+    lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
+    lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
+    lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
+    lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
+    lines += ["", f"Autoencoder reconstructions (originals above, reconstructions below): ![ae]({rel(ae['reconstructions'])})"]
+    if report["stages"]:
+        lines += ["", "## Stage start times (s)", "", " · ".join(f"{s['stage']} {s['start_s']}" for s in report["stages"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    args = p.parse_args(argv)
+    try:
+        report = collect(args.run)
+    except FileNotFoundError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    report["loss_curves"] = plot_curves(args.run)
+    (args.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.run / "report.md").write_text(markdown(report, args.run))
+    print(f"{PROG}: wrote {args.run / 'report.md'} and report.json")
+    for g in report["goals"]:
+        print(f"  {g['goal']}: {g['value']:.3f} (target {g['target']}) {'met' if g['met'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

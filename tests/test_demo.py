@@ -1,0 +1,33 @@
+"""CI smoke test of the whole chain: ``launch/demo.sh --quick`` (what ``make demo-quick`` runs)
+from synthetic images to ``report.json``, then the report's required keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
+    env = {**os.environ, "PYTHON_BIN": sys.executable, "DEMO_OUT": str(tmp_path / "demo")}
+    done = subprocess.run(["bash", "launch/demo.sh", "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "demo/report.json").read_text())
+    assert isinstance(report["teacher"]["adherence_all"], float)
+    assert report["teacher"]["seconds_per_image"] > 0
+    assert [s["steps"] for s in report["students"]] == [1, 2, 4]
+    for s in report["students"]:
+        assert 0 <= s["adherence_all"] <= 1 and s["seconds_per_image"] > 0
+    assert report["autoencoder"]["psnr"] > 10
+    md = (tmp_path / "demo/report.md").read_text()
+    for picture in ("eval/teacher_50/grid.png", "eval/student_1/grid.png", "loss_teacher.png", "loss_student.png"):
+        assert picture in md and (tmp_path / "demo" / picture).is_file(), picture
+    assert [s["stage"] for s in report["stages"]][-1] == "report"

@@ -1,0 +1,139 @@
+"""pipeline.evaluate and pipeline.metrics: prompt files, generation with per-image seeds, FID/KID
+through the real torchmetrics path with a locally saved Inception, CLIP score with open_clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import evaluate, metrics
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """The FID Inception-v3 architecture (torch-fidelity's) with seeded random weights, saved as
+    safetensors. Real weights cannot be downloaded here; batch-norm statistics are calibrated on
+    one random batch so the features are not degenerate."""
+    from safetensors.torch import save_file
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    root = tmp_path_factory.mktemp("inception")
+    torch.save({}, root / "empty.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RandomInception("inception", ["2048"], feature_extractor_weights_path=str(root / "empty.pt"))
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.momentum = None  # cumulative average: running stats = this batch's stats
+            bn.reset_running_stats()
+        with torch.no_grad():
+            model.train()(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "inception.safetensors")
+    return root / "inception.safetensors"
+
+
+def test_prompt_files_txt_jsonl_parquet(tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square  \n")
+    (tmp_path / "p.jsonl").write_text('{"caption": "a red circle"}\n{"prompt": "a blue square", "caption": "x"}\n')
+    pq.write_table(pa.table({"text": ["a red circle", "a blue square"]}), tmp_path / "p.parquet")
+    for name in ("p.txt", "p.jsonl", "p.parquet"):
+        assert evaluate.read_prompts(tmp_path / name) == ["a red circle", "a blue square"], name
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"caption": "ok"}\n{broken\n', "p.jsonl:2: not JSON"),
+    ('{"url": "x"}\n', "no string field named one of"),
+    ("", "no prompts"),
+])
+def test_bad_prompt_files_are_named(tmp_path, content, message):
+    (tmp_path / "p.jsonl").write_text(content)
+    with pytest.raises(evaluate.EvalInputError, match=message):
+        evaluate.read_prompts(tmp_path / "p.jsonl")
+
+
+def test_fid_matches_the_closed_form_for_an_affine_copy():
+    """fake = 2 * real + 1: mu_f - mu_r = mu_r + 1, S_f = 4 S_r, sqrt(S_r S_f) = 2 S_r,
+    so FID = |mu_r + 1|^2 + tr(S_r)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    expected = float(((real.mean(0) + 1) ** 2).sum() + torch.cov(real.T).trace())
+    result = metrics.fid_kid(real, 2 * real + 1, kid_subset=200)
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    assert result["kid_mean"] > 0
+    same = metrics.fid_kid(real, real.clone(), kid_subset=200)
+    assert abs(same["fid"]) < 1e-6
+    assert result["kid_mean"] > 10 * abs(same["kid_mean"])  # the unbiased MMD of a set with itself: ~0, not 0
+
+
+def test_inception_loads_safely_and_errors_name_the_file(inception_file, tmp_path):
+    model = metrics.load_inception(inception_file)
+    features = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and features.std() > 0
+    with pytest.raises(metrics.MetricError, match="not found"):
+        metrics.load_inception(tmp_path / "nope.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(metrics.MetricError, match="wrong.pth' is not the FID Inception"):
+        metrics.load_inception(tmp_path / "wrong.pth")
+
+
+def test_clip_score_prefers_the_matching_prompt(tiny_text_encoders_dir):
+    from PIL import Image
+
+    from pipeline.encoders.clip import ClipEncoderConfig
+
+    scorer = metrics.ClipScorer(ClipEncoderConfig(path=str(tiny_text_encoders_dir / "clip")))
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    scores = scorer(images, ["a red image", "a blue image"])
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 100)).all()
+    assert torch.equal(scores, scorer(images, ["a red image", "a blue image"]))  # deterministic
+
+
+def run(teacher_dir, out, *extra):
+    return evaluate.main(["--model", str(teacher_dir), "--steps", "2", "--guidance", "2", "--output", str(out), *extra])
+
+
+def test_evaluate_writes_per_prompt_summary_and_report(teacher_dir, image_shards, tiny_text_encoders_dir,
+                                                       inception_file, tmp_path):
+    args = ["--reference", str(image_shards), "--count", "6", "--batch-size", "4",
+            "--inception", str(inception_file), "--kid-subset", "3", "--clip", str(tiny_text_encoders_dir / "clip")]
+    assert run(teacher_dir, tmp_path / "a", *args) == 0
+    summary = json.loads((tmp_path / "a/summary.json").read_text())
+    assert summary["count"] == 6 and summary["skipped"] == {}
+    for key in ("adherence_all", "clip_score", "fid", "kid_mean", "kid_std", "seconds_per_image"):
+        assert isinstance(summary[key], float), key
+    assert summary["fid"] > 0 and summary["reference_count"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "a/per_prompt.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == list(range(6)) and all("all" in r["adherence"] for r in rows)
+    assert all((tmp_path / "a" / r["image"]).is_file() for r in rows)
+    assert "| fid |" in (tmp_path / "a/report.md").read_text() and (tmp_path / "a/grid.png").is_file()
+    # image k depends on seed + k only, not on the batch it was generated in
+    assert run(teacher_dir, tmp_path / "b", "--reference", str(image_shards), "--count", "6", "--batch-size", "6") == 0
+    for r in rows:
+        assert (tmp_path / "a" / r["image"]).read_bytes() == (tmp_path / "b" / r["image"]).read_bytes()
+
+
+def test_missing_metric_models_are_said_not_faked(teacher_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a photo of a cat\n")
+    assert run(teacher_dir, tmp_path / "out", "--prompts", str(tmp_path / "p.txt")) == 0
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert set(summary["skipped"]) == {"adherence", "clip_score", "fid_kid"}
+    assert "fid" not in summary and "adherence_all" not in summary
+    assert "no Inception weights given" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_with_one_line(teacher_dir, image_shards, tmp_path, capsys):
+    assert run(teacher_dir, tmp_path / "o", "--reference", str(tmp_path / "nothing")) == 2
+    assert "reference shards not found" in capsys.readouterr().err
+    args = ["--reference", str(image_shards), "--count", "2", "--inception", str(tmp_path / "x.pth")]
+    assert run(teacher_dir, tmp_path / "o", *args) == 2
+    assert "Inception weights not found: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(teacher_dir, tmp_path / "o")  # neither --prompts nor --reference

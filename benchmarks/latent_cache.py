@@ -3,6 +3,9 @@
 - ``cached_vs_online_step``: time of a training step (DiT-tiny, forward + backward + AdamW,
   batch 64) fed from latent shards, against the same step fed from image shards that encodes
   the batch online with the VAE + T5 + CLIP. Ratio = online / cached; goal >= 3.
+- ``loader_vs_step``: samples/s the latent loader delivers (decoding in the main process, no
+  workers: its bare cost) against samples/s the training step consumes on a batch already in
+  memory. Goal >= 10: the loader must never be what the step waits for.
 - ``encode_throughput``: samples/s of ``data_tools.encode`` over the same image shards
   (informational; ratio is samples/s, no goal).
 
@@ -71,6 +74,28 @@ def cached_steps(latents: Path, step, n: int) -> list[float]:
     return times
 
 
+def loader_seconds(latents: Path, n: int) -> list[float]:
+    """Seconds per batch of the latent loader alone."""
+    times, loader = [], iter(latent_loader(latents, LoaderConfig(batch_size=BATCH)))
+    next(loader)
+    for _ in range(n):
+        start = time.perf_counter()
+        next(loader)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def step_seconds(latents: Path, step, n: int) -> list[float]:
+    """Seconds per training step on one batch held in memory."""
+    batch = next(iter(latent_loader(latents, LoaderConfig(batch_size=BATCH))))
+    cond, times = {k: batch[k] for k in ("t5", "t5_mask", "clip")}, []
+    for _ in range(n):
+        start = time.perf_counter()
+        step(batch["latent"], cond)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def online_steps(shards: Path, vae: FrozenVAE, text: TextEncoders, step, n: int) -> list[float]:
     times, loader = [], iter(image_loader(shards, LoaderConfig(batch_size=BATCH)))
     for _ in range(n):
@@ -94,14 +119,18 @@ def run(quick: bool = False) -> list[dict]:
         model = build_dit("DiT-tiny", in_channels=4, sample_size=8, text_dim=text.t5.width, clip_dim=text.clip.width)
         step = step_fn(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
         cached_steps(latents, step, 2)  # warm-up
-        times = {"cached": [], "online": []}
+        times = {"cached": [], "online": [], "loader": [], "step": []}
         for _ in range(rounds):
             times["cached"] += cached_steps(latents, step, steps)
             times["online"] += online_steps(shards, vae, text, step, steps)
+            times["loader"] += loader_seconds(latents, steps)
+            times["step"] += step_seconds(latents, step, steps)
     median = {k: statistics.median(v) for k, v in times.items()}
-    details = {"batch": BATCH, "ms_per_step": {k: round(v * 1000, 1) for k, v in median.items()}, "steps_each": len(times["cached"])}
+    details = {"batch": BATCH, "ms_per_batch": {k: round(v * 1000, 1) for k, v in median.items()}, "steps_each": len(times["cached"])}
+    rates = {"loader_samples_per_s": round(BATCH / median["loader"], 1), "step_samples_per_s": round(BATCH / median["step"], 1)}
     return [
         {"name": "cached_vs_online_step", "ratio": round(median["online"] / median["cached"], 3), "goal": 3.0, "better": "higher", **details},
+        {"name": "loader_vs_step", "ratio": round(median["step"] / median["loader"], 2), "goal": 10.0, "better": "higher", **rates},
         {"name": "encode_throughput", "ratio": round(cfg["encode_samples_per_s"], 1), "goal": 0.0, "better": "higher", "unit": "samples/s", "samples": count},
     ]
 

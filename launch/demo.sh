@@ -19,7 +19,7 @@ if [ "${1:-}" = "--quick" ]; then
     STUDENT=(steps=40 checkpoint.every=40 distill.report_prompts=8 data.loader.batch_size=32 optim.warmup_steps=10)
 else
     OUT=${DEMO_OUT:-runs/demo}
-    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=64 PER_SHARD=500
+    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=256 PER_SHARD=500
     AE=() TEACHER=() STUDENT=()
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

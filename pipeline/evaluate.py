@@ -110,19 +110,28 @@ def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], 
 
 # ------------------------------------------------------------------------------------- generation
 def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float = 1.0,
-                    seed: int = 0, batch_size: int = 16, desc: str = "generate") -> tuple[list[Image.Image], float]:
-    """One image per prompt (image k from seed + k), and the wall seconds per image.
+                    seed: int = 0, batch_size: int = 16, desc: str = "generate") -> tuple[list[Image.Image], dict]:
+    """One image per prompt (image k from seed + k), and wall seconds per image: in all
+    (``seconds_per_image``) and for each part — text encoding, the sampler, VAE decoding.
 
-    The first batch is run once untimed (warm-up) so the time is the steady-state cost."""
+    A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
     pipe.latents(prompts[:1], 1, guidance, shift, seed)
-    images, elapsed = [], 0.0
+    images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
         noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))))
-        began = time.perf_counter()
-        images += pipe.images(pipe.latents(batch, steps, guidance, shift, seed + start, noise=noise))
-        elapsed += time.perf_counter() - began
-    return images, elapsed / len(prompts)
+        t0 = time.perf_counter()
+        cond = pipe.text.encode(batch)
+        t1 = time.perf_counter()
+        latents = pipe.sample(cond, noise, steps, guidance, shift, seed + start)
+        t2 = time.perf_counter()
+        images += pipe.images(latents)
+        t3 = time.perf_counter()
+        for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[part] += seconds
+    timing = {f"{part}_seconds_per_image": seconds / len(prompts) for part, seconds in parts.items()}
+    timing["seconds_per_image"] = sum(parts.values()) / len(prompts)
+    return images, timing
 
 
 # ----------------------------------------------------------------------------------------- scores
@@ -176,10 +185,10 @@ def clip_config(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def summarise(scores: dict, args: argparse.Namespace, count: int, seconds: float) -> dict:
+def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict) -> dict:
     summary = {
         "model": str(args.model), "steps": args.steps, "guidance": args.guidance, "shift": args.shift,
-        "seed": args.seed, "count": count, "seconds_per_image": seconds, "skipped": scores["skipped"],
+        "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
     }
     if scores.get("adherence"):
         summary["adherence_all"] = scores["adherence"]["all_correct"]
@@ -210,7 +219,8 @@ def markdown(summary: dict, scores: dict) -> str:
     lines = [f"# Evaluation of `{summary['model']}`", "",
              f"{summary['count']} prompts, {summary['steps']} steps, guidance {summary['guidance']}, "
              f"seeds {summary['seed']}…{summary['seed'] + summary['count'] - 1}; "
-             f"{summary['seconds_per_image']:.4f} s per image.", "", "| metric | value |", "|---|---:|"]
+             f"{summary['seconds_per_image']:.4f} s per image (sampler {summary['sampler_seconds_per_image']:.4f}, "
+             f"text {summary['text_seconds_per_image']:.4f}, decode {summary['decode_seconds_per_image']:.4f}).", "", "| metric | value |", "|---|---:|"]
     for key in ("adherence_all", "clip_score", "fid", "kid_mean", "kid_std"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
@@ -290,17 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device)
-        images, seconds = generate_images(pipe, prompts, args.steps, args.guidance, args.shift, args.seed, args.batch_size)
+        images, timing = generate_images(pipe, prompts, args.steps, args.guidance, args.shift, args.seed, args.batch_size)
         scores = score(images, prompts, args, device)
     except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    summary = summarise(scores, args, len(prompts), seconds)
+    summary = summarise(scores, args, len(prompts), timing)
     write_outputs(args.output, images, prompts, summary, scores)
     for name, why in summary["skipped"].items():
         print(f"{PROG}: {name} skipped: {why}")
     shown = {k: round(v, 4) for k, v in summary.items() if k in ("adherence_all", "clip_score", "fid", "kid_mean")}
-    print(f"{PROG}: {len(images)} images, {seconds:.4f} s/image, {shown}; report in {args.output / 'report.md'}")
+    print(f"{PROG}: {len(images)} images, {timing['seconds_per_image']:.4f} s/image "
+          f"(sampler {timing['sampler_seconds_per_image']:.4f}), {shown}; report in {args.output / 'report.md'}")
     return 0
 
 

@@ -53,14 +53,19 @@ class TextToImage:
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Euler with classifier-free guidance (teacher), or consistency steps with the guidance
-        scale given to the model as an input (student: one evaluation per step). ``noise``
-        (B, C, h, w) replaces the batch noise drawn from ``seed``."""
-        cond = self.text.encode(prompts)
+        """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the batch noise drawn
+        from ``seed``."""
         noise = self.noise(len(prompts), seed) if noise is None else noise.to(self.vae.device)
+        return self.sample(self.text.encode(prompts), noise, steps, guidance, shift, seed)
+
+    @torch.no_grad()
+    def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
+               seed: int = 0) -> torch.Tensor:
+        """The sampler alone: Euler with classifier-free guidance (teacher), or consistency steps
+        with the guidance scale given to the model as an input (student: one evaluation per step)."""
         if self.sampler == "euler":
             return euler(self.transformer, noise, cond, steps, guidance, shift)
-        cond["guidance"] = torch.full((len(prompts),), float(guidance), device=noise.device)
+        cond = {**cond, "guidance": torch.full((noise.shape[0],), float(guidance), device=noise.device)}
         return consistency(self.transformer, noise, cond, steps, shift, torch.Generator().manual_seed(seed + 1))
 
     @torch.no_grad()

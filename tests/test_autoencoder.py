@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
@@ -64,6 +65,17 @@ def test_resume_equals_an_uninterrupted_run(image_shards, tmp_path):
 def test_bad_key_is_one_line():
     result = subprocess.run([sys.executable, "-m", "pipeline.train_autoencoder", "loss.kl_wieght=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "kl_wieght" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_too_few_shards_is_one_line(image_shards, tmp_path, capsys):
+    (tmp_path / "one").mkdir()
+    first = sorted(image_shards.glob("*.tar"))[0]
+    (tmp_path / "one" / first.name).write_bytes(first.read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        train_autoencoder.main(args(image_shards, tmp_path, "steps=1", f"data.shards={tmp_path / 'one'}"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error: data.shards" in err and "need at least 2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_two_process_run_trains_and_exports(image_shards, tmp_path):

@@ -1,0 +1,1 @@
+"""The test suite (a package, so `tests.helpers` is ours and not a same-named installed one)."""

@@ -53,16 +53,18 @@ def build_autoencoder(cfg: AutoencoderModelConfig) -> AutoencoderKL:
 
 
 class Reconstruction(nn.Module):
-    """Encode, sample the posterior, decode — as one ``forward``, so DDP sees (and syncs) it."""
+    """Encode, sample the posterior (or take its mean), decode — as one ``forward``, so DDP sees
+    (and syncs) it. ``sample_posterior`` as in diffusers' ``AutoencoderKL.forward``."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae, self.sample_posterior = vae, sample_posterior
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> reconstruction (B, 3, H, W) and KL per image (B,)."""
         posterior = self.vae.encode(images).latent_dist
-        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+        z = posterior.sample() if self.sample_posterior else posterior.mode()  # (B, C, h, w)
+        return self.vae.decode(z).sample, posterior.kl()
 
 
 class PatchDiscriminator(nn.Module):

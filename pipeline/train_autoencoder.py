@@ -60,6 +60,7 @@ class AELossConfig:
     disc_weight: float = 0.5
     disc_start: int = 50001  # optimizer step at which the GAN term and the discriminator start
     disc_lr: float | None = None  # None: optim.lr
+    sample_posterior: bool = True  # decode a posterior sample (LDM); false: its mean (the KL term still applies)
 
     def __post_init__(self) -> None:
         if min(self.l2_weight, self.kl_weight, self.disc_weight) < 0 or self.disc_start < 0:
@@ -107,7 +108,7 @@ class AutoencoderTrainer:
         opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)
         disc_optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.loss.disc_lr or cfg.optim.lr})
         opt_d, sched_d = build_optimizer(disc.parameters(), disc_optim, cfg.steps)
-        prepared = self.accelerator.prepare(Reconstruction(vae), disc, opt_g, opt_d, sched_g, sched_d)
+        prepared = self.accelerator.prepare(Reconstruction(vae, cfg.loss.sample_posterior), disc, opt_g, opt_d, sched_g, sched_d)
         self.model, self.disc, self.opt_g, self.opt_d, self.sched_g, self.sched_d = prepared
         try:
             shards = shard_list(cfg.data.shards)

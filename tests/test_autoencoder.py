@@ -86,3 +86,16 @@ def test_two_process_run_trains_and_exports(image_shards, tmp_path):
     ckpt = tmp_path / "ae/checkpoints/step-000002"
     assert (ckpt / "data_rank0.json").exists() and (ckpt / "data_rank1.json").exists()
     assert AutoencoderKL.from_pretrained(tmp_path / "ae/vae") is not None
+
+
+def test_reconstruction_samples_the_posterior_or_takes_its_mean():
+    from pipeline.autoencoder import AutoencoderModelConfig, Reconstruction, build_autoencoder
+
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderModelConfig(block_out_channels=[32, 32]))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean_a, kl = Reconstruction(vae, sample_posterior=False)(x)
+    mean_b, _ = Reconstruction(vae, sample_posterior=False)(x)
+    sampled, _ = Reconstruction(vae)(x)
+    assert torch.equal(mean_a, mean_b) and not torch.equal(mean_a, sampled)
+    assert kl.shape == (2,) and (kl > 0).all()

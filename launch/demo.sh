@@ -59,7 +59,7 @@ stage "evaluate"
 "$PY" -m data_tools.synth --output "$OUT/eval_synth" --count "$EVAL_COUNT" --resolution "$RES" --seed 12345
 "$PY" -m data_tools.shard --input "$OUT/eval_synth" --output "$OUT/eval_shards" --resolution "$RES" \
     --format png --samples-per-shard 500 --workers 1 --seed 0
-EVAL=(--reference "$OUT/eval_shards" --count "$EVAL_COUNT" --guidance 2 --batch-size 64)  # see configs/distill_demo.yaml
+EVAL=(--reference "$OUT/eval_shards" --count "$EVAL_COUNT" --guidance 4 --batch-size 64)  # see configs/distill_demo.yaml
 "$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps 50 --output "$OUT/eval/teacher_50" "${EVAL[@]}"
 for steps in 1 2 4; do
     "$PY" -m pipeline.evaluate --model "$OUT/student/model" --steps "$steps" --output "$OUT/eval/student_$steps" "${EVAL[@]}"

@@ -19,7 +19,6 @@ Outputs in ``--output``: ``images/NNNNN.png``, ``per_prompt.jsonl``, ``summary.j
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -78,8 +77,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], list[str]]:
     """The first ``count`` decodable (image, caption) pairs of image shards (ours or img2dataset's)."""
-    from data_tools.images import to_rgb
-    from pipeline.data.images import IMAGE_EXTENSIONS
+    from pipeline.data.images import decode_image
     from pipeline.data.latents import shard_list
     from pipeline.shards import iter_samples
 
@@ -91,16 +89,11 @@ def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], 
         raise EvalInputError(f"reference shards '{shards}': {err}") from err
     images, captions = [], []
     for raw in iter_samples(urls):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if ext is None:
+        decoded = decode_image(raw)  # an undecodable reference image is skipped, as the shard reader does
+        if decoded is None:
             continue
-        try:
-            image = to_rgb(Image.open(io.BytesIO(raw[ext])))
-            image.load()
-        except (OSError, ValueError, SyntaxError):
-            continue  # an undecodable reference image is skipped, as the shard reader does
-        images.append(image)
-        captions.append(raw.get("txt", b"").decode("utf-8", "replace"))
+        images.append(decoded[0])
+        captions.append(decoded[1])
         if count is not None and len(images) >= count:
             break
     if not images:

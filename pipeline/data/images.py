@@ -27,8 +27,8 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def decode_image_sample(raw: dict, resolution: int | None = None) -> dict | None:
-    """Raw tar members -> {"image", "caption", "key"}; ``None`` (skipped) when undecodable."""
+def decode_image(raw: dict) -> tuple[Image.Image, str] | None:
+    """Raw tar members -> (RGB image, caption); ``None`` when there is no decodable image."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         return None
@@ -37,9 +37,17 @@ def decode_image_sample(raw: dict, resolution: int | None = None) -> dict | None
         image.load()
     except (OSError, ValueError, SyntaxError):
         return None
+    return image, raw.get("txt", b"").decode("utf-8", "replace")
+
+
+def decode_image_sample(raw: dict, resolution: int | None = None) -> dict | None:
+    """Raw tar members -> {"image", "caption", "key"}; ``None`` (skipped) when undecodable."""
+    decoded = decode_image(raw)
+    if decoded is None:
+        return None
+    image, caption = decoded
     if resolution is not None and image.size != (resolution, resolution):
         image = resize(image, resolution, "center_crop")
-    caption = raw.get("txt", b"").decode("utf-8", "replace")
     return {"image": image_to_tensor(image), "caption": caption, "key": raw["__key__"]}
 
 

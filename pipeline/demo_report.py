@@ -114,7 +114,7 @@ def markdown(report: dict, run: Path) -> str:
     lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
     lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
-    lines += ["", f"Autoencoder reconstructions (originals above, reconstructions below): ![ae]({rel(ae['reconstructions'])})"]
+    lines += ["", f"Autoencoder reconstructions (each tile: original | reconstruction): ![ae]({rel(ae['reconstructions'])})"]
     if report["stages"]:
         lines += ["", "## Stage start times (s)", "", " · ".join(f"{s['stage']} {s['start_s']}" for s in report["stages"])]
     return "\n".join(lines) + "\n"

@@ -3,12 +3,16 @@
 ``MODEL/transformer/`` is a ``from_pretrained`` folder (safetensors + config.json) of the DiT;
 ``MODEL/pipeline.json`` names the VAE and text encoders (the configs ``data_tools.encode``
 used, recorded in the latent ``dataset.json``) and the latent shape, so sampling needs no
-flags that training already knew.
+flags that training already knew. Local paths in it are stored relative to ``MODEL`` and
+resolved against it on loading, so the model works from any working directory and moves with
+its run folder; hub ids and pretrained tags are kept as given.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,30 @@ from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.shards import write_json_atomic
 
 PIPELINE_FILE = "pipeline.json"
+PATH_KEYS = ("path", "checkpoint", "teacher")  # entries of pipeline.json that may name local files
+
+
+def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:
+    """A copy of ``entry`` with ``convert`` applied to every string under a ``PATH_KEYS`` key."""
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            value = map_paths(value, convert)
+        elif key in PATH_KEYS and isinstance(value, str):
+            value = convert(value)
+        out[key] = value
+    return out
+
+
+def relative_to(folder: Path) -> Callable[[str], str]:
+    """Existing local paths -> relative to ``folder``; anything else (hub ids, tags) unchanged."""
+    return lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve()) if os.path.exists(p) else p
+
+
+def resolved_from(folder: Path) -> Callable[[str], str]:
+    """Relative paths that exist under ``folder`` -> ``folder/path``; others unchanged (hub ids,
+    absolute paths, and folders written before paths were stored relative)."""
+    return lambda p: str(Path(folder) / p) if not os.path.isabs(p) and (Path(folder) / p).exists() else p
 
 
 def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra: dict | None = None) -> Path:
@@ -27,18 +55,16 @@ def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra:
     folder = Path(folder)
     model.save_pretrained(folder / "transformer", safe_serialization=True)
     config = latent_meta["config"]
-    write_json_atomic(
-        folder / PIPELINE_FILE,
-        {
-            "kind": "text_to_image",
-            "transformer": "transformer",
-            "vae": config["vae"],
-            "text": config["text"],
-            "latent_shape": latent_meta["latent_shape"],
-            "resolution": latent_meta["resolution"],
-            **(extra or {}),
-        },
-    )
+    info = {
+        "kind": "text_to_image",
+        "transformer": "transformer",
+        "vae": config["vae"],
+        "text": config["text"],
+        "latent_shape": latent_meta["latent_shape"],
+        "resolution": latent_meta["resolution"],
+        **(extra or {}),
+    }
+    write_json_atomic(folder / PIPELINE_FILE, map_paths(info, relative_to(folder)))
     return folder
 
 
@@ -58,7 +84,7 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu") -> LoadedPip
     info_path = folder / PIPELINE_FILE
     if not info_path.exists():
         raise FileNotFoundError(f"{folder} is not an exported model folder (no {PIPELINE_FILE})")
-    info = json.loads(info_path.read_text())
+    info = map_paths(json.loads(info_path.read_text()), resolved_from(folder))
     transformer = DiT.from_pretrained(folder / info["transformer"]).to(device).eval()
     vae = FrozenVAE(from_dict(VAEConfig, info["vae"]), device)
     text = TextEncoders(from_dict(TextEncodersConfig, info["text"]), device)

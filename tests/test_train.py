@@ -122,3 +122,30 @@ def test_config_error_is_one_line(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown key 'optim.lrr'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_exported_model_moves_with_its_run_folder(teacher_dir, tmp_path, monkeypatch):
+    """pipeline.json stores local paths relative to the model folder: a run folder copied
+    elsewhere samples with its own VAE and encoders, whatever the working directory."""
+    from pipeline.export import export_model, load_pipeline, map_paths, resolved_from
+    from pipeline.models.dit import DiT
+
+    info = map_paths(json.loads((teacher_dir / "pipeline.json").read_text()), resolved_from(teacher_dir))
+    run = tmp_path / "run"
+    sources = {"vae": info["vae"]["path"], "t5": info["text"]["t5"]["path"], "clip": info["text"]["clip"]["path"]}
+    for name, source in sources.items():
+        shutil.copytree(source, run / name)
+    config = {"vae": {**info["vae"], "path": str(run / "vae")},
+              "text": {"t5": {**info["text"]["t5"], "path": str(run / "t5")}, "clip": {**info["text"]["clip"], "path": str(run / "clip")}}}
+    meta = {"config": config, "latent_shape": info["latent_shape"], "resolution": info["resolution"]}
+    export_model(run / "model", DiT.from_pretrained(teacher_dir / "transformer"), meta)
+    stored = json.loads((run / "model/pipeline.json").read_text())
+    assert (stored["vae"]["path"], stored["text"]["clip"]["path"]) == (os.path.join("..", "vae"), os.path.join("..", "clip"))
+
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_pipeline(Path("../moved/model"))
+    assert Path(loaded.vae.cfg.path).resolve() == (moved / "vae").resolve()
+    assert Path(loaded.text.cfg.t5.path).resolve() == (moved / "t5").resolve()

@@ -33,6 +33,7 @@ from pipeline.data.images import decode_image_sample
 from pipeline.distributed import create_accelerator, shutdown
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
+from pipeline.paths import map_paths, relative_to
 from pipeline.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
@@ -163,7 +164,7 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         "latent_dtype": cfg.store_dtype,
         "vae": encoders.vae.describe(),
         "text_encoders": encoders.text.describe(),
-        "config": to_dict(cfg),
+        "config": map_paths(to_dict(cfg), relative_to(cfg.output)),  # encoder paths relative to the folder
     }
 
 

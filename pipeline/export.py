@@ -3,16 +3,12 @@
 ``MODEL/transformer/`` is a ``from_pretrained`` folder (safetensors + config.json) of the DiT;
 ``MODEL/pipeline.json`` names the VAE and text encoders (the configs ``data_tools.encode``
 used, recorded in the latent ``dataset.json``) and the latent shape, so sampling needs no
-flags that training already knew. Local paths in it are stored relative to ``MODEL`` and
-resolved against it on loading, so the model works from any working directory and moves with
-its run folder; hub ids and pretrained tags are kept as given.
+flags that training already knew. Its local paths are relative to ``MODEL`` (``pipeline.paths``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,33 +17,10 @@ import torch
 from pipeline.config import from_dict
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
+from pipeline.paths import map_paths, relative_to, resolved_from
 from pipeline.shards import write_json_atomic
 
 PIPELINE_FILE = "pipeline.json"
-PATH_KEYS = ("path", "checkpoint", "teacher")  # entries of pipeline.json that may name local files
-
-
-def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:
-    """A copy of ``entry`` with ``convert`` applied to every string under a ``PATH_KEYS`` key."""
-    out = {}
-    for key, value in entry.items():
-        if isinstance(value, dict):
-            value = map_paths(value, convert)
-        elif key in PATH_KEYS and isinstance(value, str):
-            value = convert(value)
-        out[key] = value
-    return out
-
-
-def relative_to(folder: Path) -> Callable[[str], str]:
-    """Existing local paths -> relative to ``folder``; anything else (hub ids, tags) unchanged."""
-    return lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve()) if os.path.exists(p) else p
-
-
-def resolved_from(folder: Path) -> Callable[[str], str]:
-    """Relative paths that exist under ``folder`` -> ``folder/path``; others unchanged (hub ids,
-    absolute paths, and folders written before paths were stored relative)."""
-    return lambda p: str(Path(folder) / p) if not os.path.isabs(p) and (Path(folder) / p).exists() else p
 
 
 def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra: dict | None = None) -> Path:

@@ -32,6 +32,7 @@ from pipeline.ema import EMA
 from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.models.dit import build_dit, flops_per_sample
 from pipeline.optim import build_optimizer
+from pipeline.paths import map_paths, resolved_from
 from pipeline.tracking import Throughput, Tracker, device_peak_tflops
 from pipeline.train_config import TrainConfig
 
@@ -41,10 +42,12 @@ TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s 
 
 
 def latent_meta(folder: Path) -> dict:
+    """The latent folder's dataset.json, its encoder paths resolved (``pipeline.paths``)."""
     path = Path(folder) / "dataset.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    return {**meta, "config": map_paths(meta["config"], resolved_from(folder))}
 
 
 def build_model(cfg: TrainConfig, meta: dict):

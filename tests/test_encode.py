@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 from data_tools import encode
 from pipeline.data.images import image_to_tensor
 from pipeline.shards import iter_samples, shard_name, write_tar_atomic
+from pipeline.train import latent_meta
 from tests.helpers import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,9 @@ def test_latent_shards_hold_normalised_latents_and_unpadded_text(image_shards, e
     meta = json.loads((tmp_path / "lat/dataset.json").read_text())
     assert meta["samples"] == 48 and meta["latent_shape"] == [4, 8, 8] and meta["latent_dtype"] == "fp16"
     assert meta["vae"]["scaling_factor"] == 0.5 and meta["vae"]["shift_factor"] == 0.1
+    stored = meta["config"]["vae"]["path"]  # relative to the latent folder, resolved by the reader
+    assert not os.path.isabs(stored) and (tmp_path / "lat" / stored).resolve() == tiny_vae_dir.resolve()
+    assert Path(latent_meta(tmp_path / "lat")["config"]["vae"]["path"]).resolve() == tiny_vae_dir.resolve()
     samples = latent_samples(tmp_path / "lat")
     images = {s["__key__"]: s for s in iter_samples(sorted(image_shards.glob("*.tar")))}
     assert set(samples) == set(images)

@@ -1,0 +1,37 @@
+"""Paths recorded in written folders (a model's ``pipeline.json``, a latent ``dataset.json``).
+
+Local paths are stored relative to the folder that records them and resolved against it on
+reading, so a run folder works from any working directory and can be moved or copied whole.
+Hub ids and pretrained tags (anything that is not an existing local path) are kept as given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+PATH_KEYS = ("path", "checkpoint", "teacher")  # entries that may name local files or folders
+
+
+def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:
+    """A copy of ``entry`` with ``convert`` applied to every string under a ``PATH_KEYS`` key."""
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            value = map_paths(value, convert)
+        elif key in PATH_KEYS and isinstance(value, str):
+            value = convert(value)
+        out[key] = value
+    return out
+
+
+def relative_to(folder: Path) -> Callable[[str], str]:
+    """Existing local paths -> relative to ``folder``; anything else unchanged."""
+    return lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve()) if os.path.exists(p) else p
+
+
+def resolved_from(folder: Path) -> Callable[[str], str]:
+    """Relative paths that exist under ``folder`` -> ``folder/path``; others unchanged (hub ids,
+    absolute paths, and folders written before paths were stored relative)."""
+    return lambda p: str(Path(folder) / p) if not os.path.isabs(p) and (Path(folder) / p).exists() else p

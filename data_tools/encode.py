@@ -152,7 +152,7 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         skipped.update(stats["failures"])
     resolution = input_resolution(cfg)
     down = encoders.vae.downsample
-    return {
+    summary = {
         "kind": "latent_shards",
         "created_by": PROG,
         "input": str(cfg.input),
@@ -164,8 +164,9 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         "latent_dtype": cfg.store_dtype,
         "vae": encoders.vae.describe(),
         "text_encoders": encoders.text.describe(),
-        "config": map_paths(to_dict(cfg), relative_to(cfg.output)),  # encoder paths relative to the folder
+        "config": to_dict(cfg),
     }
+    return map_paths(summary, relative_to(cfg.output))  # local paths relative to the folder
 
 
 def run(cfg: EncodeConfig) -> dict | None:

@@ -47,6 +47,7 @@ stage "text-encoders"
 stage "encode"
 "$PY" -m data_tools.encode --input "$OUT/shards" --output "$OUT/latents" --config configs/encode_demo.yaml \
     vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip"
+"$PY" -m data_tools.preview_latents "$OUT/latents" --output "$OUT/latents_decoded.png"
 stage "teacher"
 "$PY" -m pipeline.train --config configs/dit_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \
     ${TEACHER[@]+"${TEACHER[@]}"}
@@ -74,6 +75,7 @@ demo output in $OUT/:
   contact_sheet.png              24 training samples with their captions
   autoencoder/                   VAE (vae/), held-out PSNR (eval.json), reconstructions.png
   latents/                       latent shards + dataset.json
+  latents_decoded.png            stored latents decoded back (original | decoded pairs)
   teacher/samples/final.png      teacher grid, 50 Euler steps, guidance 4
   student/report/report.md       distillation report: student 1/2/4/8 steps vs teacher 50 and few steps
   eval/                          pipeline.evaluate outputs (per_prompt.jsonl, summary.json, images)

@@ -48,7 +48,8 @@ def collect(run: Path) -> dict:
         })
     report = {
         "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"],
-                        "reconstructions": str(run / "autoencoder/reconstructions.png")},
+                        "reconstructions": str(run / "autoencoder/reconstructions.png"),
+                        "latents_decoded": str(run / "latents_decoded.png")},
         "teacher": {"steps": teacher["steps"], "guidance": teacher["guidance"], "adherence_all": teacher["adherence_all"],
                     "adherence": teacher["adherence"], "seconds_per_image": teacher["seconds_per_image"],
                     "sampler_seconds_per_image": teacher["sampler_seconds_per_image"],
@@ -115,6 +116,8 @@ def markdown(report: dict, run: Path) -> str:
     lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
     lines += ["", f"Autoencoder reconstructions (each tile: original | reconstruction): ![ae]({rel(ae['reconstructions'])})"]
+    if Path(ae["latents_decoded"]).exists():
+        lines += ["", f"Stored training latents decoded back (original | decoded): ![latents]({rel(ae['latents_decoded'])})"]
     if report["stages"]:
         lines += ["", "## Stage start times (s)", "", " · ".join(f"{s['stage']} {s['start_s']}" for s in report["stages"])]
     return "\n".join(lines) + "\n"

@@ -68,3 +68,14 @@ def contact_sheet(samples: list[tuple[Image.Image, str]], path: Path, columns: i
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, format="PNG")
     return sheet
+
+
+def pairs_sheet(lefts: list[Image.Image], rights: list[Image.Image], caption: str, path: Path, columns: int = 4) -> Image.Image:
+    """``left | right`` pairs (e.g. original | reconstruction) side by side in one contact sheet."""
+    pairs = []
+    for left, right in zip(lefts, rights):
+        pair = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
+        pair.paste(left, (0, 0))
+        pair.paste(right, (left.width, 0))
+        pairs.append((pair, caption))
+    return contact_sheet(pairs, path, columns)

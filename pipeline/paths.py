@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-PATH_KEYS = ("path", "checkpoint", "teacher")  # entries that may name local files or folders
+PATH_KEYS = ("path", "checkpoint", "teacher", "input")  # entries that may name local files or folders
 
 
 def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:

@@ -42,12 +42,11 @@ TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s 
 
 
 def latent_meta(folder: Path) -> dict:
-    """The latent folder's dataset.json, its encoder paths resolved (``pipeline.paths``)."""
+    """The latent folder's dataset.json, its local paths resolved (``pipeline.paths``)."""
     path = Path(folder) / "dataset.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
-    meta = json.loads(path.read_text())
-    return {**meta, "config": map_paths(meta["config"], resolved_from(folder))}
+    return map_paths(json.loads(path.read_text()), resolved_from(folder))
 
 
 def build_model(cfg: TrainConfig, meta: dict):

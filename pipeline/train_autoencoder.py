@@ -36,7 +36,7 @@ from pipeline.data.images import collate_images, decode_image_sample, image_load
 from pipeline.data.latents import shard_list
 from pipeline.data.stream import LoaderConfig
 from pipeline.distributed import create_accelerator, shutdown
-from pipeline.grid import contact_sheet
+from pipeline.grid import pairs_sheet
 from pipeline.optim import OptimConfig, build_optimizer
 from pipeline.shards import iter_samples
 from pipeline.tracking import LoggingConfig, Tracker
@@ -261,16 +261,9 @@ class AutoencoderTrainer:
     def reconstructions(self, recon: torch.Tensor, count: int = 16) -> Path:
         from pipeline.sample import tensor_to_images
 
-        from PIL import Image
-
-        pairs = []
-        for original, rebuilt in zip(tensor_to_images(self.held_out[:count]), tensor_to_images(recon[:count])):
-            pair = Image.new("RGB", (original.width * 2, original.height))
-            pair.paste(original, (0, 0))
-            pair.paste(rebuilt, (original.width, 0))
-            pairs.append((pair, "original | reconstruction"))
         path = self.cfg.run_dir / "reconstructions.png"
-        contact_sheet(pairs, path, columns=4)
+        originals, rebuilt = tensor_to_images(self.held_out[:count]), tensor_to_images(recon[:count])
+        pairs_sheet(originals, rebuilt, "original | reconstruction", path)
         return path
 
 

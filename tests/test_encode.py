@@ -117,3 +117,32 @@ def test_config_errors_are_one_line(image_shards, tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "batch_sise" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_preview_decodes_latents_with_the_recorded_vae(image_shards, encode_config, tiny_vae_dir, tmp_path):
+    from data_tools import preview_latents
+
+    run_encode(image_shards, tmp_path / "lat", encode_config)
+    meta, samples, pixels = preview_latents.decode_first(tmp_path / "lat", 3)
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    raw = torch.stack([s["latent"] for s in samples]) / 0.5 + 0.1  # the recorded scale 0.5 and shift 0.1 undone
+    with torch.no_grad():
+        expected = vae.decode(raw).sample.clamp(-1, 1)
+    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=1e-5)
+
+    assert preview_latents.main([str(tmp_path / "lat"), "--count", "4"]) == 0
+    paired = Image.open(tmp_path / "lat/preview.png")
+    shutil.move(image_shards, tmp_path / "gone")  # without the input shards: decoded images alone
+    try:
+        assert preview_latents.main([str(tmp_path / "lat"), "--count", "4", "--output", str(tmp_path / "alone.png")]) == 0
+    finally:
+        shutil.move(tmp_path / "gone", image_shards)
+    assert Image.open(tmp_path / "alone.png").size != paired.size
+
+
+def test_preview_of_a_folder_without_latents_is_one_line(tmp_path, capsys):
+    from data_tools import preview_latents
+
+    assert preview_latents.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no dataset.json" in err

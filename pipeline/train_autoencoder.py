@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -73,6 +74,7 @@ class AutoencoderTrainConfig:
     output_dir: Path = Path("runs/demo")
     seed: int = 0
     steps: int = 1000
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast for training steps; evaluation is fp32
     eval_every: int = 200
     factor_samples: int = 1000  # training images used to measure scaling/shift
     data: AEDataConfig = field(default_factory=AEDataConfig)
@@ -102,7 +104,7 @@ class AutoencoderTrainer:
     """VAE + discriminator, two optimizers, one loop."""
 
     def __init__(self, cfg: AutoencoderTrainConfig) -> None:
-        self.cfg, self.accelerator = cfg, create_accelerator()
+        self.cfg, self.accelerator = cfg, create_accelerator(mixed_precision=cfg.mixed_precision)
         torch.manual_seed(cfg.seed)
         vae, disc = build_autoencoder(cfg.model), PatchDiscriminator()
         opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)

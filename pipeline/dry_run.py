@@ -190,7 +190,8 @@ def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig) -> 
 
 def plan_for_train(cfg, prog: str = "pipeline.train") -> TrainingPlan:
     """``pipeline.train``'s plan: one DiT, trained, with an fp32 EMA."""
-    from pipeline.train import build_model, latent_meta
+    from pipeline.data.latents import latent_meta
+    from pipeline.train import build_model
 
     with torch.device("meta"):
         model = build_model(cfg, latent_meta(cfg.data.latents))

@@ -26,27 +26,18 @@ from tqdm import tqdm
 from pipeline import dry_run
 from pipeline.checkpoint import Checkpoints, read_train_state, write_train_state
 from pipeline.config import parse_cli, save_config, to_dict
-from pipeline.data.latents import latent_loader
+from pipeline.data.latents import latent_loader, latent_meta
 from pipeline.distributed import create_accelerator, deepspeed_plugin, dist_env, shutdown
 from pipeline.ema import EMA
 from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.models.dit import build_dit, flops_per_sample
 from pipeline.optim import build_optimizer
-from pipeline.paths import map_paths, resolved_from
 from pipeline.tracking import Throughput, Tracker, device_peak_tflops
 from pipeline.train_config import TrainConfig
 
 PROG = "pipeline.train"
 T_BUCKETS = 10
 TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s depend on it
-
-
-def latent_meta(folder: Path) -> dict:
-    """The latent folder's dataset.json, its local paths resolved (``pipeline.paths``)."""
-    path = Path(folder) / "dataset.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
-    return map_paths(json.loads(path.read_text()), resolved_from(folder))
 
 
 def build_model(cfg: TrainConfig, meta: dict):

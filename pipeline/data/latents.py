@@ -7,11 +7,13 @@ A latent sample holds ``KEY.latent.npy`` (C, h, w), ``KEY.t5.npy`` (L, D) unpadd
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from pipeline.data.stream import LoaderConfig, ShardLoader, npy
+from pipeline.paths import map_paths, resolved_from
 from pipeline.shards import complete_shards
 
 SEQUENCES = ("t5", "clip_tokens")  # variable length: padded in a batch, with a mask
@@ -64,3 +66,11 @@ def shard_list(shards: str | Path | list[str]) -> list[str]:
             raise ValueError(f"no shards in {shards}")
         return found
     return [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
+
+
+def latent_meta(folder: Path) -> dict:
+    """The latent folder's dataset.json, its local paths resolved (``pipeline.paths``)."""
+    path = Path(folder) / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
+    return map_paths(json.loads(path.read_text()), resolved_from(folder))

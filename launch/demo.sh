@@ -5,7 +5,7 @@
 # Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
 # resumes or recognises its complete output).
 #
-#   bash launch/demo.sh           the demo (runs/demo, ~15 min on 2 cores)
+#   bash launch/demo.sh           the demo (runs/demo, ~17 min on 2 cores)
 #   bash launch/demo.sh --quick   the same chain at toy size (runs/demo-quick, ~2-3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ if [ "${1:-}" = "--quick" ]; then
     STUDENT=(steps=40 checkpoint.every=40 distill.report_prompts=8 data.loader.batch_size=32 optim.warmup_steps=10)
 else
     OUT=${DEMO_OUT:-runs/demo}
-    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=256 PER_SHARD=500
+    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=512 PER_SHARD=500
     AE=() TEACHER=() STUDENT=()
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -61,7 +61,10 @@ stage "evaluate"
 "$PY" -m data_tools.shard --input "$OUT/eval_synth" --output "$OUT/eval_shards" --resolution "$RES" \
     --format png --samples-per-shard 500 --workers 1 --seed 0
 EVAL=(--reference "$OUT/eval_shards" --count "$EVAL_COUNT" --guidance 4 --batch-size 64)  # see configs/distill_demo.yaml
-"$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps 50 --output "$OUT/eval/teacher_50" "${EVAL[@]}"
+# The teacher at 50 steps is the reference; at 1/2/4 steps it is the baseline the student must beat.
+for steps in 50 1 2 4; do
+    "$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps "$steps" --output "$OUT/eval/teacher_$steps" "${EVAL[@]}"
+done
 for steps in 1 2 4; do
     "$PY" -m pipeline.evaluate --model "$OUT/student/model" --steps "$steps" --output "$OUT/eval/student_$steps" "${EVAL[@]}"
 done

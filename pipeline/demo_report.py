@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.distill_report import versus
 from pipeline.report_plots import plot_loss_curves
 
 PROG = "pipeline.demo_report"
@@ -23,6 +24,7 @@ GOALS = {
     "student_1_vs_teacher": 0.80,
     "student_4_sampler_speedup": 20.0,  # the sampling loop; end-to-end s/image is reported beside it
 }
+BEAT_MARGIN = 0.05  # adherence points by which the student must beat the teacher at the same steps
 
 
 def _json(path: Path) -> dict:
@@ -31,30 +33,31 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _evaluated(folder: Path, teacher: dict | None = None) -> dict:
+    """One ``pipeline.evaluate`` output; with ``teacher`` (the 50-step reference), its ratios to it."""
+    s = _json(folder / "summary.json")
+    row = {"steps": s["steps"], "adherence_all": s["adherence_all"], "adherence": s["adherence"],
+           "seconds_per_image": s["seconds_per_image"], "sampler_seconds_per_image": s["sampler_seconds_per_image"],
+           "grid": str(folder / "grid.png")}
+    return row if teacher is None else row | versus(row, teacher)
+
+
+def _by_steps(run: Path, prefix: str) -> list[Path]:
+    return sorted((run / "eval").glob(f"{prefix}_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
 def collect(run: Path) -> dict:
     """``report.json``'s content from the stage outputs under ``run``."""
     ae = _json(run / "autoencoder/eval.json")
     teacher = _json(run / "eval/teacher_50/summary.json")
-    students = []
-    for folder in sorted((run / "eval").glob("student_*"), key=lambda p: int(p.name.split("_")[1])):
-        s = _json(folder / "summary.json")
-        students.append({
-            "steps": s["steps"], "adherence_all": s["adherence_all"], "seconds_per_image": s["seconds_per_image"],
-            "adherence": s["adherence"], "grid": str(folder / "grid.png"),
-            "adherence_vs_teacher": s["adherence_all"] / max(teacher["adherence_all"], 1e-9),
-            "sampler_seconds_per_image": s["sampler_seconds_per_image"],
-            "speedup_vs_teacher": teacher["seconds_per_image"] / max(s["seconds_per_image"], 1e-12),
-            "sampler_speedup_vs_teacher": teacher["sampler_seconds_per_image"] / max(s["sampler_seconds_per_image"], 1e-12),
-        })
+    ae_paths = {"reconstructions": str(run / "autoencoder/reconstructions.png"),
+                "latents_decoded": str(run / "latents_decoded.png")}
     report = {
-        "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"],
-                        "reconstructions": str(run / "autoencoder/reconstructions.png"),
-                        "latents_decoded": str(run / "latents_decoded.png")},
-        "teacher": {"steps": teacher["steps"], "guidance": teacher["guidance"], "adherence_all": teacher["adherence_all"],
-                    "adherence": teacher["adherence"], "seconds_per_image": teacher["seconds_per_image"],
-                    "sampler_seconds_per_image": teacher["sampler_seconds_per_image"],
-                    "prompts": teacher["count"], "grid": str(run / "eval/teacher_50/grid.png")},
-        "students": students,
+        "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"], **ae_paths},
+        "teacher": {**_evaluated(run / "eval/teacher_50"), "guidance": teacher["guidance"], "prompts": teacher["count"]},
+        # the baseline the student must beat: the same teacher with as few Euler steps (two evaluations each)
+        "teacher_few_steps": [_evaluated(f, teacher) for f in _by_steps(run, "teacher") if f.name != "teacher_50"],
+        "students": [_evaluated(f, teacher) for f in _by_steps(run, "student")],
         "stages": read_stages(run / "stages.tsv"),
     }
     report["goals"] = goals(report)
@@ -71,6 +74,7 @@ def read_stages(path: Path) -> list[dict]:
 
 def goals(report: dict) -> list[dict]:
     by_steps = {s["steps"]: s for s in report["students"]}
+    few = {t["steps"]: t for t in report.get("teacher_few_steps", [])}
     checks = [("autoencoder_psnr", report["autoencoder"]["psnr"]),
               ("teacher_adherence_all", report["teacher"]["adherence_all"])]
     if 4 in by_steps:
@@ -78,7 +82,13 @@ def goals(report: dict) -> list[dict]:
                    ("student_4_sampler_speedup", by_steps[4]["sampler_speedup_vs_teacher"])]
     if 1 in by_steps:
         checks.append(("student_1_vs_teacher", by_steps[1]["adherence_vs_teacher"]))
-    return [{"goal": name, "value": value, "target": GOALS[name], "met": value >= GOALS[name]} for name, value in checks]
+    for steps in sorted(set(by_steps) & set(few)):  # "clearly beats the teacher with as few Euler steps"
+        checks.append((f"student_{steps}_beats_teacher_{steps}", by_steps[steps]["adherence_all"] - few[steps]["adherence_all"]))
+    return [{"goal": name, "value": value, "target": _target(name), "met": value >= _target(name)} for name, value in checks]
+
+
+def _target(goal: str) -> float:
+    return BEAT_MARGIN if "_beats_" in goal else GOALS[goal]
 
 
 def plot_curves(run: Path) -> dict[str, str]:
@@ -91,6 +101,12 @@ def plot_curves(run: Path) -> dict[str, str]:
     return out
 
 
+def _row(name: str, m: dict, evaluations: int) -> str:
+    return (f"| {name} | {m['steps']} | {evaluations} | {m['adherence_all']:.3f} | {m['adherence_vs_teacher']:.2f} | "
+            f"{m['seconds_per_image']:.4f} | {m['speedup_vs_teacher']:.1f} | {m['sampler_seconds_per_image']:.4f} | "
+            f"{m['sampler_speedup_vs_teacher']:.1f} |")
+
+
 def markdown(report: dict, run: Path) -> str:
     ae, t = report["autoencoder"], report["teacher"]
     rel = lambda p: Path(p).relative_to(run).as_posix()  # noqa: E731 - paths relative to report.md
@@ -98,20 +114,24 @@ def markdown(report: dict, run: Path) -> str:
              f"Autoencoder held-out PSNR: **{ae['psnr']:.2f} dB** ({ae['held_out']} images, {ae['steps']} steps).", "",
              f"Adherence on {t['prompts']} unseen synthetic prompts (all attributes correct), guidance {t['guidance']}:", "",
              "s / image is end to end (text encoders + sampler + VAE decode); the sampler columns time the "
-             "sampling loop alone.", "",
-             "| model | steps | adherence (all) | × teacher | s / image | speed-up | sampler s / image | sampler speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| teacher (Euler + CFG) | {t['steps']} | {t['adherence_all']:.3f} | 1.00 | {t['seconds_per_image']:.4f} | 1.0 | "
-             f"{t['sampler_seconds_per_image']:.4f} | 1.0 |"]
-    lines += [f"| student (consistency) | {s['steps']} | {s['adherence_all']:.3f} | {s['adherence_vs_teacher']:.2f} | "
-              f"{s['seconds_per_image']:.4f} | {s['speedup_vs_teacher']:.1f} | {s['sampler_seconds_per_image']:.4f} | "
-              f"{s['sampler_speedup_vs_teacher']:.1f} |" for s in report["students"]]
+             "sampling loop alone. Evaluations are DiT forward passes per image (the guided teacher makes two a "
+             "step); each student row is followed by the teacher with as few Euler steps.", "",
+             "| model | steps | evaluations | adherence (all) | × teacher | s / image | speed-up | sampler s / image | sampler speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| teacher (Euler + CFG) | {t['steps']} | {2 * t['steps']} | {t['adherence_all']:.3f} | 1.00 | "
+             f"{t['seconds_per_image']:.4f} | 1.0 | {t['sampler_seconds_per_image']:.4f} | 1.0 |"]
+    few = {row["steps"]: row for row in report.get("teacher_few_steps", [])}
+    for s in report["students"]:
+        lines.append(_row("student (consistency)", s, s["steps"]))
+        if s["steps"] in few:
+            lines.append(_row("teacher (Euler + CFG)", few[s["steps"]], 2 * s["steps"]))
     lines += ["", "| attribute | " + " | ".join(["teacher"] + [f"student {s['steps']}" for s in report["students"]]) + " |",
               "|---|" + "---:|" * (1 + len(report["students"]))]
     for attr in t["adherence"]:
         lines.append(f"| {attr} | " + " | ".join(f"{m['adherence'][attr]:.3f}" for m in [t, *report["students"]]) + " |")
     lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
+    lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]
     lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
     lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]

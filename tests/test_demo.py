@@ -24,6 +24,8 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     assert isinstance(report["teacher"]["adherence_all"], float)
     assert report["teacher"]["seconds_per_image"] > 0
     assert [s["steps"] for s in report["students"]] == [1, 2, 4]
+    assert [t["steps"] for t in report["teacher_few_steps"]] == [1, 2, 4]  # the same-steps baseline
+    assert {g["goal"] for g in report["goals"]} >= {f"student_{n}_beats_teacher_{n}" for n in (1, 2, 4)}
     for s in report["students"]:
         assert 0 <= s["adherence_all"] <= 1 and s["seconds_per_image"] > 0
     assert report["autoencoder"]["psnr"] > 10
@@ -35,3 +37,20 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     distilled = json.loads((tmp_path / "demo/student/report/report.json").read_text())
     assert [(s["steps"], s["evaluations"]) for s in distilled["students"]] == [(1, 1), (2, 2), (4, 4), (8, 8)]
     assert [t["evaluations"] for t in distilled["teacher_few_steps"]] == [2, 4, 8, 16]  # guided: two per step
+
+
+def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
+    from pipeline.demo_report import BEAT_MARGIN, goals
+
+    def model(steps, adherence):
+        return {"steps": steps, "adherence_all": adherence, "adherence_vs_teacher": adherence / 0.5,
+                "sampler_speedup_vs_teacher": 50 / steps}
+
+    report = {"autoencoder": {"psnr": 31.0}, "teacher": {"adherence_all": 0.5},
+              "students": [model(1, 0.42), model(4, 0.47)], "teacher_few_steps": [model(1, 0.0), model(4, 0.45)]}
+    by_goal = {g["goal"]: g for g in goals(report)}
+    assert by_goal["student_1_beats_teacher_1"]["value"] == pytest.approx(0.42) and by_goal["student_1_beats_teacher_1"]["met"]
+    assert by_goal["student_4_beats_teacher_4"]["value"] == pytest.approx(0.02)
+    assert by_goal["student_4_beats_teacher_4"]["target"] == BEAT_MARGIN and not by_goal["student_4_beats_teacher_4"]["met"]
+    assert by_goal["student_4_vs_teacher"]["value"] == pytest.approx(0.94) and not by_goal["student_4_vs_teacher"]["met"]
+    assert by_goal["student_1_vs_teacher"]["met"] and not by_goal["teacher_adherence_all"]["met"]

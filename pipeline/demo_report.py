@@ -36,9 +36,9 @@ def _json(path: Path) -> dict:
 def _evaluated(folder: Path, teacher: dict | None = None) -> dict:
     """One ``pipeline.evaluate`` output; with ``teacher`` (the 50-step reference), its ratios to it."""
     s = _json(folder / "summary.json")
-    row = {"steps": s["steps"], "adherence_all": s["adherence_all"], "adherence": s["adherence"],
-           "seconds_per_image": s["seconds_per_image"], "sampler_seconds_per_image": s["sampler_seconds_per_image"],
-           "grid": str(folder / "grid.png")}
+    row = {"steps": s["steps"], "guidance": s["guidance"], "prompts": s["count"], "adherence_all": s["adherence_all"],
+           "adherence": s["adherence"], "seconds_per_image": s["seconds_per_image"],
+           "sampler_seconds_per_image": s["sampler_seconds_per_image"], "grid": str(folder / "grid.png")}
     return row if teacher is None else row | versus(row, teacher)
 
 
@@ -49,12 +49,12 @@ def _by_steps(run: Path, prefix: str) -> list[Path]:
 def collect(run: Path) -> dict:
     """``report.json``'s content from the stage outputs under ``run``."""
     ae = _json(run / "autoencoder/eval.json")
-    teacher = _json(run / "eval/teacher_50/summary.json")
+    teacher = _evaluated(run / "eval/teacher_50")
     ae_paths = {"reconstructions": str(run / "autoencoder/reconstructions.png"),
                 "latents_decoded": str(run / "latents_decoded.png")}
     report = {
         "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"], **ae_paths},
-        "teacher": {**_evaluated(run / "eval/teacher_50"), "guidance": teacher["guidance"], "prompts": teacher["count"]},
+        "teacher": teacher,
         # the baseline the student must beat: the same teacher with as few Euler steps (two evaluations each)
         "teacher_few_steps": [_evaluated(f, teacher) for f in _by_steps(run, "teacher") if f.name != "teacher_50"],
         "students": [_evaluated(f, teacher) for f in _by_steps(run, "student")],

@@ -172,6 +172,14 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
 def run(cfg: EncodeConfig) -> dict | None:
     """Encode this rank's share of the shards; the main process writes dataset.json."""
     accelerator = create_accelerator()
+    try:
+        return encode(cfg, accelerator)
+    finally:
+        shutdown(accelerator)
+
+
+def encode(cfg: EncodeConfig, accelerator) -> dict | None:
+    """:func:`run` on a given ``Accelerator`` (left running)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     sources = complete_shards(cfg.input)
     if not sources:
@@ -196,7 +204,6 @@ def run(cfg: EncodeConfig) -> dict | None:
         write_json_atomic(cfg.output / "dataset.json", summary)
         skipped = summary["skipped"] or "none"
         print(f"{PROG}: {summary['samples']} samples in {len(targets)} latent shard(s) at {cfg.output}, skipped {skipped}")
-    shutdown(accelerator)
     return summary
 
 

@@ -14,6 +14,12 @@ Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models" (pse
   teacher ODE step (Euler or Heun) to ``t_n`` with classifier-free guidance at ``g ~ U[g_min,
   g_max]``, then ``d(f_student(x_{t_{n+1}}), f_target(x̂_{t_n}))`` with L2 or pseudo-Huber ``d``.
 - Everything else — DeepSpeed, checkpoints, exact resume, logging, grids — is ``pipeline.train``'s.
+
+Precision and parallelism: the student trains like ``pipeline.train``'s DiT (any precision, DDP or
+ZeRO-2/3). The target network is an fp32 EMA copy of the student taken before ``prepare``, updated
+from the same whole (under ZeRO-3: gathered block by block) parameters as the export EMA; the
+frozen teacher is fp32 and replicated on every rank. Both run under autocast in the run's compute
+dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pipeline.config import parse_cli
 from pipeline.ema import EMA
 from pipeline.flow import shift_time
 from pipeline.sampling import consistency_fn, guided_velocity
-from pipeline.train import Trainer, condition
+from pipeline.train import Trainer, condition, run
 from pipeline.train_config import SamplingConfig, TrainConfig
 
 PROG = "pipeline.distill"
@@ -103,11 +109,11 @@ class Distiller(Trainer):
         self.teacher = load_teacher(cfg.teacher)
         super().__init__(cfg)
         self.teacher.to(self.accelerator.device)
-        self.target = EMA(self.accelerator.unwrap_model(self.model).named_parameters(), cfg.distill.target_decay)
-        self.target_model = self.build_model().to(self.accelerator.device).eval().requires_grad_(False)
-        self.target.copy_to(self.target_model)
         d = cfg.distill
         self.grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
+
+    def build_averages(self, model: torch.nn.Module) -> None:
+        self.target = EMA(model, self.cfg.distill.target_decay).to(self.accelerator.device)  # the fresh student: the teacher + zero guidance
 
     def build_model(self) -> torch.nn.Module:
         return student_from(self.teacher)
@@ -131,23 +137,21 @@ class Distiller(Trainer):
         noise = torch.randn_like(x0)
         x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
         g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
-            target = consistency_fn(self.target_model, x_lo, t_lo, {**cond, "guidance": g})
+            target = consistency_fn(self.target.module, x_lo, t_lo, {**cond, "guidance": g})
         prediction = consistency_fn(self.model, x_hi, t_hi, {**cond, "guidance": g})
         return distance(prediction, target, d.loss, d.huber_c), t_hi
 
-    def after_optimizer_step(self) -> None:
-        self.update_ema()
-        self.target.update(self.accelerator.unwrap_model(self.model).named_parameters())
-        self.target.copy_to(self.target_model)
+    def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
+        super().average(group)
+        self.target.update(group)
 
     def save_extra(self, folder: Path) -> None:
         self.target.save(folder / "target.safetensors")
 
     def load_extra(self, folder: Path) -> None:
         self.target.load(folder / "target.safetensors")
-        self.target.copy_to(self.target_model)
 
     def export_info(self) -> dict:
         s, d = self.cfg.sampling, self.cfg.distill
@@ -174,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     if options is not None:
         return dry_run.run_stage(cfg, options, dry_run.plan_for_distill, PROG)
-    try:
-        Distiller(cfg).fit()
-    except (FloatingPointError, dry_run.PlanError) as e:
-        print(e, file=sys.stderr)
-        return 1
-    return 0
+    return run(Distiller, cfg, PROG)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one place that reads the distributed environment and builds the ``Accelerator``.
+"""The one place that reads the distributed environment, builds the ``Accelerator`` and the
+DeepSpeed config, and knows how ZeRO-3 holds parameters.
 
 Launchers describe the job in environment variables: ``accelerate launch`` and ``torchrun``
 set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (+ ``MASTER_ADDR`` / ``MASTER_PORT``); SLURM sets
@@ -9,13 +10,17 @@ project reads those variables (open_clip's ``world_info_from_env``, returned as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
+
+from pipeline.config import ConfigError
 
 _SOURCES = (  # launcher, rank, world size, local rank
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
@@ -63,10 +68,15 @@ def create_accelerator(**kwargs):
     Without a GPU, a multi-process launch leaves accelerate's process group unset and each
     process silently runs alone (ENV-NOTES.md). Plain jobs need ``cpu=True`` (accelerate then
     picks MULTI_CPU with gloo); DeepSpeed jobs need the gloo backend named explicitly.
+
+    The LR scheduler is never stepped by accelerate (``step_scheduler_with_optimizer=False``): its
+    wrapper steps a prepared scheduler once per process per optimizer step, so a 2-process warmup
+    ended twice as early. The trainers step their schedule once per optimizer step themselves.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    check_precision(kwargs.get("mixed_precision") or "no")
     handlers = list(kwargs.pop("kwargs_handlers", []))
     deepspeed = _deepspeed_launch() or kwargs.get("deepspeed_plugin") is not None
     if deepspeed and dist_env().launcher == "none":
@@ -76,7 +86,21 @@ def create_accelerator(**kwargs):
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         else:
             kwargs.setdefault("cpu", True)
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def check_precision(mixed_precision: str) -> None:
+    """fp16 needs a CUDA GPU: on the CPU accelerate has no fp16 autocast (it would train in fp32
+    while the run says fp16) and DeepSpeed refuses it. One line, before anything is built."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU (on the CPU accelerate would silently train in fp32 "
+                          "and DeepSpeed refuses fp16); use bf16 or no")
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the matrix work runs in for ``mixed_precision`` ("no", "bf16", "fp16")."""
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
 
 def _single_process_group_env() -> None:
@@ -105,9 +129,19 @@ def shutdown(accelerator) -> None:
         torch.distributed.destroy_process_group()
 
 
+def deepspeed_template(zero_stage: int) -> Path:
+    """The DeepSpeed JSON template shipped inside the package (``pipeline/ds_templates/zero{2,3}.json``)."""
+    return Path(str(resources.files("pipeline") / "ds_templates" / f"zero{zero_stage}.json"))
+
+
 def deepspeed_config(template: dict, micro_batch: int, grad_accum: int, grad_clip: float, precision: str, world_size: int) -> dict:
-    """A DeepSpeed JSON (``launch/deepspeed/*.json``) with its ``"auto"`` fields filled from our
-    config, so batch size, accumulation, clipping and precision are stated in one place only."""
+    """A DeepSpeed JSON (``pipeline/ds_templates/*.json``) with its ``"auto"`` fields filled from
+    our config, so batch size, accumulation, clipping and precision are stated in one place only.
+
+    ``bf16.enabled`` / ``fp16.enabled`` follow ``precision``; a template that states another value
+    is refused (one line), so a run never trains in another precision than the config says. fp16
+    gets DeepSpeed's dynamic loss scaling (its defaults unless the template sets them).
+    """
     filled = json.loads(json.dumps(template))
     auto = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -118,14 +152,21 @@ def deepspeed_config(template: dict, micro_batch: int, grad_accum: int, grad_cli
     for key, value in auto.items():
         if filled.get(key, "auto") == "auto":
             filled[key] = value
-    for key, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        elif filled[key] != value:
+            raise ConfigError(f"the DeepSpeed template sets {key}={filled[key]!r} but the training config gives {value!r}: "
+                              'write "auto" there (the training config states it)')
+    for key in ("bf16", "fp16"):
+        wanted = precision == key
         section = filled.setdefault(key, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = enabled
+        stated = section.get("enabled", "auto")
+        if stated != "auto" and stated != wanted:
+            raise ConfigError(f"the DeepSpeed template sets {key}.enabled={str(stated).lower()} but mixed_precision={precision}: "
+                              f'write "auto" there (mixed_precision states it)')
+        section["enabled"] = wanted
     return filled
 
 
-def deepspeed_plugin(config_path: str, zero_stage: int | None, **fill) -> object:
+def deepspeed_plugin(config_path: str | Path, zero_stage: int | None, **fill) -> object:
     """accelerate's ``DeepSpeedPlugin`` from a JSON template filled by :func:`deepspeed_config`."""
     from accelerate.utils import DeepSpeedPlugin
 
@@ -133,6 +174,52 @@ def deepspeed_plugin(config_path: str, zero_stage: int | None, **fill) -> object
     if zero_stage is not None:
         template.setdefault("zero_optimization", {})["stage"] = zero_stage
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(template, **fill))
+
+
+# ---------------------------------------------------------------------------- ZeRO-3 parameters
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds this module's parameters as shards (``ds_id`` on each)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _parameter_groups(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    """The module's named parameters in groups: its own, then each child's (each element of a
+    ``ModuleList`` / ``Sequential`` on its own, so one DiT block is gathered at a time)."""
+    own = list(module.named_parameters(recurse=False))
+    if own:
+        yield own
+    for name, child in module.named_children():
+        parts = child.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) else [("", child)]
+        for sub, part in parts:
+            prefix = f"{name}.{sub}" if sub else name
+            group = list(part.named_parameters(prefix=prefix))
+            if group:
+                yield group
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def whole_parameters(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    """Groups of ``(name, parameter)`` holding the full values, to read (EMA updates).
+
+    Under ZeRO-3 each group is gathered on every rank while the caller holds it, then released,
+    so the peak is one block, not the model (a collective: every rank must iterate alike).
+    Otherwise the module's parameters are whole already and come as one group.
+    """
+    if not is_partitioned(module):
+        yield list(module.named_parameters())
+        return
+    for group in _parameter_groups(module):
+        with _gathered([p for _, p in group]):
+            yield group
 
 
 # ---------------------------------------------------------------------------- the launch's DeepSpeed

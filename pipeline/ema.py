@@ -1,13 +1,22 @@
-"""Exponential moving average of model weights, kept in fp32 whatever the training precision.
+"""Exponential moving average of model weights, kept as an fp32 copy of the model.
 
-``ema ← decay·ema + (1 − decay)·θ`` after each optimizer step (Polyak averaging, as in DiT
-and every diffusion trainer since). Under ZeRO-2 every rank holds the full parameters, so each
-rank updates an identical copy; under ZeRO-3 the caller gathers the parameters first
-(``pipeline.train`` does). Saved as safetensors; the exported model is built from it.
+``ema ← decay·ema + (1 − decay)·θ`` after each optimizer step (Polyak averaging, as in DiT and
+every diffusion trainer since). The average *is* a module — a copy of the network taken before
+training starts, in fp32, eval mode, frozen — so it is itself the network that samples, is
+exported, or serves as distillation's target: nothing is rebuilt per use and nothing is copied
+per step.
+
+The update reads whole parameters, given as groups of ``(name, parameter)`` (any iterable of
+them). Under ZeRO-2 every rank holds the full parameters, so each rank updates an identical copy;
+under ZeRO-3 the caller gathers them group by group first
+(``pipeline.distributed.whole_parameters``). The averaged values are those of the weights the
+model computes with (16-bit under DeepSpeed bf16/fp16), accumulated in fp32. Saved as safetensors
+keyed by parameter name.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,41 +25,37 @@ from safetensors.torch import load_file, save_file
 
 
 class EMA:
-    """fp32 shadow copies of named parameters."""
+    """An fp32, frozen, eval-mode copy of a model that follows its weights."""
 
-    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], decay: float = 0.9999) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999) -> None:
+        """``model`` is copied as it is now (whole: take the copy before ZeRO-3 partitions it)."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1) (got {decay})")
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in named_parameters if p.requires_grad}
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self._params = dict(self.module.named_parameters())
 
     def to(self, device: torch.device | str) -> EMA:
-        """Keep the shadow weights where the parameters live (after ``accelerator.prepare``)."""
-        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        self.module.to(device)
         return self
 
     @torch.no_grad()
     def update(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]], decay: float | None = None) -> None:
-        """One averaging step; ``decay=0`` copies the weights (used before the EMA starts)."""
+        """One averaging step over the given parameters; ``decay=0`` copies them (before the EMA starts)."""
         decay = self.decay if decay is None else decay
         for name, p in named_parameters:
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, module: torch.nn.Module) -> None:
-        """Load the averaged weights into ``module`` (cast to its dtypes)."""
-        params = dict(module.named_parameters())
-        for name, value in self.shadow.items():
-            params[name].copy_(value.to(params[name].dtype))
+            average = self._params.get(name)
+            if average is not None:
+                average.lerp_(p.detach().to(average.device, torch.float32), 1.0 - decay)
 
     def save(self, path: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path))
+        save_file({k: v.detach().contiguous() for k, v in self._params.items()}, str(path))
 
     def load(self, path: Path) -> None:
         loaded = load_file(str(path))
-        if set(loaded) != set(self.shadow):
-            missing, extra = set(self.shadow) - set(loaded), set(loaded) - set(self.shadow)
+        if set(loaded) != set(self._params):
+            missing, extra = set(self._params) - set(loaded), set(loaded) - set(self._params)
             raise ValueError(f"EMA checkpoint does not match the model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
-        device = next(iter(self.shadow.values())).device if self.shadow else "cpu"
-        self.shadow = {k: v.float().to(device) for k, v in loaded.items()}
+        with torch.no_grad():
+            for name, value in loaded.items():
+                self._params[name].copy_(value)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.metrics import MetricError
 from pipeline.sample import TextToImage, write_grid
+from pipeline.tracking import clock
 
 PROG = "pipeline.evaluate"
 PROMPT_KEYS = ("prompt", "caption", "text")
@@ -113,13 +113,13 @@ def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance:
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
         noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))))
-        t0 = time.perf_counter()
+        t0 = clock()
         cond = pipe.text.encode(batch)
-        t1 = time.perf_counter()
+        t1 = clock()
         latents = pipe.sample(cond, noise, steps, guidance, shift, seed + start)
-        t2 = time.perf_counter()
+        t2 = clock()
         images += pipe.images(latents)
-        t3 = time.perf_counter()
+        t3 = clock()
         for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[part] += seconds
     timing = {f"{part}_seconds_per_image": seconds / len(prompts) for part, seconds in parts.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from pipeline.encoders import TextEncoders
 from pipeline.encoders.vae import FrozenVAE
 from pipeline.grid import contact_sheet
 from pipeline.sampling import consistency, euler
+from pipeline.tracking import clock
 
 PROG = "pipeline.sample"
 
@@ -27,8 +27,9 @@ class TextToImage:
     """A transformer with the VAE and text encoders it was trained against."""
 
     def __init__(
-        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders, latent_shape: list[int], sampler: str = "euler"
+        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler"
     ) -> None:
+        """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them)."""
         if sampler not in ("euler", "consistency"):
             raise ValueError(f"unknown sampler '{sampler}' (euler, consistency)")
         self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
@@ -74,9 +75,9 @@ class TextToImage:
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float = 1.0, seed: int = 0) -> tuple[list[Image.Image], float]:
         """Images for ``prompts`` and the wall seconds per image."""
-        start = time.perf_counter()
+        start = clock()
         images = self.images(self.latents(prompts, steps, guidance, shift, seed))
-        return images, (time.perf_counter() - start) / len(prompts)
+        return images, (clock() - start) / len(prompts)
 
 
 def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:

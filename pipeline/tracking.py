@@ -43,6 +43,15 @@ def without_secrets(obj):
     return obj
 
 
+def clock() -> float:
+    """``time.perf_counter()`` once the GPU has finished its queued work. CUDA kernels run
+    asynchronously: a clock read without a synchronisation times their launches, not the work
+    (DESIGN.md §8). Every time this project reports goes through here."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def device_peak_tflops(cfg: LoggingConfig) -> float | None:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops
@@ -92,17 +101,17 @@ class Throughput:
 
     def __init__(self, flops_per_sample: float, tokens_per_sample: int, world_size: int, peak_tflops: float | None) -> None:
         self.flops, self.tokens, self.world, self.peak = flops_per_sample, tokens_per_sample, world_size, peak_tflops
-        self.samples, self.start = 0, time.perf_counter()
+        self.samples, self.start = 0, clock()
 
     def add(self, samples: int) -> None:
         self.samples += samples
 
     def report(self) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(clock() - self.start, 1e-9)
         per_s = self.samples * self.world / elapsed  # all ranks
         tflops = 3 * self.flops * per_s / 1e12 / self.world  # training ≈ 3 × forward, per device
         out = {"samples_per_s": per_s, "tokens_per_s": per_s * self.tokens, "tflops_per_device": tflops}
         if self.peak:
             out["mfu"] = tflops / self.peak
-        self.samples, self.start = 0, time.perf_counter()
+        self.samples, self.start = 0, clock()
         return out

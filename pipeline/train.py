@@ -6,6 +6,17 @@ EMA, atomic checkpoints with the complete state (model, optimizer, LR schedule, 
 states, data position) and exact resume, a guided sample grid every N steps, and at the end the
 EMA weights exported as a ``from_pretrained`` model folder.
 
+Precision and parallelism (DESIGN.md §8): master weights, optimizer state and the EMA are fp32;
+``mixed_precision`` bf16/fp16 is the compute dtype (accelerate's autocast, or DeepSpeed's 16-bit
+module with its fp16 loss scaling); the model casts its inputs (``DiT._cast_inputs``); the loss
+is computed in fp32. Each micro-batch's forward and backward run inside the accumulation context
+(DDP all-reduces only at the boundary) and the LR schedule steps once per optimizer step, on any
+world size. Under ZeRO-3 the EMA reads the parameters gathered one block at a time
+(``pipeline.distributed.whole_parameters``) and keeps a full fp32 copy on every rank.
+Sample grids draw from forked RNG streams and encode their fixed prompts once (the text encoders
+are then released; the VAE is loaded per grid and released), so ``sampling.every`` never changes
+the training trajectory or the memory that stays resident.
+
 Classifier-free guidance: with probability ``p_uncond`` a sample's text is replaced by the
 model's learned null condition (``cond["drop"]``: a learned null token instead of the T5/CLIP
 tokens and a learned null vector instead of the pooled CLIP embedding). Sampling uses the same
@@ -14,7 +25,7 @@ null condition for the unconditional half.
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import json
 import math
 import sys
@@ -24,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline import dry_run
-from pipeline.checkpoint import Checkpoints, read_train_state, write_train_state
-from pipeline.config import parse_cli, save_config, to_dict
+from pipeline.checkpoint import Checkpoints, load_tensors, read_train_state, save_tensors, write_train_state
+from pipeline.config import ConfigError, parse_cli, save_config, to_dict
 from pipeline.data.latents import latent_loader, latent_meta
-from pipeline.distributed import create_accelerator, deepspeed_plugin, dist_env, shutdown
+from pipeline.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, shutdown, whole_parameters
 from pipeline.ema import EMA
 from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.models.dit import build_dit, flops_per_sample
@@ -76,28 +87,30 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.build_model()
         self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
-        self.ema = EMA(model.named_parameters(), cfg.ema.decay)
-        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.ema.to(self.accelerator.device)  # built before prepare (ZeRO-3 partitions after it)
+        self.ema = EMA(model, cfg.ema.decay).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
+        self.build_averages(model)
+        optimizer, self.scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)  # the schedule is ours to step
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.loader = latent_loader(cfg.data.latents, cfg.data.loader, rank, world)
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.step, self.bad_steps, self.skipped = 0, 0, 0
+        self.step, self.micro, self.bad_steps, self.skipped, self.last_lr = 0, 0, 0, 0, cfg.optim.lr
         self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
+        self._grid_cond: dict | None = None
 
     def build_model(self) -> torch.nn.Module:
         """The trained network (a subclass may start it from another model)."""
         return build_model(self.cfg, self.meta)
 
+    def build_averages(self, model: torch.nn.Module) -> None:
+        """More weight averages of the fresh ``model`` for a subclass (built before ``prepare``)."""
+
     def _accelerator(self):
         cfg, plugin = self.cfg, None
         if cfg.deepspeed.enabled:
-            from pipeline.distributed import dist_env
-
             plugin = deepspeed_plugin(
-                str(cfg.deepspeed.config_path),
+                cfg.deepspeed.config_path,
                 cfg.deepspeed.zero_stage,
                 micro_batch=cfg.data.loader.batch_size,
                 grad_accum=cfg.optim.grad_accum,
@@ -109,6 +122,12 @@ class Trainer:
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum, deepspeed_plugin=plugin
         )
 
+    def autocast(self):
+        """Mixed precision for networks outside ``prepare`` (frozen teacher, target, EMA): the
+        compute dtype of the run, fp32 weights."""
+        dtype = compute_dtype(self.cfg.mixed_precision)
+        return torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     # ------------------------------------------------------------------ state
 
     def save(self) -> Path:
@@ -119,6 +138,7 @@ class Trainer:
             (folder / f"data_rank{self.accelerator.process_index}.json").write_text(json.dumps(self.loader.state_dict()))
             if self.is_main:
                 self.ema.save(folder / "ema.safetensors")
+                save_tensors(self.scheduler.state_dict(), folder / "scheduler.pt")
                 torch.save({"sums": self.t_sums, "counts": self.t_counts}, folder / "loss_by_t.pt")
                 self.save_extra(folder)
                 write_train_state(folder, {"step": self.step, "bad_steps": self.bad_steps, "skipped": self.skipped})
@@ -133,6 +153,9 @@ class Trainer:
         self.accelerator.load_state(str(folder / "accelerate"))
         self.loader.load_state_dict(json.loads((folder / f"data_rank{self.accelerator.process_index}.json").read_text()))
         self.ema.load(folder / "ema.safetensors")
+        self.scheduler.load_state_dict(load_tensors(folder / "scheduler.pt"))
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule's LR for the next step, whatever the optimizer state carried
         buckets = torch.load(folder / "loss_by_t.pt", weights_only=True)
         self.t_sums, self.t_counts = buckets["sums"], buckets["counts"]
         self.load_extra(folder)
@@ -149,12 +172,12 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """All ranks agree whether this micro-batch's loss is finite (one sync per step)."""
+        """All ranks agree whether this micro-batch's loss is finite (one sync per micro-batch)."""
         flag = torch.isfinite(loss.detach()).float().reshape(1)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample rectified-flow loss (B,) and the times it was drawn at (B,)."""
+        """Per-sample rectified-flow loss (B,) in fp32 and the times it was drawn at (B,)."""
         device = self.accelerator.device
         x0 = batch["latent"].to(device)  # (B, C, h, w)
         cond = condition(batch, self.cfg.p_uncond, device)
@@ -162,35 +185,42 @@ class Trainer:
         return flow_loss(self.model, x0, cond, t, torch.randn_like(x0)), t
 
     def micro_step(self, batch: dict) -> torch.Tensor | None:
-        """Forward + backward (+ optimizer step at the accumulation boundary); None if skipped."""
-        per_sample, t = self.loss(batch)  # (B,), (B,)
-        loss = per_sample.mean()
-        if not self._finite_everywhere(loss):
-            return None
-        with self.accelerator.accumulate(self.model):
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.cfg.optim.grad_clip > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad()
+        """Forward and backward of one micro-batch inside the accumulation context (no all-reduce
+        before the boundary), then the optimizer step at the boundary; None (nothing applied) when
+        the loss is not finite on some rank."""
+        accelerator = self.accelerator
+        accelerator.step = self.micro  # accelerate counts the window from ours: a dropped micro-batch does not shift it
+        with accelerator.accumulate(self.model):
+            per_sample, t = self.loss(batch)  # (B,), (B,)
+            loss = per_sample.mean()
+            if not self._finite_everywhere(loss):
+                return None
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self.optimizer_step()
         sums, counts = loss_by_t(t, per_sample, T_BUCKETS)
         self.t_sums += sums.cpu()
         self.t_counts += counts.cpu()
         return loss.detach()
 
-    def after_optimizer_step(self) -> None:
-        self.update_ema()
+    def optimizer_step(self) -> None:
+        """Clip, step, then advance the LR schedule once (DeepSpeed steps inside ``backward``; its
+        wrapper's ``step`` is a no-op and its clipping comes from the JSON)."""
+        if self.cfg.optim.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
 
-    def update_ema(self) -> None:
-        decay = 0.0 if self.step <= self.cfg.ema.start_step else None
-        gathered = contextlib.nullcontext()
-        if self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
+    def update_averages(self) -> None:
+        """The weight averages after an optimizer step, from whole parameters (gathered by block under ZeRO-3)."""
+        for group in whole_parameters(self.accelerator.unwrap_model(self.model)):
+            self.average(group)
 
-            gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
-        with gathered:
-            self.ema.update(self.accelerator.unwrap_model(self.model).named_parameters(), decay)
+    def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Update every average from one group of whole parameters (a subclass adds its own)."""
+        self.ema.update(group, 0.0 if self.step <= self.cfg.ema.start_step else None)
 
     def handle_bad_step(self) -> None:
         self.bad_steps += 1
@@ -212,7 +242,7 @@ class Trainer:
         tracker = Tracker(cfg.run_dir, cfg.logging, to_dict(cfg), cfg.run, enabled=self.is_main)
         tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
         meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
-        running, micro = [], 0
+        running = []
         with tqdm(total=cfg.steps, initial=self.step, desc=self.prog, disable=not self.is_main, unit="step") as bar:
             for batch in self.loader:
                 if self.step >= cfg.steps:
@@ -221,13 +251,13 @@ class Trainer:
                 if loss is None:
                     self.handle_bad_step()
                     continue
-                self.bad_steps, micro = 0, micro + 1
+                self.bad_steps, self.micro = 0, self.micro + 1
                 running.append(loss)
                 meter.add(batch["latent"].shape[0])
-                if micro % cfg.optim.grad_accum:
+                if self.micro < cfg.optim.grad_accum:
                     continue
-                self.step += 1
-                self.after_optimizer_step()
+                self.step, self.micro = self.step + 1, 0
+                self.update_averages()
                 bar.update()
                 self.after_step(tracker, meter, running)
         self.finish(tracker)
@@ -238,7 +268,7 @@ class Trainer:
         if self.step % cfg.logging.every == 0 or self.step == cfg.steps:
             loss = torch.stack(running).mean().item()
             running.clear()
-            metrics = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped, **meter.report()}
+            metrics = {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, **meter.report()}
             metrics["epoch"] = self.loader.epoch()
             tracker.log(self.step, metrics)
         if cfg.sampling.every and self.step % cfg.sampling.every == 0:
@@ -257,19 +287,17 @@ class Trainer:
             plot_loss_by_t(self.t_sums, self.t_counts, self.cfg.run_dir / "loss_by_t.png")
             print(f"{self.prog}: done at step {self.step}; model in {self.cfg.run_dir / 'model'}")
         tracker.close()
+
+    def close(self) -> None:
+        """Wait for every rank and tear the process group down (the end of a command)."""
         shutdown(self.accelerator)
 
     # ------------------------------------------------------------------ outputs
 
-    def ema_model(self):
-        model = self.build_model()
-        self.ema.copy_to(model)
-        return model.eval()
-
     def export(self) -> Path:
         from pipeline.export import export_model
 
-        return export_model(self.cfg.run_dir / "model", self.ema_model(), self.meta, self.export_info())
+        return export_model(self.cfg.run_dir / "model", self.ema.module, self.meta, self.export_info())
 
     def export_info(self) -> dict:
         """What ``pipeline.json`` says beyond the encoders: the sampler and its defaults."""
@@ -277,30 +305,64 @@ class Trainer:
         return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift}}
 
     def sample_grid(self, name: str) -> Path | None:
-        """A captioned grid from the fixed prompts and seed, with the EMA weights (main process)."""
+        """A captioned grid from the fixed prompts and seed with the EMA network (main process).
+
+        It draws from forked RNG streams, so training continues exactly as without it."""
         if not self.is_main:
             return None
-        from pipeline.sample import write_grid
+        from pipeline.encoders.vae import FrozenVAE, VAEConfig
+        from pipeline.config import from_dict
+        from pipeline.sample import TextToImage, write_grid
 
-        s = self.cfg.sampling
-        pipe = self.text_to_image()
-        pipe.transformer = self.ema_model().to(self.accelerator.device)
-        images, _ = pipe.generate(s.prompts, s.steps, s.guidance, s.shift, s.seed)
+        s, device = self.cfg.sampling, self.accelerator.device
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), self.autocast():
+            cond = {k: v.to(device) for k, v in self.grid_condition().items()}
+            vae = FrozenVAE(from_dict(VAEConfig, self.meta["config"]["vae"]), device)  # loaded for this grid only
+            pipe = TextToImage(self.ema.module, vae, None, self.meta["latent_shape"], self.export_info()["sampler"])
+            images = pipe.images(pipe.sample(cond, pipe.noise(len(s.prompts), s.seed), s.steps, s.guidance, s.shift, s.seed))
+        del pipe, vae, cond
+        release_memory()
         return write_grid(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
 
-    def text_to_image(self):
-        """VAE + text encoders named in the latent dataset.json, loaded once."""
-        if getattr(self, "_pipe", None) is None:
+    def grid_condition(self) -> dict:
+        """The fixed prompts encoded once, kept on the CPU; the text encoders are released after."""
+        if self._grid_cond is None:
             from pipeline.config import from_dict
             from pipeline.encoders import TextEncoders, TextEncodersConfig
-            from pipeline.encoders.vae import FrozenVAE, VAEConfig
-            from pipeline.sample import TextToImage
 
-            device, config = self.accelerator.device, self.meta["config"]
-            vae = FrozenVAE(from_dict(VAEConfig, config["vae"]), device)
-            text = TextEncoders(from_dict(TextEncodersConfig, config["text"]), device)
-            self._pipe = TextToImage(self.ema_model(), vae, text, self.meta["latent_shape"], self.export_info()["sampler"])
-        return self._pipe
+            text = TextEncoders(from_dict(TextEncodersConfig, self.meta["config"]["text"]), self.accelerator.device)
+            self._grid_cond = {k: v.cpu() for k, v in text.encode(self.cfg.sampling.prompts).items()}
+            del text
+            release_memory()
+        return self._grid_cond
+
+
+def release_memory() -> None:
+    """Return freed device memory (models used for a moment: encoders, the VAE)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(trainer_cls: type[Trainer], cfg: TrainConfig, prog: str) -> int:
+    """Build and fit a trainer; one line and an exit code for what a user can fix."""
+    try:
+        trainer = trainer_cls(cfg)
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return 2
+    except dry_run.PlanError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    try:
+        trainer.fit()
+    except FloatingPointError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,15 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(TrainConfig, argv, PROG, description=about)
     if dry is not None:
         return dry_run.run_stage(cfg, dry, dry_run.plan_for_train, PROG)
-    try:
-        Trainer(cfg).fit()
-    except FloatingPointError as e:
-        print(e, file=sys.stderr)
-        return 1
-    except dry_run.PlanError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run(Trainer, cfg, PROG)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ data position and RNG). At the end it measures ``scaling_factor`` / ``shift_fact
 training data, exports a ``from_pretrained`` folder ``RUN/vae/``, reports held-out PSNR in
 ``RUN/eval.json`` and draws originals beside reconstructions in ``RUN/reconstructions.png``.
 The last image shard is held out (its first ``data.held_out`` samples) and never trained on.
+
+Precision and parallelism: one process or DDP (the VAE and the discriminator are small enough to
+be replicated: 84M parameters for the KL-f8 VAE at 256 px); ``mixed_precision`` bf16/fp16 is
+accelerate's autocast (fp16 with its gradient scaler), weights and optimizer state stay fp32.
+DeepSpeed is not used for this stage: a DeepSpeed launch is refused with one line. Both updates
+accumulate ``optim.grad_accum`` micro-batches inside the accumulation context, and both LR
+schedules step once per optimizer step. In the generator update the discriminator is frozen, so
+the generator loss never adds to the discriminator's accumulated gradients.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pipeline.config import ConfigError, exit_on_config_error, parse_cli, save_c
 from pipeline.data.images import collate_images, decode_image_sample, image_loader
 from pipeline.data.latents import shard_list
 from pipeline.data.stream import LoaderConfig
-from pipeline.distributed import create_accelerator, shutdown
+from pipeline.distributed import create_accelerator, deepspeed_launch, shutdown
 from pipeline.grid import pairs_sheet
 from pipeline.optim import OptimConfig, build_optimizer
 from pipeline.shards import iter_samples
@@ -104,7 +112,11 @@ class AutoencoderTrainer:
     """VAE + discriminator, two optimizers, one loop."""
 
     def __init__(self, cfg: AutoencoderTrainConfig) -> None:
-        self.cfg, self.accelerator = cfg, create_accelerator(mixed_precision=cfg.mixed_precision)
+        if deepspeed_launch().enabled:
+            raise ConfigError("the launch runs DeepSpeed, which pipeline.train_autoencoder does not use (a GAN's two models "
+                              "and optimizers; DDP replicates them): launch with a plain file (launch/accelerate/gpu1.yaml, --multi_gpu)")
+        self.cfg = cfg
+        self.accelerator = create_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum)
         torch.manual_seed(cfg.seed)
         vae, disc = build_autoencoder(cfg.model), PatchDiscriminator()
         opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)
@@ -123,7 +135,7 @@ class AutoencoderTrainer:
         self.loader = image_loader(shards[:-1], cfg.data.loader, rank, world, cfg.data.resolution)
         self.held_out = held_out_images(shards[-1], cfg.data.held_out, cfg.data.resolution)
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.step = 0
+        self.step, self.micro, self.last_lr = 0, 0, cfg.optim.lr
 
     @property
     def vae(self):
@@ -132,6 +144,14 @@ class AutoencoderTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    def train_step(self, x: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """Both updates for one micro-batch, forward and backward inside the accumulation context
+        (DDP all-reduces only at the boundary, where the optimizers step)."""
+        self.accelerator.step = self.micro  # accelerate counts the window from ours
+        with self.accelerator.accumulate(self.model, self.disc):
+            out = self.generator_step(x)
+            return out, self.discriminator_step(x, out["recon"])
+
     def generator_step(self, x: torch.Tensor) -> dict:
         cfg = self.cfg.loss
         recon, kl = self.model(x)  # (B, 3, H, W), (B,)
@@ -139,14 +159,17 @@ class AutoencoderTrainer:
         loss = rec + cfg.kl_weight * kl.mean()
         out = {"rec": rec.detach(), "gan_weight": 0.0}
         if self.step >= cfg.disc_start:
-            g_loss = generator_loss(self.disc(recon))
+            disc = self.accelerator.unwrap_model(self.disc)  # frozen here: gradients reach the images only
+            disc.requires_grad_(False)
+            g_loss = generator_loss(disc(recon))
+            disc.requires_grad_(True)
             weight = cfg.disc_weight * adaptive_weight(rec, g_loss, self.vae.decoder.conv_out.weight)
             loss = loss + weight * g_loss
             out["gan_weight"] = weight
-        self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        self.opt_g.step()
-        self.sched_g.step()
+        if self.accelerator.sync_gradients:
+            self.last_lr = self.opt_g.param_groups[0]["lr"]  # the LR this step used
+            self.update(self.model, self.opt_g, self.sched_g)
         out["recon"] = recon.detach()
         return out
 
@@ -154,11 +177,18 @@ class AutoencoderTrainer:
         if self.step < self.cfg.loss.disc_start:
             return None
         loss = hinge_d_loss(self.disc(x), self.disc(recon))
-        self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        self.opt_d.step()
-        self.sched_d.step()
+        if self.accelerator.sync_gradients:
+            self.update(self.disc, self.opt_d, self.sched_d)
         return loss.detach()
+
+    def update(self, model: torch.nn.Module, optimizer, scheduler) -> None:
+        """Clip (``optim.grad_clip`` > 0), step, advance the schedule once, clear the gradients."""
+        if self.cfg.optim.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ state
 
@@ -214,10 +244,11 @@ class AutoencoderTrainer:
             for batch in self.loader:
                 if self.step >= cfg.steps:
                     break
-                x = batch["image"].to(self.accelerator.device)
-                out = self.generator_step(x)
-                d_loss = self.discriminator_step(x, out["recon"])
-                self.step += 1
+                out, d_loss = self.train_step(batch["image"].to(self.accelerator.device))
+                self.micro += 1
+                if self.micro < cfg.optim.grad_accum:
+                    continue
+                self.step, self.micro = self.step + 1, 0
                 bar.update()
                 self.log(tracker, out, d_loss)
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
@@ -227,7 +258,7 @@ class AutoencoderTrainer:
     def log(self, tracker: Tracker, out: dict, d_loss: torch.Tensor | None) -> None:
         metrics = {}
         if self.step % self.cfg.logging.every == 0:
-            metrics = {"l1_rec": float(out["rec"]), "gan_weight": float(out["gan_weight"]), "lr": self.sched_g.get_last_lr()[0]}
+            metrics = {"l1_rec": float(out["rec"]), "gan_weight": float(out["gan_weight"]), "lr": self.last_lr}
             if d_loss is not None:
                 metrics["d_loss"] = float(d_loss)
         if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
@@ -240,7 +271,6 @@ class AutoencoderTrainer:
         if self.accelerator.is_main_process:
             self.export()
         tracker.close()
-        shutdown(self.accelerator)
 
     def export(self) -> None:
         """vae/ with measured factors, eval.json, reconstructions.png."""
@@ -273,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(AutoencoderTrainConfig, argv, PROG, description=__doc__.split("\n\n")[0])
     with exit_on_config_error(PROG):
         trainer = AutoencoderTrainer(cfg)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        shutdown(trainer.accelerator)
     return 0
 
 

@@ -11,8 +11,6 @@ from pipeline.flow import TimestepConfig
 from pipeline.optim import OptimConfig
 from pipeline.tracking import LoggingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -38,11 +36,13 @@ class DataConfig:
 class DeepSpeedConfig:
     enabled: bool = True
     zero_stage: Literal[2, 3] = 2
-    config: Path | None = None  # None: launch/deepspeed/zero{stage}.json; its "auto" fields are filled from this config
+    config: Path | None = None  # None: the package's ds_templates/zero{stage}.json; its "auto" fields are filled from this config
 
     @property
     def config_path(self) -> Path:
-        return self.config if self.config is not None else ROOT / f"launch/deepspeed/zero{self.zero_stage}.json"
+        from pipeline.distributed import deepspeed_template
+
+        return self.config if self.config is not None else deepspeed_template(self.zero_stage)
 
 
 @dataclass(kw_only=True)

@@ -9,6 +9,8 @@ real tokens do not depend on the batch (padded keys are masked out of attention)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,13 +38,36 @@ class T5EncoderConfig:
         resolve_dtype(self.dtype)
 
 
+@contextlib.contextmanager
+def _whole() -> Iterator[None]:
+    """Build whole, on this process alone, also inside a DeepSpeed ZeRO-3 run.
+
+    accelerate registers a ZeRO-3 run's DeepSpeed config with transformers, whose
+    ``from_pretrained`` then partitions every model it builds (``deepspeed.zero.Init``, with
+    collectives): a frozen encoder that rank 0 alone loads for a sample grid or a report would
+    wait for the other ranks forever. The registration is lifted while the encoder loads."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = ref() if ref is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def load_t5(cfg: T5EncoderConfig, device: str | torch.device = "cpu",
             ) -> tuple[PreTrainedTokenizerBase, T5EncoderModel]:
-    """Tokenizer + encoder from ``cfg.path`` with errors that name the path; eval, frozen."""
+    """Tokenizer + encoder from ``cfg.path`` with errors that name the path; eval, frozen, whole."""
     check_local_source(cfg.path, "T5 encoder", required=("config.json",))
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-        model = T5EncoderModel.from_pretrained(cfg.path, dtype=resolve_dtype(cfg.dtype))
+        with _whole():
+            model = T5EncoderModel.from_pretrained(cfg.path, dtype=resolve_dtype(cfg.dtype))
     except Exception as err:  # OSError / ValueError from transformers or the hub
         raise EncoderLoadError(f"cannot load a T5 encoder and tokenizer from '{cfg.path}': {err}") from err
     return tokenizer, model.to(device).eval().requires_grad_(False)

@@ -323,6 +323,7 @@ class DiT(ModelMixin, ConfigMixin):
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor] | None = None) -> Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], cond (module docstring) -> velocity (B, C, H, W)."""
         cond = self._check_inputs(x, t, {} if cond is None else cond)
+        x, cond = self._cast_inputs(x, cond)
         B, _, H, W = x.shape
         gh, gw = H // self.patch_size, W // self.patch_size
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D), a strided view
@@ -396,6 +397,15 @@ class DiT(ModelMixin, ConfigMixin):
         null_slot = ~real.any(dim=1, keepdim=True) & first  # (B, L): position 0 of null rows
         context = torch.where(null_slot[:, :, None], null, tokens)  # (B, L, D)
         return context, (real | null_slot)[:, None, None, :]  # (B, 1, 1, L)
+
+    def _cast_inputs(self, x: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Latents and text features in the weights' dtype (DESIGN.md §8: inputs are cast where they
+        meet the model). Under DeepSpeed bf16/fp16 the weights themselves are 16-bit while the data
+        arrive in float32; under autocast the weights stay fp32 and this is a no-op. ``t`` and the
+        guidance scale stay float32: their sinusoidal features are computed in float32."""
+        dtype = self.x_embedder.weight.dtype
+        cast = {k: v.to(dtype) if k in ("t5", "clip", "clip_tokens") else v for k, v in cond.items()}
+        return x.to(dtype), cast
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """Shapes and keys, checked without touching tensor values (no device sync)."""

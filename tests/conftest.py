@@ -87,3 +87,40 @@ def teacher_dir(tmp_path_factory, latent_shards: Path) -> Path:
     args += ["model.overrides={depth: 2}", "data.loader.batch_size=8", "optim.lr=2e-3", "sampling.steps=2", "checkpoint.every=6"]
     assert train.main(args) == 0
     return root / "teacher/model"
+
+
+@pytest.fixture(scope="session")
+def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, tiny_text_encoders_dir, teacher_dir) -> Path:
+    """Every multi-process training job of the suite in one 2-process gloo launch (``tests.jobs``):
+    the DDP / ZeRO-2 / ZeRO-3 × fp32 / bf16 × accumulation 1 / 2 cells (each run and resumed),
+    distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, and every
+    config in ``configs/``, shrunk. Returns the
+    folder of their runs and ``NAME.rank{r}.json`` results; ``launch.log`` holds the output."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests import jobs
+    from tests.helpers import ROOT, free_port
+
+    out = tmp_path_factory.mktemp("jobs")
+    specs = [spec for mode in ("ddp", "zero2", "zero3") for precision in ("no", "bf16") for accum in jobs.ACCUMULATION
+             for spec in jobs.cell_jobs(mode, precision, accum, latent_shards, out)]
+    specs += jobs.distill_jobs(teacher_dir, latent_shards, out) + jobs.autoencoder_jobs(image_shards, out)
+    inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
+              "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
+    specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]
+    (out / "jobs.json").write_text(json.dumps(specs, default=str))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu2.yaml"),
+           "--main_process_port", str(free_port()), "-m", "tests.jobs", str(out / "jobs.json"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=720, env=env)
+        log = f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
+    except subprocess.TimeoutExpired as err:
+        log = f"timed out after {err.timeout} s\n{err.stdout}\n{err.stderr}"
+    (out / "launch.log").write_text(log)
+    return out

@@ -164,7 +164,7 @@ def test_accelerate_config_files_load_and_leave_the_batch_to_the_training_config
 
 def test_the_launch_files_deepspeed_must_agree_with_the_config():
     def env(file: str, fields: str = "deepspeed_config_file") -> dict:
-        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(LAUNCH / "deepspeed" / file),
+        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "pipeline/ds_templates" / file),
                 "ACCELERATE_CONFIG_DS_FIELDS": fields}
 
     assert deepspeed_launch(env("zero3.json")).zero_stage == 3
@@ -243,7 +243,7 @@ def test_dry_run_fails_when_the_shards_cannot_feed_every_stream(tmp_path, capsys
 
 def test_dry_run_refuses_a_launch_file_that_contradicts_the_config(fake_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(LAUNCH / "deepspeed/zero3.json"))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "pipeline/ds_templates/zero3.json"))
     code, _, err = dry(capsys, "dit_xl2_256", fake_folder, tmp_path, "--world-size", "8")
     assert code == 1 and "asks for ZeRO-3" in err and "deepspeed.zero_stage=2" in err
     assert dry(capsys, "dit_xl2_256", fake_folder, tmp_path, "--world-size", "8", "deepspeed.zero_stage=3")[0] == 0

@@ -1,0 +1,253 @@
+"""Real training runs, several to one launch: the precision × parallelism × accumulation matrix,
+every shipped config, distillation under ZeRO-3. Each job is a real trainer (``Trainer``,
+``Distiller``, ``AutoencoderTrainer``) or ``data_tools.encode`` built from a config file and
+overrides; the launch's processes run the jobs one after another, resetting accelerate's state
+in between, so one 2-process gloo launch (one interpreter start-up per rank, one DeepSpeed op
+build) serves them all. One-process cells call :func:`run_job` in the pytest process.
+
+    python -m accelerate.commands.launch --config_file launch/accelerate/cpu2.yaml -m tests.jobs JOBS.json OUT
+
+Each rank writes ``OUT/NAME.rank{r}.json``: ``{"ok", "error", "world", "allreduce_micro"}``, where
+``allreduce_micro`` lists, for each gradient bucket DDP all-reduced, the index of the micro-batch
+in its accumulation window (DDP runs only). A job that fails on every rank is recorded and the next
+one runs; a failure on one rank alone leaves the other waiting, and the launch's timeout ends it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+
+def job(name: str, stage: str, overrides: list[str], config: str | None = None, resume_from: dict | None = None,
+        count_allreduce: bool = False) -> dict:
+    """A job description (JSON-ready). ``resume_from={"run": DIR, "step": N}``: before training,
+    copy that run folder with its checkpoints after step N, its export and its metrics after N
+    removed, so this run resumes from step N of that one."""
+    return {"name": name, "stage": stage, "config": config, "overrides": overrides, "resume_from": resume_from,
+            "count_allreduce": count_allreduce}
+
+
+def copy_run(src: Path, dst: Path, step: int) -> None:
+    """``src`` as it stood when its step-``step`` checkpoint was the newest."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model", "samples", "vae"))
+    for ckpt in (dst / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    lines = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _reset_accelerate() -> None:
+    """A fresh ``Accelerator`` may take other settings (precision, DeepSpeed); the process group stays
+    (accelerate builds its state on the one already initialised)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()
+
+
+def _build(stage: str, config: str | None, overrides: list[str]):
+    from pipeline.config import load_config
+
+    if stage == "train":
+        from pipeline.train import Trainer, TrainConfig
+
+        return Trainer(load_config(TrainConfig, config, overrides))
+    if stage == "distill":
+        from pipeline.distill import DistillConfig, Distiller
+
+        return Distiller(load_config(DistillConfig, config, overrides))
+    if stage == "autoencoder":
+        from pipeline.train_autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
+
+        return AutoencoderTrainer(load_config(AutoencoderTrainConfig, config, overrides))
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _count_allreduce(trainer, calls: list[int]) -> None:
+    """Record the micro-batch index of every bucket DDP all-reduces (then all-reduce it as usual)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        calls.append(trainer.micro)
+        return allreduce_hook(state, bucket)
+
+    for model in (trainer.model, getattr(trainer, "disc", None)):  # the autoencoder's discriminator is a DDP module too
+        if model is not None:
+            model.register_comm_hook(state=None, hook=hook)
+
+
+def run_job(spec: dict, rank: int = 0) -> dict:
+    """Run one job in this process; what happened, as a dict."""
+    result = {"name": spec["name"], "ok": False, "error": None, "world": None, "allreduce_micro": []}
+    _reset_accelerate()  # whatever ran in this process before
+    environ = dict(os.environ)  # accelerate records a DeepSpeed run in the environment (ACCELERATE_USE_DEEPSPEED)
+    try:
+        if spec.get("resume_from") and rank == 0:
+            src = Path(spec["resume_from"]["run"])
+            copy_run(src, _run_dir(spec), spec["resume_from"]["step"])
+        _barrier()
+        if spec["stage"] == "encode":
+            result["world"] = _encode(spec)
+        else:
+            trainer = _build(spec["stage"], spec["config"], spec["overrides"])
+            result["world"] = trainer.accelerator.num_processes
+            if spec.get("count_allreduce"):
+                _count_allreduce(trainer, result["allreduce_micro"])
+            trainer.fit()
+            trainer.accelerator.wait_for_everyone()
+        result["ok"] = True
+    except BaseException as err:  # recorded; the next job runs
+        result["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}"
+    finally:
+        _reset_accelerate()
+        os.environ.clear()
+        os.environ.update(environ)
+    return result
+
+
+def _run_dir(spec: dict) -> Path:
+    values = dict(o.split("=", 1) for o in spec["overrides"])
+    return Path(values["output_dir"]) / values["run"]
+
+
+def _encode(spec: dict) -> int:
+    from data_tools.encode import EncodeConfig, encode
+    from pipeline.config import load_config
+    from pipeline.distributed import create_accelerator
+
+    accelerator = create_accelerator()
+    encode(load_config(EncodeConfig, spec["config"], spec["overrides"]), accelerator)
+    accelerator.wait_for_everyone()
+    return accelerator.num_processes
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.distributed import dist_env
+
+    jobs, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
+    rank = dist_env().rank
+    for spec in jobs:
+        result = run_job(spec, rank)
+        (out / f"{spec['name']}.rank{rank}.json").write_text(json.dumps(result))
+        print(f"tests.jobs: rank {rank} {spec['name']}: {'ok' if result['ok'] else 'FAILED'}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+# ---------------------------------------------------------------------------- the jobs the tests launch
+
+MODES = {  # parallelism: the overrides that select it (one process and DDP differ by the launch)
+    "one": ["deepspeed.enabled=false"],
+    "ddp": ["deepspeed.enabled=false"],
+    "zero2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2"],
+    "zero3": ["deepspeed.enabled=true", "deepspeed.zero_stage=3"],
+}
+PRECISIONS = ("no", "bf16", "fp16")
+ACCUMULATION = (1, 2)
+CELL_STEPS, CELL_RESUME_AT = 4, 2
+CELL_LR = ["optim.lr=2e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"]
+
+
+def cell_name(mode: str, precision: str, accum: int) -> str:
+    return f"{mode}-{precision}-accum{accum}"
+
+
+def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path) -> list[dict]:
+    """A 4-step run that checkpoints at 2 and 4, and a copy of it resumed from step 2."""
+    name = cell_name(mode, precision, accum)
+    common = [f"data.latents={latents}", f"output_dir={out}", "model.overrides={depth: 2}", "data.loader.batch_size=4",
+              f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={CELL_STEPS}",
+              f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2", "ema.decay=0.9"]
+    ddp = mode == "ddp"
+    full = job(name, "train", [*common, f"run={name}"], count_allreduce=ddp)
+    resumed = job(f"{name}-resumed", "train", [*common, f"run={name}-resumed"],
+                  resume_from={"run": str(out / name), "step": CELL_RESUME_AT}, count_allreduce=ddp)
+    return [full, resumed]
+
+
+SHRUNK_LOADER = ["data.loader.batch_size=4", "data.loader.num_workers=0", "data.loader.shards_per_group=1"]
+SHRUNK_RUN = ["steps=2", "checkpoint.every=2", "logging.logger=none", "logging.every=1"]
+
+
+def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
+    """A job that trains ``configs/NAME.yaml`` shrunk: tiny model, small batch, 2 optimizer steps,
+    local data and encoders; its precision, parallelism, accumulation, schedule and timesteps kept."""
+    name, where = path.stem, [f"output_dir={out}", f"run={path.stem}"]
+    if name.startswith(("dit_", "distill_")):
+        shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2"]
+        if name.startswith("distill_"):
+            return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}", "distill.report_prompts=0"], str(path))
+        return job(name, "train", [*shrunk, "model.name=DiT-tiny", "model.overrides={depth: 2}"], str(path))
+    if name.startswith("autoencoder_"):
+        shrunk = [f"data.shards={inputs['images']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "data.resolution=32",
+                  "data.held_out=8", "factor_samples=16", "model.block_out_channels=[32, 32]", "model.sample_size=32",
+                  "loss.disc_start=1"]  # the discriminator's update runs too
+        return job(name, "autoencoder", shrunk, str(path))
+    if name.startswith("encode_"):
+        text = inputs["text"]  # the tiny encoders' TextEncodersConfig as a dict
+        shrunk = [f"input={inputs['images']}", f"output={out / name}", f"vae.path={inputs['vae']}",
+                  f"text.t5.path={text['t5']['path']}", f"text.clip.path={text['clip']['path']}"]
+        return job(name, "encode", shrunk, str(path))
+    raise AssertionError(f"{path.name}: no stage known for this config name; teach tests/jobs.py to shrink it")
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def distill_jobs(teacher: Path, latents: Path, out: Path, mode: str = "zero3", precision: str = "bf16", accum: int = 2) -> list[dict]:
+    """Consistency distillation (student, export EMA, target EMA, frozen teacher): a 4-step run and its resumed copy."""
+    name = f"distill-{mode}-{precision}-accum{accum}"
+    common = [f"teacher={teacher}", f"data.latents={latents}", f"output_dir={out}", *MODES[mode], f"mixed_precision={precision}",
+              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8", "distill.report_prompts=0",
+              f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2"]
+    return [job(name, "distill", [*common, f"run={name}"]),
+            job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]
+
+
+def results(out: Path, name: str, world: int = 2) -> list[dict]:
+    """Every rank's record of job ``name``; a missing one fails with the launch's log."""
+    found = []
+    for rank in range(world):
+        path = out / f"{name}.rank{rank}.json"
+        if not path.exists():
+            log = (out / "launch.log").read_text() if (out / "launch.log").exists() else "(no launch log)"
+            raise AssertionError(f"{name}: rank {rank} left no result; the launch said:\n{log[-6000:]}")
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+def autoencoder_jobs(images: Path, out: Path, mode: str = "ddp", precision: str = "bf16", accum: int = 2) -> list[dict]:
+    """The VAE + patch-GAN stage (both updates from step 1): a 4-step run and its resumed copy."""
+    name = f"autoencoder-{mode}-{precision}-accum{accum}"
+    common = [f"data.shards={images}", f"output_dir={out}", "model.block_out_channels=[32, 32]", "data.held_out=8",
+              "factor_samples=16", "data.loader.batch_size=4", f"optim.grad_accum={accum}", f"mixed_precision={precision}",
+              *CELL_LR, "loss.disc_start=1", "eval_every=0", f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}",
+              "checkpoint.keep=5", "logging.every=1"]
+    ddp = mode == "ddp"
+    return [job(name, "autoencoder", [*common, f"run={name}"], count_allreduce=ddp),
+            job(f"{name}-resumed", "autoencoder", [*common, f"run={name}-resumed"],
+                resume_from={"run": str(out / name), "step": CELL_RESUME_AT}, count_allreduce=ddp)]

@@ -384,6 +384,7 @@ def report_lines(plan: TrainingPlan, data: DataPlan, meta: dict, world: int, sou
     kv("world size", f"{world} ({source})")
     mode = f"DeepSpeed ZeRO-{plan.zero_stage} ({plan.deepspeed_template})" if plan.deepspeed else "DDP (deepspeed.enabled=false)"
     kv("parallelism", f"{mode}, mixed_precision={plan.mixed_precision}")
+    kv("precision", precision_line(plan.mixed_precision, plan.deepspeed))
     kv("micro-batch", f"{B} per process")
     kv("gradient accumulation", A)
     kv("global batch", f"{global_batch} = {B} × {A} × {world}")
@@ -406,6 +407,17 @@ def report_lines(plan: TrainingPlan, data: DataPlan, meta: dict, world: int, sou
     return lines
 
 
+def precision_line(mixed_precision: str, deepspeed: bool) -> str:
+    """How the run computes and what it keeps in fp32 (DESIGN.md §8), as the trainer sets it up."""
+    if mixed_precision == "no":
+        return "fp32 throughout"
+    if deepspeed:
+        scaling = ", dynamic loss scaling (DeepSpeed)" if mixed_precision == "fp16" else ""
+        return f"{mixed_precision} weights and gradients (DeepSpeed), fp32 master weights, AdamW state and EMA{scaling}"
+    scaling = " with a dynamic gradient scaler" if mixed_precision == "fp16" else ""
+    return f"{mixed_precision} autocast{scaling}; fp32 weights, gradients, AdamW state and EMA"
+
+
 def _model_lines(plan: TrainingPlan, world: int, B: int, n_img: int, n_txt: int, template: dict | None, global_batch: int) -> list[str]:
     from pipeline.models.dit import flops_per_sample
 
@@ -424,6 +436,8 @@ def _model_lines(plan: TrainingPlan, world: int, B: int, n_img: int, n_txt: int,
     for item, how, gib in rows:
         lines.append(f"  {item:<32}{gib:8.2f}  {how}")
     lines.append(f"  {'total':<32}{sum(r[2] for r in rows):8.2f}  + CUDA context and allocator slack (~1-3 GiB)")
+    lines.append("  sample grids: rank 0 loads the VAE for each grid and releases it; the prompts are encoded once and the "
+                 "text encoders released (not counted above)")
     if act is not None:
         ckpt = any(m.gradient_checkpointing for m in plan.models if m.trained)
         lines.append(f"  activations: micro-batch × depth × (27·n·D + 3·L·D) elements × {2 if plan.mixed_precision != 'no' else 4} B"

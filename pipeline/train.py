@@ -41,7 +41,7 @@ from pipeline.data.latents import latent_loader, latent_meta
 from pipeline.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, shutdown, whole_parameters
 from pipeline.ema import EMA
 from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
-from pipeline.models.dit import build_dit, flops_per_sample
+from pipeline.models.dit import build_dit, compile_blocks, flops_per_sample
 from pipeline.optim import build_optimizer
 from pipeline.tracking import Throughput, Tracker, device_peak_tflops
 from pipeline.train_config import TrainConfig
@@ -89,6 +89,8 @@ class Trainer:
         self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
         self.ema = EMA(model, cfg.ema.decay).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
         self.build_averages(model)
+        if cfg.model.compile:
+            compile_blocks(model)  # after the copies: they stay plain modules
         optimizer, self.scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)  # the schedule is ours to step
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise

@@ -17,6 +17,7 @@ class ModelConfig:
     name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS
     qk_norm: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (one compilation serves all); DDP or ZeRO-2, not ZeRO-3
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4}
 
     def __post_init__(self) -> None:
@@ -102,6 +103,9 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1 (got {self.steps})")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1) (got {self.p_uncond})")
+        if self.model.compile and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("model.compile does not work with deepspeed.zero_stage=3 (its parameter hooks run inside "
+                             "every block); use ZeRO-2 or DDP, or model.compile=false")
 
     @property
     def run_dir(self) -> Path:

@@ -188,3 +188,24 @@ def test_sample_grids_during_training_leave_the_weights_bit_identical(latent_sha
     for state in ("accelerate/model.safetensors", "ema.safetensors"):
         a, b = (load_file(str(runs[every] / state)) for every in (0, 1))
         assert all(np.array_equal(a[k], b[k]) for k in a), state
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_and_keep_their_names(latent_shards, tmp_path):
+    """``model.compile=true`` (per-block torch.compile): the same losses as eager up to the compiler's
+    float reordering, the same checkpoint keys, and an export that loads."""
+    losses = {}
+    for compiled in (False, True):
+        name = f"compile-{compiled}"
+        spec = jobs.job(name, "train", [f"data.latents={latent_shards}", f"output_dir={tmp_path}", f"run={name}", "deepspeed.enabled=false",
+                        "model.overrides={depth: 2}", "data.loader.batch_size=4", "steps=2", "checkpoint.every=2",
+                        "logging.every=1", "sampling.steps=2", f"model.compile={str(compiled).lower()}"])
+        result = jobs.run_job(spec)
+        assert result["ok"], result["error"]
+        losses[compiled] = [m["loss"] for m in metrics(tmp_path / name)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    keys = [set(load_file(str(tmp_path / f"compile-{c}/checkpoints/step-000002/accelerate/model.safetensors"))) for c in (False, True)]
+    assert keys[0] == keys[1]
+    from pipeline.models.dit import DiT
+
+    assert DiT.from_pretrained(tmp_path / "compile-True/model/transformer").config.depth == 2

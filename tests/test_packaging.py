@@ -23,7 +23,7 @@ def test_a_non_editable_install_trains_with_deepspeed(latent_shards, tmp_path):
     assert sorted(p.name for p in (site / "pipeline/ds_templates").glob("*.json")) == ["zero2.json", "zero3.json"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    args = [f"data.latents={latent_shards}", f"output_dir={elsewhere}", "run=t", "deepspeed.enabled=true", "steps=2",
+    args = [f"data.latents={latent_shards}", f"output_dir={elsewhere}", "run=t", "deepspeed.enabled=true", "mixed_precision=bf16", "steps=2",
             "model.overrides={depth: 2}", "data.loader.batch_size=4", "checkpoint.every=2", "sampling.steps=2"]
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, "-c", RUN, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)

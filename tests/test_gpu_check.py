@@ -1,0 +1,43 @@
+"""``python -m benchmarks.gpu --cpu``: the GPU check's code at toy sizes on the CPU (what runs on a
+GPU is the same code with other sizes, compile and fp16 added)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_cpu_safe_parts(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu", "--output", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(s["model"], s["checkpointing"], s["compile"]) for s in report["steps"]}
+    assert rows == {("ours", False, False), ("ours", True, False), ("pixart", False, False), ("dit", False, False)}
+    assert all(s["images_per_s"] > 0 and s["batch"] == 4 for s in report["steps"])
+    ours = [s for s in report["steps"] if s["model"] == "ours"]
+    assert all(s["tflops"] > 0 for s in ours)  # FLOPs are counted for our model
+    train = report["train"]["bf16"]
+    assert train["ok"] and train["steps"] == 6 and train["errors"] == []  # trained 4, resumed to 6, exported
+    assert report["sampling"]["student_4_seconds_per_image"] < report["sampling"]["teacher_50_seconds_per_image"]
+    table = out.with_suffix(".md").read_text()
+    assert "| DiT-B/2 ≥ 1.15× PixArt (eager) |" in table and "pipeline.train, DeepSpeed ZeRO-2" in table
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from benchmarks.gpu.__main__ import main
+
+    assert main([]) == 2

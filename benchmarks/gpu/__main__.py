@@ -1,7 +1,7 @@
 """``python -m benchmarks.gpu [--output runs/gpu_check.json] [--cpu] [--budget SECONDS]``
 
-What to run first on a new GPU machine (about 6 minutes on one H100/H200; ``--budget``, default
-420 s, bounds the step measurements and records what it skipped). It writes JSON and a Markdown
+What to run first on a new GPU machine (under 8 minutes on one H100/H200: ``--budget``, default
+300 s, bounds the step measurements and records what it skipped; the rest takes about 2 minutes). It writes JSON and a Markdown
 table beside it (``.md``):
 
 1. training-step throughput at 256 px (``benchmarks.gpu.steps``): DiT-B/2 and DiT-XL/2 with and
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, default=Path("runs/gpu_check.json"))
     p.add_argument("--cpu", action="store_true", help="toy sizes on the CPU (the test suite's smoke test)")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds for the step measurements; the rest is skipped")
+    p.add_argument("--budget", type=float, default=300.0, help="seconds for the step measurements; the rest is skipped")
     args = p.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print("benchmarks.gpu: no CUDA GPU here; --cpu runs the smoke test at toy sizes", file=sys.stderr)

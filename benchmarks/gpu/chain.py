@@ -60,7 +60,10 @@ def train_run(folder: Path, cpu: bool) -> dict:
 def _train(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = clock()
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        return {"ok": False, "stdout": str(err.stdout), "stderr": f"timed out after 300 s\n{err.stderr}", "seconds": clock() - start}
     return {"ok": done.returncode == 0, "stdout": done.stdout, "stderr": done.stderr, "seconds": clock() - start}
 
 

@@ -131,35 +131,50 @@ def measure(kind: str, name: str, shape: Shape, batch: int, device: str, checkpo
               "params": count_parameters(model), "images_per_s": per_s, "ms_per_step": 1000 * seconds / steps,
               "first_step_s": first, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "tflops": 3 * flops * per_s / 1e12 if flops else None}
-    del model, optimizer, data
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
-def variants(cpu: bool) -> list[tuple[str, bool, bool]]:
-    """(model kind, checkpointing, compile): all four of ours, eager and compiled peers (CPU: eager only)."""
-    compile_options = (False,) if cpu else (False, True)
-    ours_variants = [("ours", ckpt, comp) for comp in compile_options for ckpt in (False, True)]
-    return ours_variants + [(kind, False, comp) for kind in ("pixart", "dit") for comp in compile_options]
+def release() -> None:
+    """Return the memory of the last measurement before the next one starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def plan(cpu: bool) -> list[tuple[str, str, bool, bool]]:
+    """(size, model kind, checkpointing, compile) in the order they run: every eager measurement
+    of both sizes first (seconds each), then the compiled ones, ours first (each compiles for
+    tens of seconds), so a tight budget drops the least needed. CPU: eager only, one size."""
+    sizes = ("DiT-B/2",) if cpu else ("DiT-B/2", "DiT-XL/2")
+    eager = [(size, kind, ckpt, False) for size in sizes for kind, ckpt in (("ours", False), ("ours", True), ("pixart", False), ("dit", False))]
+    compiled = [(size, kind, ckpt, True) for kind, ckpt in (("ours", False), ("pixart", False), ("ours", True), ("dit", False)) for size in sizes]
+    return eager + ([] if cpu else compiled)
+
+
+BATCH = {"DiT-B/2": 128, "DiT-XL/2": 64}
 
 
 def run(device: str, cpu: bool, peak_tflops: float | None, deadline: float) -> list[dict]:
-    """Every size × variant until ``deadline`` (time.monotonic); later ones are recorded as skipped."""
-    plan = {"DiT-B/2": 128, "DiT-XL/2": 64} if not cpu else {"DiT-B/2": 4}
+    """Every planned measurement until ``deadline`` (time.monotonic); the rest are recorded as
+    skipped, and one that fails is recorded with its error."""
     shape, depth = (CPU_SHAPE, 2) if cpu else (GPU_SHAPE, None)
     steps, warmup = (2, 1) if cpu else (20, 5)
     results = []
-    for name, batch in plan.items():
-        for kind, ckpt, comp in variants(cpu):
-            if time.monotonic() > deadline:
-                results.append({"model": kind, "size": name, "checkpointing": ckpt, "compile": comp, "skipped": "time budget"})
-                continue
-            r = measure(kind, name, shape, batch, device, ckpt, comp, steps, warmup, depth)
-            if r["tflops"] is not None and peak_tflops:
-                r["mfu"] = r["tflops"] / peak_tflops
-            results.append(r)
-            print(f"benchmarks.gpu: {name} {kind} ckpt={ckpt} compile={comp}: {r['images_per_s']:.1f} img/s"
-                  + (f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""), flush=True)
+    for name, kind, ckpt, comp in plan(cpu):
+        row = {"model": kind, "size": name, "checkpointing": ckpt, "compile": comp}
+        if time.monotonic() > deadline:
+            results.append({**row, "skipped": "time budget"})
+            continue
+        try:
+            r = measure(kind, name, shape, 4 if cpu else BATCH[name], device, ckpt, comp, steps, warmup, depth)
+        except Exception as err:  # noqa: BLE001 -- one variant failing (a compiler error, OOM) must not end the check
+            results.append({**row, "skipped": f"failed: {type(err).__name__}: {str(err)[:300]}"})
+            continue
+        finally:
+            release()
+        if r["tflops"] is not None and peak_tflops:
+            r["mfu"] = r["tflops"] / peak_tflops
+        results.append(r)
+        print(f"benchmarks.gpu: {name} {kind} ckpt={ckpt} compile={comp}: {r['images_per_s']:.1f} img/s"
+              + (f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""), flush=True)
     return results

@@ -10,7 +10,6 @@ project reads those variables (open_clip's ``world_info_from_env``, returned as 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -199,14 +198,6 @@ def _parameter_groups(module: torch.nn.Module) -> Iterator[list[tuple[str, torch
                 yield group
 
 
-@contextlib.contextmanager
-def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
 def whole_parameters(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
     """Groups of ``(name, parameter)`` holding the full values, to read (EMA updates).
 
@@ -217,8 +208,10 @@ def whole_parameters(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.
     if not is_partitioned(module):
         yield list(module.named_parameters())
         return
+    import deepspeed
+
     for group in _parameter_groups(module):
-        with _gathered([p for _, p in group]):
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
             yield group
 
 

@@ -84,7 +84,7 @@ class ModelSpec:
     name: str
     module: torch.nn.Module
     trained: bool = True  # trained: weights, gradients, optimizer state; else frozen weights only
-    fp32_copies: int = 0  # full fp32 copies kept on every rank (EMA for export, a target EMA...)
+    fp32_copies: tuple[str, ...] = ()  # full fp32 copies kept on every rank, by name ("EMA", "target network")
     frozen_bytes: int = 4  # bytes per parameter of a frozen model as the stage holds it
     gradient_checkpointing: bool = False
 
@@ -195,13 +195,13 @@ def plan_for_train(cfg, prog: str = "pipeline.train") -> TrainingPlan:
 
     with torch.device("meta"):
         model = build_model(cfg, latent_meta(cfg.data.latents))
-    spec = ModelSpec(cfg.model.name, model, trained=True, fp32_copies=1, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    spec = ModelSpec(cfg.model.name, model, trained=True, fp32_copies=("EMA",), gradient_checkpointing=cfg.model.gradient_checkpointing)
     return _plan(cfg, prog, (spec,))
 
 
 def plan_for_distill(cfg, prog: str = "pipeline.distill") -> TrainingPlan:
-    """``pipeline.distill``'s plan: the student (trained; export EMA + target EMA in fp32), the
-    target network (an fp32 copy of the student) and the frozen fp32 teacher, read from its config.json."""
+    """``pipeline.distill``'s plan: the student (trained; the export EMA and the target network are
+    fp32 EMA copies of it) and the frozen fp32 teacher, read from its config.json."""
     from pipeline.models.dit import DiT
 
     config = DiT.load_config(Path(cfg.teacher) / "transformer")
@@ -210,8 +210,8 @@ def plan_for_distill(cfg, prog: str = "pipeline.distill") -> TrainingPlan:
         teacher = DiT(**config)
         student = DiT(**{**config, "guidance_embed": True})
     specs = (
-        ModelSpec("student", student, trained=True, fp32_copies=2, gradient_checkpointing=cfg.model.gradient_checkpointing),
-        ModelSpec("target network", student, trained=False, frozen_bytes=4),
+        ModelSpec("student", student, trained=True, fp32_copies=("EMA", "target network"),
+                  gradient_checkpointing=cfg.model.gradient_checkpointing),
         ModelSpec("teacher", teacher, trained=False, frozen_bytes=4),
     )
     return _plan(cfg, prog, specs)
@@ -318,8 +318,7 @@ def memory_rows(plan: TrainingPlan, world: int, act: int | None, template: dict 
             rows.append((f"{m.name}: gradients", "fp32 + DDP buckets, replicated", p * 8 / GIB))
             rows.append((f"{m.name}: AdamW", "fp32 m, v, replicated", p * 8 / GIB))
         if m.fp32_copies:
-            what = "EMA" if m.fp32_copies == 1 else f"{m.fp32_copies} EMAs"
-            rows.append((f"{m.name}: {what}", "fp32, full copy on every rank", m.fp32_copies * p * 4 / GIB))
+            rows.append((f"{m.name}: {' + '.join(m.fp32_copies)}", "fp32, full copy on every rank", len(m.fp32_copies) * p * 4 / GIB))
     if template is not None:
         zero = template.get("zero_optimization", {})
         keys = ("reduce_bucket_size", "allgather_bucket_size") if stage < 3 else ("reduce_bucket_size", "stage3_prefetch_bucket_size")

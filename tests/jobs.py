@@ -189,6 +189,13 @@ def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path) -
     return [full, resumed]
 
 
+def ema_copy_job(latents: Path, out: Path) -> dict:
+    """ZeRO-3 with ``ema.decay=0``: the EMA must then be the weights themselves, read whole."""
+    return job("zero3-ema-decay0", "train", [f"data.latents={latents}", f"output_dir={out}", "run=zero3-ema-decay0", *MODES["zero3"],
+                                              "model.overrides={depth: 2}", "data.loader.batch_size=4", "ema.decay=0", "steps=2",
+                                              "checkpoint.every=2", "sampling.steps=2"])
+
+
 SHRUNK_LOADER = ["data.loader.batch_size=4", "data.loader.num_workers=0", "data.loader.shards_per_group=1"]
 SHRUNK_RUN = ["steps=2", "checkpoint.every=2", "logging.logger=none", "logging.every=1"]
 

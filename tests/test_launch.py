@@ -176,6 +176,22 @@ def test_the_launch_files_deepspeed_must_agree_with_the_config():
     assert "mixed_precision" in deepspeed_launch_conflict(True, 2, env("zero2.json", "deepspeed_config_file,mixed_precision"))
 
 
+def test_the_deepspeed_config_follows_the_training_config():
+    from pipeline.config import ConfigError
+    from pipeline.distributed import deepspeed_config, deepspeed_template
+
+    template = json.loads(deepspeed_template(3).read_text())
+    fill = dict(micro_batch=4, grad_accum=2, grad_clip=1.0, world_size=8)
+    for precision, bf16, fp16 in (("no", False, False), ("bf16", True, False), ("fp16", False, True)):
+        filled = deepspeed_config(template, precision=precision, **fill)
+        assert (filled["bf16"]["enabled"], filled["fp16"]["enabled"]) == (bf16, fp16), precision
+    assert deepspeed_config(template, precision="bf16", **fill)["train_batch_size"] == 4 * 2 * 8
+    with pytest.raises(ConfigError, match="fp16.enabled=false but mixed_precision=fp16"):
+        deepspeed_config({**template, "fp16": {"enabled": False}}, precision="fp16", **fill)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 but the training config gives 2"):
+        deepspeed_config({**template, "gradient_accumulation_steps": 4}, precision="no", **fill)
+
+
 def test_only_pipeline_distributed_reads_the_launcher_environment():
     pattern = re.compile(r"""["'](RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT|SLURM_\w*|OMPI_COMM_WORLD_\w*)["']""")
     offenders = [
@@ -259,7 +275,7 @@ def test_dry_run_of_distill_counts_teacher_and_target(fake_folder, tmp_path, cap
     cfg = load_config(DistillConfig, ROOT / "configs/dit_xl2_256.yaml", [f"data.latents={fake_folder}", f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path}"])
     assert dry_run.run_stage(cfg, dry_run.DryRunOptions(world_size=8), dry_run.plan_for_distill, "pipeline.distill") == 0
     out = capsys.readouterr().out
-    assert "student: 2 EMAs" in out and "teacher: frozen weights" in out and "target network: frozen weights" in out
+    assert "student: EMA + target network" in out and "teacher: frozen weights" in out and "target network: frozen" not in out
 
 
 def test_encode_dry_run_splits_shards_by_rank(fake_folder, tmp_path, capsys):

@@ -98,6 +98,20 @@ def test_cell_trains_resumes_exactly_and_exports(mode, precision, accum, request
 
 
 @pytest.mark.slow
+def test_zero3_ema_reads_the_whole_weights(launched_jobs):
+    """With decay 0 the EMA is a copy of the weights: under ZeRO-3 it must equal, bit for bit, the
+    fp32 weights DeepSpeed's own tool consolidates from the partitions (gathering by block works)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for result in jobs.results(launched_jobs, "zero3-ema-decay0"):
+        assert result["ok"], result["error"]
+    ckpt = launched_jobs / "zero3-ema-decay0/checkpoints/step-000002"
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "accelerate"), tag="pytorch_model")
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    assert set(weights) == set(ema) and all(np.array_equal(weights[k].numpy(), ema[k]) for k in ema)
+
+
+@pytest.mark.slow
 def test_distillation_under_zero3_in_bf16_resumes_exactly(launched_jobs):
     name = "distill-zero3-bf16-accum2"
     check_run_and_resume(launched_jobs, name, 2, extra_states=("target.safetensors",))

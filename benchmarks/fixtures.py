@@ -22,7 +22,7 @@ def image_shards(folder: Path, count: int, resolution: int = 32) -> Path:
 
 def demo_vae(folder: Path) -> Path:
     """An ``AutoencoderKL`` with the demo autoencoder's architecture, saved with save_pretrained."""
-    from pipeline.autoencoder import build_autoencoder
+    from pipeline.models.autoencoder import build_autoencoder
     from pipeline.config import from_dict
     from pipeline.train_autoencoder import AutoencoderTrainConfig
 

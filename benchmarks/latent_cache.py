@@ -31,7 +31,7 @@ from pipeline.data.stream import LoaderConfig
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.config import from_dict
-from pipeline.flow import flow_loss, sample_timesteps, TimestepConfig
+from pipeline.diffusion.flow import flow_loss, sample_timesteps, TimestepConfig
 from pipeline.models.dit import build_dit
 
 BATCH = 64

@@ -23,7 +23,7 @@ from benchmarks.fixtures import demo_vae
 from data_tools import make_encoders
 from pipeline.config import from_dict
 from pipeline.distill import student_from
-from pipeline.distill_report import eval_prompts
+from pipeline.evaluation.compare import eval_prompts
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.evaluate import generate_images

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, exit_on_config_error, load_config, to_dict
 from pipeline.data.images import decode_image_sample
-from pipeline.distributed import create_accelerator, shutdown
+from pipeline.training.distributed import create_accelerator, shutdown
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.paths import map_paths, relative_to
-from pipeline.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.paths import map_paths, relative_to
+from pipeline.data.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
 NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}

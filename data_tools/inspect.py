@@ -23,8 +23,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.grid import contact_sheet
-from pipeline.shards import complete_shards, iter_samples, stats_path
+from pipeline.data.sheets import contact_sheet
+from pipeline.data.shards import complete_shards, iter_samples, stats_path
 
 PROG = "data_tools.inspect"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data_tools.images import ImageOptions, Skipped, prepare_image
 from data_tools.sources import CAPTION_KEYS, Candidate, Discovery, SourceError, discover
 from pipeline.config import ConfigError, exit_on_config_error, from_dict
-from pipeline.shards import complete_shards, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.shards import complete_shards, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.shard"
 PLAN_FILE = "shard_plan.json"

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.distill_report import versus
-from pipeline.report_plots import plot_loss_curves
+from pipeline.evaluation.compare import versus
+from pipeline.reporting.plots import plot_loss_curves
 
 PROG = "pipeline.demo_report"
 GOALS = {

@@ -32,11 +32,11 @@ from typing import Literal
 import torch
 
 from pipeline.config import parse_cli
-from pipeline.ema import EMA
-from pipeline.flow import shift_time
-from pipeline.sampling import consistency_fn, guided_velocity
+from pipeline.training.ema import EMA
+from pipeline.diffusion.flow import shift_time
+from pipeline.diffusion.samplers import consistency_fn, guided_velocity
 from pipeline.train import Trainer, condition, run
-from pipeline.train_config import SamplingConfig, TrainConfig
+from pipeline.training.dit_config import SamplingConfig, TrainConfig
 
 PROG = "pipeline.distill"
 
@@ -166,13 +166,13 @@ class Distiller(Trainer):
     def finish(self, tracker) -> None:
         super().finish(tracker)
         if self.is_main and self.cfg.distill.report_prompts > 0:
-            from pipeline.distill_report import write_report
+            from pipeline.evaluation.compare import write_report
 
             write_report(self.cfg, self.meta, self.cfg.distill.report_prompts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import dry_run
+    from pipeline.planning import dry_run
 
     options, argv = dry_run.split_flags(argv)  # --dry-run [--world-size N]: print the plan and exit
     cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[0])

@@ -28,9 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.encoders.common import EncoderLoadError
-from pipeline.metrics import MetricError
+from pipeline.evaluation.metrics import MetricError
 from pipeline.sample import TextToImage, write_grid
-from pipeline.tracking import clock
+from pipeline.training.tracking import clock
 
 PROG = "pipeline.evaluate"
 PROMPT_KEYS = ("prompt", "caption", "text")
@@ -79,7 +79,7 @@ def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], 
     """The first ``count`` decodable (image, caption) pairs of image shards (ours or img2dataset's)."""
     from pipeline.data.images import decode_image
     from pipeline.data.latents import shard_list
-    from pipeline.shards import iter_samples
+    from pipeline.data.shards import iter_samples
 
     if not Path(shards).exists():
         raise EvalInputError(f"reference shards not found: '{shards}'")
@@ -129,7 +129,7 @@ def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance:
 
 # ----------------------------------------------------------------------------------------- scores
 def adherence_or_reason(images: list[Image.Image], prompts: list[str]) -> tuple[dict | None, str | None]:
-    from pipeline.adherence import evaluate, parse_caption
+    from pipeline.evaluation.adherence import evaluate, parse_caption
 
     try:
         for prompt in prompts:
@@ -149,7 +149,7 @@ def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespac
     if clip is None:
         result["skipped"]["clip_score"] = "no CLIP model given (--clip or --clip-model/--clip-checkpoint)"
     else:
-        from pipeline.metrics import ClipScorer
+        from pipeline.evaluation.metrics import ClipScorer
 
         scorer = ClipScorer(clip, device)
         result["clip_scores"] = torch.cat([scorer(images[i:i + 64], prompts[i:i + 64])
@@ -160,7 +160,7 @@ def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespac
     elif args.reference_images is None:
         result["skipped"]["fid_kid"] = "no reference images (--reference SHARDS): FID and KID not computed"
     else:
-        from pipeline.metrics import fid_kid, inception_features, load_inception
+        from pipeline.evaluation.metrics import fid_kid, inception_features, load_inception
 
         model = load_inception(args.inception, device)
         real = inception_features(model, args.reference_images, desc="inception (reference)")
@@ -219,7 +219,7 @@ def markdown(summary: dict, scores: dict) -> str:
             lines.append(f"| {key} | {summary[key]:.4f} |")
     lines += [f"| {name} | skipped: {why} |" for name, why in summary["skipped"].items()]
     if scores.get("adherence"):
-        from pipeline.adherence import adherence_table
+        from pipeline.evaluation.adherence import adherence_table
 
         lines += ["", "## Adherence by attribute", "", adherence_table(scores["adherence"]).rstrip()]
     lines += ["", "## Samples", "", "![grid](grid.png)"]

@@ -16,9 +16,9 @@ from PIL import Image
 
 from pipeline.encoders import TextEncoders
 from pipeline.encoders.vae import FrozenVAE
-from pipeline.grid import contact_sheet
-from pipeline.sampling import consistency, euler
-from pipeline.tracking import clock
+from pipeline.data.sheets import contact_sheet
+from pipeline.diffusion.samplers import consistency, euler
+from pipeline.training.tracking import clock
 
 PROG = "pipeline.sample"
 
@@ -37,7 +37,7 @@ class TextToImage:
 
     @classmethod
     def from_folder(cls, folder: Path, device: str | torch.device = "cpu") -> TextToImage:
-        from pipeline.export import load_pipeline
+        from pipeline.inference.pipeline import load_pipeline
 
         loaded = load_pipeline(folder, device)
         return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"))

@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import dry_run
-from pipeline.checkpoint import Checkpoints, load_tensors, read_train_state, save_tensors, write_train_state
+from pipeline.planning import dry_run
+from pipeline.training.checkpoint import Checkpoints, load_tensors, read_train_state, save_tensors, write_train_state
 from pipeline.config import ConfigError, parse_cli, save_config, to_dict
 from pipeline.data.latents import latent_loader, latent_meta
-from pipeline.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, shutdown, whole_parameters
-from pipeline.ema import EMA
-from pipeline.flow import flow_loss, loss_by_t, sample_timesteps
+from pipeline.training.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, shutdown, whole_parameters
+from pipeline.training.ema import EMA
+from pipeline.diffusion.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.models.dit import build_dit, compile_blocks, flops_per_sample
-from pipeline.optim import build_optimizer
-from pipeline.tracking import Throughput, Tracker, device_peak_tflops
-from pipeline.train_config import TrainConfig
+from pipeline.training.optim import build_optimizer
+from pipeline.training.tracking import Throughput, Tracker, device_peak_tflops
+from pipeline.training.dit_config import TrainConfig
 
 PROG = "pipeline.train"
 T_BUCKETS = 10
@@ -282,7 +282,7 @@ class Trainer:
         """Export the EMA weights, draw the final grid and the loss-by-t plot."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            from pipeline.report_plots import plot_loss_by_t
+            from pipeline.reporting.plots import plot_loss_by_t
 
             self.export()
             self.sample_grid("final")
@@ -297,7 +297,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
 
     def export(self) -> Path:
-        from pipeline.export import export_model
+        from pipeline.inference.pipeline import export_model
 
         return export_model(self.cfg.run_dir / "model", self.ema.module, self.meta, self.export_info())
 

@@ -28,28 +28,18 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from pipeline.autoencoder import (
-    AutoencoderModelConfig,
-    PatchDiscriminator,
-    Reconstruction,
-    adaptive_weight,
-    build_autoencoder,
-    generator_loss,
-    hinge_d_loss,
-    measure_factors,
-    psnr,
-)
-from pipeline.checkpoint import Checkpoints, load_tensors, load_weights, read_train_state, rng_state, save_tensors, save_weights, set_rng_state, write_train_state
+from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminator, Reconstruction, adaptive_weight, build_autoencoder, generator_loss, hinge_d_loss, measure_factors, psnr
+from pipeline.training.checkpoint import Checkpoints, load_tensors, load_weights, read_train_state, rng_state, save_tensors, save_weights, set_rng_state, write_train_state
 from pipeline.config import ConfigError, exit_on_config_error, parse_cli, save_config
 from pipeline.data.images import collate_images, decode_image_sample, image_loader
 from pipeline.data.latents import shard_list
 from pipeline.data.stream import LoaderConfig
-from pipeline.distributed import create_accelerator, deepspeed_launch, shutdown
-from pipeline.grid import pairs_sheet
-from pipeline.optim import OptimConfig, build_optimizer
-from pipeline.shards import iter_samples
-from pipeline.tracking import LoggingConfig, Tracker
-from pipeline.train_config import CheckpointConfig
+from pipeline.training.distributed import create_accelerator, deepspeed_launch, shutdown
+from pipeline.data.sheets import pairs_sheet
+from pipeline.training.optim import OptimConfig, build_optimizer
+from pipeline.data.shards import iter_samples
+from pipeline.training.tracking import LoggingConfig, Tracker
+from pipeline.training.dit_config import CheckpointConfig
 
 PROG = "pipeline.train_autoencoder"
 

@@ -129,7 +129,7 @@ def _run_dir(spec: dict) -> Path:
 def _encode(spec: dict) -> int:
     from data_tools.encode import EncodeConfig, encode
     from pipeline.config import load_config
-    from pipeline.distributed import create_accelerator
+    from pipeline.training.distributed import create_accelerator
 
     accelerator = create_accelerator()
     encode(load_config(EncodeConfig, spec["config"], spec["overrides"]), accelerator)
@@ -138,7 +138,7 @@ def _encode(spec: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.distributed import dist_env
+    from pipeline.training.distributed import dist_env
 
     jobs, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank = dist_env().rank

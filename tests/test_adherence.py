@@ -10,16 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from data_tools.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, render_sample
-from pipeline.adherence import (
-    ATTRIBUTES,
-    SCORED,
-    adherence_table,
-    analyse,
-    evaluate,
-    parse_caption,
-    render_caption,
-    score,
-)
+from pipeline.evaluation.adherence import ATTRIBUTES, SCORED, adherence_table, analyse, evaluate, parse_caption, render_caption, score
 
 KEYS = (*SCORED, "all")
 

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
 
 from pipeline import train_autoencoder
-from pipeline.autoencoder import adaptive_weight, hinge_d_loss, psnr
+from pipeline.models.autoencoder import adaptive_weight, hinge_d_loss, psnr
 from tests.helpers import ROOT
 
 
@@ -89,7 +89,7 @@ def test_two_process_run_trains_and_exports(image_shards, tmp_path):
 
 
 def test_reconstruction_samples_the_posterior_or_takes_its_mean():
-    from pipeline.autoencoder import AutoencoderModelConfig, Reconstruction, build_autoencoder
+    from pipeline.models.autoencoder import AutoencoderModelConfig, Reconstruction, build_autoencoder
 
     torch.manual_seed(0)
     vae = build_autoencoder(AutoencoderModelConfig(block_out_channels=[32, 32]))

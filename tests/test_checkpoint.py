@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpoints, load_tensors, load_weights, rng_state, save_tensors, save_weights, set_rng_state
+from pipeline.training.checkpoint import Checkpoints, load_tensors, load_weights, rng_state, save_tensors, save_weights, set_rng_state
 
 
 def write_marker(folder):

@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def config_class(path: Path):
     if path.name.startswith("dit_"):
-        from pipeline.train_config import TrainConfig
+        from pipeline.training.dit_config import TrainConfig
 
         return TrainConfig, []
     if path.name.startswith("distill_"):
@@ -63,7 +63,7 @@ def test_shipped_config_trains(path, launched_jobs):
 
     import yaml
 
-    from pipeline.optim import OptimConfig, lr_factor
+    from pipeline.training.optim import OptimConfig, lr_factor
     from tests.jobs import results
 
     for result in results(launched_jobs, path.stem):

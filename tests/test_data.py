@@ -12,7 +12,7 @@ import torch
 
 from pipeline.data.latents import latent_loader, pad_sequences
 from pipeline.data.stream import LoaderConfig
-from pipeline.shards import shard_name, write_tar_atomic
+from pipeline.data.shards import shard_name, write_tar_atomic
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 from pipeline import distill
-from pipeline.sampling import consistency, consistency_fn
+from pipeline.diffusion.samplers import consistency, consistency_fn
 
 
 def cond_for(model, rows: int) -> dict:

@@ -20,7 +20,7 @@ from PIL import Image
 from data_tools import encode
 from pipeline.data.images import image_to_tensor
 from pipeline.data.latents import latent_meta
-from pipeline.shards import iter_samples, shard_name, write_tar_atomic
+from pipeline.data.shards import iter_samples, shard_name, write_tar_atomic
 from tests.helpers import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]

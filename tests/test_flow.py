@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.flow import TimestepConfig, flow_loss, interpolate, loss_by_t, sample_timesteps, shift_time, velocity
-from pipeline.sampling import euler, guided_velocity, time_grid
+from pipeline.diffusion.flow import TimestepConfig, flow_loss, interpolate, loss_by_t, sample_timesteps, shift_time, velocity
+from pipeline.diffusion.samplers import euler, guided_velocity, time_grid
 
 
 def test_time_convention_sign():

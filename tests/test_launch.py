@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import dry_run, train
-from pipeline.distributed import deepspeed_launch, deepspeed_launch_conflict
+from pipeline import train
+from pipeline.planning import dry_run
+from pipeline.training.distributed import deepspeed_launch, deepspeed_launch_conflict
 from tests.helpers import ROOT, free_port
 
 LAUNCH = ROOT / "launch"
@@ -104,7 +105,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.distributed import create_accelerator, deepspeed_launch, dist_env, shutdown
+from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env, shutdown
 
 out, latents, batches = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 accelerator = create_accelerator()
@@ -164,7 +165,7 @@ def test_accelerate_config_files_load_and_leave_the_batch_to_the_training_config
 
 def test_the_launch_files_deepspeed_must_agree_with_the_config():
     def env(file: str, fields: str = "deepspeed_config_file") -> dict:
-        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "pipeline/ds_templates" / file),
+        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "pipeline/training/ds_templates" / file),
                 "ACCELERATE_CONFIG_DS_FIELDS": fields}
 
     assert deepspeed_launch(env("zero3.json")).zero_stage == 3
@@ -178,7 +179,7 @@ def test_the_launch_files_deepspeed_must_agree_with_the_config():
 
 def test_the_deepspeed_config_follows_the_training_config():
     from pipeline.config import ConfigError
-    from pipeline.distributed import deepspeed_config, deepspeed_template
+    from pipeline.training.distributed import deepspeed_config, deepspeed_template
 
     template = json.loads(deepspeed_template(3).read_text())
     fill = dict(micro_batch=4, grad_accum=2, grad_clip=1.0, world_size=8)
@@ -259,7 +260,7 @@ def test_dry_run_fails_when_the_shards_cannot_feed_every_stream(tmp_path, capsys
 
 def test_dry_run_refuses_a_launch_file_that_contradicts_the_config(fake_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "pipeline/ds_templates/zero3.json"))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "pipeline/training/ds_templates/zero3.json"))
     code, _, err = dry(capsys, "dit_xl2_256", fake_folder, tmp_path, "--world-size", "8")
     assert code == 1 and "asks for ZeRO-3" in err and "deepspeed.zero_stage=2" in err
     assert dry(capsys, "dit_xl2_256", fake_folder, tmp_path, "--world-size", "8", "deepspeed.zero_stage=3")[0] == 0
@@ -333,7 +334,7 @@ def test_two_node_slurm_job_trains_and_its_checkpoint_resumes_on_one_node(latent
 
     from pipeline.config import load_config
     from pipeline.models.dit import DiT
-    from pipeline.train_config import TrainConfig
+    from pipeline.training.dit_config import TrainConfig
 
     common = [f"data.latents={latent_shards}", f"output_dir={tmp_path}", *TRAIN]
     env = launch_env(PATH=f"{fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_NODELIST="node-[a-b]",

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from pipeline.optim import OptimConfig, lr_factor
+from pipeline.training.optim import OptimConfig, lr_factor
 from tests import jobs
 
 FP16_SKIP = ("fp16 needs a CUDA GPU: accelerate has no fp16 autocast on the CPU (it would train in fp32) and DeepSpeed "
@@ -154,7 +154,7 @@ def test_two_micro_batches_of_half_give_the_large_batch_gradients(latent_shards,
     """Accumulation 2 × B/2 against 1 × B, the same samples, times and noise: the gradients reaching
     the optimizer agree to 1e-6 of their scale (fp32; float summation order differs)."""
     from pipeline.config import load_config
-    from pipeline.flow import flow_loss
+    from pipeline.diffusion.flow import flow_loss
     from pipeline.train import TrainConfig, Trainer, condition
 
     class FixedDraws(Trainer):

@@ -25,7 +25,7 @@ def test_a_non_editable_install_trains_with_deepspeed(latent_shards, tmp_path):
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(source)]
     done = subprocess.run(install, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (site / "pipeline/ds_templates").glob("*.json")) == ["zero2.json", "zero3.json"]
+    assert sorted(p.name for p in (site / "pipeline/training/ds_templates").glob("*.json")) == ["zero2.json", "zero3.json"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = [f"data.latents={latent_shards}", f"output_dir={elsewhere}", "run=t", "deepspeed.enabled=true", "mixed_precision=bf16", "steps=2",

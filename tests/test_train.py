@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from pipeline import train
-from pipeline.shards import iter_samples, write_tar_atomic
+from pipeline.data.shards import iter_samples, write_tar_atomic
 from tests.helpers import ROOT
 
 TINY = [
@@ -127,8 +127,8 @@ def test_config_error_is_one_line(tmp_path):
 def test_exported_model_moves_with_its_run_folder(teacher_dir, tmp_path, monkeypatch):
     """pipeline.json stores local paths relative to the model folder: a run folder copied
     elsewhere samples with its own VAE and encoders, whatever the working directory."""
-    from pipeline.export import export_model, load_pipeline
-    from pipeline.paths import map_paths, resolved_from
+    from pipeline.inference.pipeline import export_model, load_pipeline
+    from pipeline.data.paths import map_paths, resolved_from
     from pipeline.models.dit import DiT
 
     info = map_paths(json.loads((teacher_dir / "pipeline.json").read_text()), resolved_from(teacher_dir))

@@ -33,7 +33,7 @@ PEER_GOAL = 1.15  # ours / PixArt images per second, same variant
 
 
 def device_info(cpu: bool) -> dict:
-    from pipeline.tracking import PEAK_TFLOPS
+    from pipeline.training.tracking import PEAK_TFLOPS
 
     if cpu:
         return {"device": "cpu", "name": platform.processor() or "cpu", "peak_tflops": None}

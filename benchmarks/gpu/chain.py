@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tracking import clock
+from pipeline.training.tracking import clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def sampling(device: str, cpu: bool) -> dict:
     """Teacher (50 Euler steps + CFG) against student (4 consistency steps): sampler seconds per image."""
     from benchmarks.gpu.steps import CPU_SHAPE, GPU_SHAPE, batch_for, ours
     from pipeline.distill import student_from
-    from pipeline.sampling import consistency, euler
+    from pipeline.diffusion.samplers import consistency, euler
 
     shape, name, batch = (CPU_SHAPE, "DiT-B/2", 4) if cpu else (GPU_SHAPE, "DiT-XL/2", 16)
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.flow import TimestepConfig, flow_loss, sample_timesteps
+from pipeline.diffusion.flow import TimestepConfig, flow_loss, sample_timesteps
 from pipeline.models.dit import DIT_CONFIGS, build_dit, count_parameters, flops_per_sample
-from pipeline.tracking import clock
+from pipeline.training.tracking import clock
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from pipeline.data.stream import LoaderConfig, ShardLoader, npy
-from pipeline.paths import map_paths, resolved_from
-from pipeline.shards import complete_shards
+from pipeline.data.paths import map_paths, resolved_from
+from pipeline.data.shards import complete_shards
 
 SEQUENCES = ("t5", "clip_tokens")  # variable length: padded in a batch, with a mask
 VECTORS = ("latent", "clip")  # fixed shape: stacked

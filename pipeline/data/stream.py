@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import iter_samples, stats_path
+from pipeline.data.shards import iter_samples, stats_path
 
 Decode = Callable[[dict], dict | None]  # raw tar sample (bytes by extension) -> sample, or None to skip
 Collate = Callable[[list[dict]], dict]  # samples -> batch

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.shards import write_json_atomic
+from pipeline.data.shards import write_json_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TRAIN_STATE = "train_state.json"  # written last inside a checkpoint

@@ -47,7 +47,7 @@ from typing import Any, TextIO
 import torch
 
 from pipeline.data.stream import LoaderConfig, ShardLoader, shard_sizes
-from pipeline.distributed import deepspeed_config, deepspeed_launch_conflict, dist_env
+from pipeline.training.distributed import deepspeed_config, deepspeed_launch_conflict, dist_env
 
 GIB = 1024**3
 TEXT_TOKENS_ASSUMED = 32  # when dataset.json names no T5 max_length (same as pipeline.train's FLOPs)
@@ -236,7 +236,7 @@ def _plan(cfg, prog: str, models: tuple[ModelSpec, ...]) -> TrainingPlan:
 
 def resume_target(cfg) -> Path | None:
     """The checkpoint ``checkpoint.resume`` points at (as ``Trainer.resume`` picks it)."""
-    from pipeline.checkpoint import Checkpoints
+    from pipeline.training.checkpoint import Checkpoints
 
     choice = cfg.checkpoint.resume
     if choice == "never":
@@ -455,7 +455,7 @@ def _spread(values: list[int]) -> str:
 def run_encode(cfg, options: DryRunOptions, prog: str = "data_tools.encode", out: TextIO | None = None) -> int:
     """The encoding job's split: input shard ``i`` -> latent shard ``i``, encoded by rank ``i mod N``."""
     out = out or sys.stdout
-    from pipeline.shards import complete_shards, shard_name
+    from pipeline.data.shards import complete_shards, shard_name
 
     env = dist_env()
     world = options.world_size or env.world_size

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pipeline.flow import Model, shift_time
+from pipeline.diffusion.flow import Model, shift_time
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:

@@ -29,7 +29,7 @@ def eval_prompts(count: int, resolution: int) -> list[str]:
 
 def measure(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float, grid: Path) -> dict:
     """Generate, time, score adherence and save a grid of the first 16."""
-    from pipeline.adherence import evaluate
+    from pipeline.evaluation.adherence import evaluate
     from pipeline.evaluate import generate_images
 
     images, timing = generate_images(pipe, prompts, steps, guidance, shift, seed=0, batch_size=64, desc=grid.stem)

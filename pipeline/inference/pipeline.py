@@ -17,8 +17,8 @@ import torch
 from pipeline.config import from_dict
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.paths import map_paths, relative_to, resolved_from
-from pipeline.shards import write_json_atomic
+from pipeline.data.paths import map_paths, relative_to, resolved_from
+from pipeline.data.shards import write_json_atomic
 
 PIPELINE_FILE = "pipeline.json"
 

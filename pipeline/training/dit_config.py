@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.stream import LoaderConfig
-from pipeline.flow import TimestepConfig
-from pipeline.optim import OptimConfig
-from pipeline.tracking import LoggingConfig
+from pipeline.diffusion.flow import TimestepConfig
+from pipeline.training.optim import OptimConfig
+from pipeline.training.tracking import LoggingConfig
 
 
 @dataclass(kw_only=True)
@@ -41,7 +41,7 @@ class DeepSpeedConfig:
 
     @property
     def config_path(self) -> Path:
-        from pipeline.distributed import deepspeed_template
+        from pipeline.training.distributed import deepspeed_template
 
         return self.config if self.config is not None else deepspeed_template(self.zero_stage)
 

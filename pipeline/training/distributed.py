@@ -129,12 +129,12 @@ def shutdown(accelerator) -> None:
 
 
 def deepspeed_template(zero_stage: int) -> Path:
-    """The DeepSpeed JSON template shipped inside the package (``pipeline/ds_templates/zero{2,3}.json``)."""
-    return Path(str(resources.files("pipeline") / "ds_templates" / f"zero{zero_stage}.json"))
+    """The DeepSpeed JSON template shipped inside the package (``pipeline/training/ds_templates/zero{2,3}.json``)."""
+    return Path(str(resources.files("pipeline.training") / "ds_templates" / f"zero{zero_stage}.json"))
 
 
 def deepspeed_config(template: dict, micro_batch: int, grad_accum: int, grad_clip: float, precision: str, world_size: int) -> dict:
-    """A DeepSpeed JSON (``pipeline/ds_templates/*.json``) with its ``"auto"`` fields filled from
+    """A DeepSpeed JSON (``pipeline/training/ds_templates/*.json``) with its ``"auto"`` fields filled from
     our config, so batch size, accumulation, clipping and precision are stated in one place only.
 
     ``bf16.enabled`` / ``fp16.enabled`` follow ``precision``; a template that states another value

@@ -2,7 +2,7 @@
 
 The teacher is DiT-tiny at the demo's latent size (8x8x4) sampled with 50 Euler steps and
 classifier-free guidance 4 (two model evaluations per step, batched); the student is the
-distillation stage's copy of it (``pipeline.distill.student_from``) with 4 consistency steps.
+distillation stage's copy of it (``pipeline.models.student.student_from``) with 4 consistency steps.
 Both go through ``pipeline.evaluate.generate_images`` with the demo-sized VAE and the tiny text
 encoders, on the same synthetic prompts. Weights are random: speed does not depend on them.
 
@@ -22,7 +22,7 @@ import yaml
 from benchmarks.fixtures import demo_vae
 from data_tools import make_encoders
 from pipeline.config import from_dict
-from pipeline.distill import student_from
+from pipeline.models.student import student_from
 from pipeline.evaluation.compare import eval_prompts
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig

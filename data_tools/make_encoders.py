@@ -37,7 +37,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from data_tools.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, sample_scene
+from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, sample_scene
 from pipeline.config import load_config, save_config
 
 PROG = "data_tools.make_encoders"

@@ -21,7 +21,7 @@ from pipeline.data.images import decode_image_sample
 from pipeline.data.latents import decode_latent_sample, latent_meta, shard_list
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.data.sheets import contact_sheet, pairs_sheet
-from pipeline.sample import tensor_to_images
+from pipeline.data.images import tensor_to_images
 from pipeline.data.shards import complete_shards, iter_samples
 
 PROG = "data_tools.preview_latents"

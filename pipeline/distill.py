@@ -32,9 +32,11 @@ from typing import Literal
 import torch
 
 from pipeline.config import parse_cli
+from pipeline.models.student import load_teacher, student_from
 from pipeline.training.ema import EMA
 from pipeline.diffusion.flow import shift_time
-from pipeline.diffusion.samplers import consistency_fn, guided_velocity
+from pipeline.diffusion.samplers import consistency_fn
+from pipeline.diffusion.guidance import guided_velocity
 from pipeline.train import Trainer, condition, run
 from pipeline.training.dit_config import SamplingConfig, TrainConfig
 
@@ -68,26 +70,6 @@ class DistillConfig(TrainConfig):
     teacher: Path = Path("runs/demo/teacher/model")  # an exported model folder (pipeline.train)
     distill: DistillSection = field(default_factory=DistillSection)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=4, guidance=4.0))
-
-
-def load_teacher(folder: Path):
-    from pipeline.models.dit import DiT
-
-    return DiT.from_pretrained(Path(folder) / "transformer").eval().requires_grad_(False)
-
-
-def student_from(teacher) -> torch.nn.Module:
-    """The teacher's architecture plus a guidance embedding whose output starts at zero."""
-    from pipeline.models.dit import DiT
-
-    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
-    student = DiT(**{**config, "guidance_embed": True})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("guidance_embedder") for k in missing), (missing, unexpected)
-    last = student.guidance_embedder.mlp[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-    return student
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None) -> torch.Tensor:

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.evaluation.metrics import MetricError
-from pipeline.sample import TextToImage, write_grid
-from pipeline.training.tracking import clock
+from pipeline.sample import TextToImage
+from pipeline.data.sheets import write_grid
+from pipeline.timing import clock
 
 PROG = "pipeline.evaluate"
 PROMPT_KEYS = ("prompt", "caption", "text")

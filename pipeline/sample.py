@@ -16,9 +16,10 @@ from PIL import Image
 
 from pipeline.encoders import TextEncoders
 from pipeline.encoders.vae import FrozenVAE
-from pipeline.data.sheets import contact_sheet
-from pipeline.diffusion.samplers import consistency, euler
-from pipeline.training.tracking import clock
+from pipeline.data.images import tensor_to_images
+from pipeline.data.sheets import write_grid
+from pipeline.diffusion.samplers import SAMPLERS, sample
+from pipeline.timing import clock
 
 PROG = "pipeline.sample"
 
@@ -30,8 +31,8 @@ class TextToImage:
         self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler"
     ) -> None:
         """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them)."""
-        if sampler not in ("euler", "consistency"):
-            raise ValueError(f"unknown sampler '{sampler}' (euler, consistency)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
         self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
         self.latent_shape = list(latent_shape)  # [C, h, w]
 
@@ -62,12 +63,8 @@ class TextToImage:
     @torch.no_grad()
     def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
                seed: int = 0) -> torch.Tensor:
-        """The sampler alone: Euler with classifier-free guidance (teacher), or consistency steps
-        with the guidance scale given to the model as an input (student: one evaluation per step)."""
-        if self.sampler == "euler":
-            return euler(self.transformer, noise, cond, steps, guidance, shift)
-        cond = {**cond, "guidance": torch.full((noise.shape[0],), float(guidance), device=noise.device)}
-        return consistency(self.transformer, noise, cond, steps, shift, torch.Generator().manual_seed(seed + 1))
+        """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it)."""
+        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, shift, seed)
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -78,17 +75,6 @@ class TextToImage:
         start = clock()
         images = self.images(self.latents(prompts, steps, guidance, shift, seed))
         return images, (clock() - start) / len(prompts)
-
-
-def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def write_grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:
-    contact_sheet(list(zip(images, captions)), path, columns)
-    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,7 +314,8 @@ class Trainer:
             return None
         from pipeline.encoders.vae import FrozenVAE, VAEConfig
         from pipeline.config import from_dict
-        from pipeline.sample import TextToImage, write_grid
+        from pipeline.sample import TextToImage
+        from pipeline.data.sheets import write_grid
 
         s, device = self.cfg.sampling, self.accelerator.device
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []

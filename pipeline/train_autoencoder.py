@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminator, Reconstruction, adaptive_weight, build_autoencoder, generator_loss, hinge_d_loss, measure_factors, psnr
+from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminator, Reconstruction, build_autoencoder
+from pipeline.training.autoencoder_losses import adaptive_weight, generator_loss, hinge_d_loss, measure_factors, psnr
 from pipeline.training.checkpoint import Checkpoints, load_tensors, load_weights, read_train_state, rng_state, save_tensors, save_weights, set_rng_state, write_train_state
 from pipeline.config import ConfigError, exit_on_config_error, parse_cli, save_config
 from pipeline.data.images import collate_images, decode_image_sample, image_loader
@@ -281,7 +282,7 @@ class AutoencoderTrainer:
         return next(iter(loader))["image"]
 
     def reconstructions(self, recon: torch.Tensor, count: int = 16) -> Path:
-        from pipeline.sample import tensor_to_images
+        from pipeline.data.images import tensor_to_images
 
         path = self.cfg.run_dir / "reconstructions.png"
         originals, rebuilt = tensor_to_images(self.held_out[:count]), tensor_to_images(recon[:count])

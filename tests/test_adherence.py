@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_tools.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, render_sample
+from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, render_sample
 from pipeline.evaluation.adherence import ATTRIBUTES, SCORED, adherence_table, analyse, evaluate, parse_caption, render_caption, score
 
 KEYS = (*SCORED, "all")

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
 
 from pipeline import train_autoencoder
-from pipeline.models.autoencoder import adaptive_weight, hinge_d_loss, psnr
+from pipeline.training.autoencoder_losses import adaptive_weight, hinge_d_loss, psnr
 from tests.helpers import ROOT
 
 

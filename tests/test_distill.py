@@ -11,6 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 from pipeline import distill
+from pipeline.models.student import load_teacher, student_from
 from pipeline.diffusion.samplers import consistency, consistency_fn
 
 
@@ -24,15 +25,15 @@ def cond_for(model, rows: int) -> dict:
 
 
 def test_boundary_condition_is_exact(teacher_dir):
-    student = distill.student_from(distill.load_teacher(teacher_dir))
+    student = student_from(load_teacher(teacher_dir))
     x = torch.randn(3, 4, 8, 8)
     cond = {**cond_for(student, 3), "guidance": torch.full((3,), 4.0)}
     assert torch.equal(consistency_fn(student, x, torch.zeros(3), cond), x)
 
 
 def test_fresh_student_is_the_teachers_x0_prediction(teacher_dir):
-    teacher = distill.load_teacher(teacher_dir)
-    student = distill.student_from(teacher)
+    teacher = load_teacher(teacher_dir)
+    student = student_from(teacher)
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.6, 1.0])
     cond = cond_for(teacher, 3)
     with torch.no_grad():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.diffusion.flow import TimestepConfig, flow_loss, interpolate, loss_by_t, sample_timesteps, shift_time, velocity
-from pipeline.diffusion.samplers import euler, guided_velocity, time_grid
+from pipeline.diffusion.samplers import euler, time_grid
+from pipeline.diffusion.guidance import guided_velocity
 
 
 def test_time_convention_sign():

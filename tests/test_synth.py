@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, generate, main, render_sample
+from data_tools.synth import generate, main
+from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ GPU) that checkpoints, resumes and exports; then teacher against student samplin
   checkpoint, a second command that resumes to 1.5 N, and the exported model loaded back.
 - Sampling: DiT-XL/2 at 32×32×4 latents with T5-XXL-shaped text (random weights: speed does not
   depend on them), 50 Euler steps with classifier-free guidance (two evaluations per step, one
-  batch) against the distillation student (``pipeline.distill.student_from``) in 4 consistency
+  batch) against the distillation student (``pipeline.models.student.student_from``) in 4 consistency
   steps, sampler only, bf16 autocast; seconds per image after a device synchronisation.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training.tracking import clock
+from pipeline.timing import clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def _train(args: list[str]) -> dict:
 def sampling(device: str, cpu: bool) -> dict:
     """Teacher (50 Euler steps + CFG) against student (4 consistency steps): sampler seconds per image."""
     from benchmarks.gpu.steps import CPU_SHAPE, GPU_SHAPE, batch_for, ours
-    from pipeline.distill import student_from
+    from pipeline.models.student import student_from
     from pipeline.diffusion.samplers import consistency, euler
 
     shape, name, batch = (CPU_SHAPE, "DiT-B/2", 4) if cpu else (GPU_SHAPE, "DiT-XL/2", 16)

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.diffusion.flow import TimestepConfig, flow_loss, sample_timesteps
 from pipeline.models.dit import DIT_CONFIGS, build_dit, count_parameters, flops_per_sample
-from pipeline.training.tracking import clock
+from pipeline.timing import clock
 
 
 @dataclass(frozen=True)

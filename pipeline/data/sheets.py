@@ -79,3 +79,8 @@ def pairs_sheet(lefts: list[Image.Image], rights: list[Image.Image], caption: st
         pair.paste(right, (left.width, 0))
         pairs.append((pair, caption))
     return contact_sheet(pairs, path, columns)
+
+
+def write_grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:
+    contact_sheet(list(zip(images, captions)), path, columns)
+    return Path(path)

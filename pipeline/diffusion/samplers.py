@@ -1,13 +1,14 @@
-"""Samplers over any ``model(x, t, cond) -> v`` (DESIGN.md §3 conventions, ``pipeline.flow``).
+"""Samplers over any ``model(x, t, cond) -> v`` (DESIGN.md §3 conventions, ``pipeline.diffusion.flow``).
 
 - ``euler``: the probability-flow ODE from ``t = 1`` (noise) to ``t = 0`` (data),
   ``x ← x + (t_next − t)·v̂``, on a grid warped by the resolution shift.
 - ``consistency``: the multistep consistency sampler (Song et al. 2023, "Consistency Models",
   Algorithm 1) for a student whose ``f(x, t) = x − t·v(x, t)``: ``x0 = f(ε, 1)``, then for each
   ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
-- Classifier-free guidance, diffusers convention: ``v̂ = v_null + g·(v_cond − v_null)``;
-  ``g = 1`` is no guidance (one model call per step). The null condition is the model's own
-  (``cond["drop"] = True``), so the conditional and unconditional halves run as one batch.
+- Guidance: ``pipeline.diffusion.guidance``.
+
+:func:`sample` picks the sampler a model folder names ("euler" for a teacher, "consistency" for a
+distilled student), so the inference pipeline and the training-time grids sample alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.diffusion.flow import Model, shift_time
+from pipeline.diffusion.guidance import guided_velocity
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
@@ -23,25 +25,6 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
-
-
-def with_null(cond: dict, batch: int) -> dict:
-    """``cond`` twice along the batch: first half as given, second half dropped (null)."""
-    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
-    device = next((v.device for v in cond.values() if torch.is_tensor(v)), None)
-    keep = cond.get("drop", torch.zeros(batch, dtype=torch.bool, device=device))
-    doubled["drop"] = torch.cat([keep, torch.ones(batch, dtype=torch.bool, device=device)])
-    return doubled
-
-
-def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float | torch.Tensor) -> torch.Tensor:
-    """``v_null + g·(v_cond − v_null)``; ``g`` a number or one per row (B,); one call when ``g == 1``."""
-    if not torch.is_tensor(guidance) and guidance == 1.0:
-        return model(x, t, cond)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), with_null(cond, x.shape[0]))
-    v_cond, v_null = v.chunk(2)
-    g = guidance.reshape(-1, *([1] * (x.dim() - 1))).to(v.dtype) if torch.is_tensor(guidance) else guidance
-    return v_null + g * (v_cond - v_null)
 
 
 def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -81,3 +64,20 @@ def euler(
         t = grid[i].expand(x.shape[0])
         x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance)
     return x
+
+
+SAMPLERS = ("euler", "consistency")
+
+
+@torch.no_grad()
+def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
+           seed: int = 0) -> torch.Tensor:
+    """Latents from ``noise`` with the named sampler: Euler with classifier-free guidance (a
+    teacher), or consistency steps with the guidance scale given to the model as an input (a
+    student: one evaluation per step; its fresh noise comes from ``seed + 1``)."""
+    if sampler == "euler":
+        return euler(model, noise, cond, steps, guidance, shift)
+    if sampler != "consistency":
+        raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
+    cond = {**cond, "guidance": torch.full((noise.shape[0],), float(guidance), device=noise.device)}
+    return consistency(model, noise, cond, steps, shift, torch.Generator().manual_seed(seed + 1))

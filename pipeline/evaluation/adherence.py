@@ -37,7 +37,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_tools.synth import (
+from pipeline.evaluation.synthetic import (
     BACKGROUNDS,
     COLOURS,
     POSITIONS,
@@ -83,7 +83,7 @@ def _caption_pattern() -> tuple[re.Pattern, re.Pattern]:
 
 
 def parse_caption(caption: str) -> dict:
-    """Invert ``data_tools.synth.caption_for``: ``{"background": name, "objects": [{size, colour, shape, position}]}``.
+    """Invert ``pipeline.evaluation.synthetic.caption_for``: ``{"background": name, "objects": [{size, colour, shape, position}]}``.
 
     Raises ``ValueError`` for any caption that ``caption_for`` could not have written.
     """

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.sample import TextToImage, write_grid
+from pipeline.sample import TextToImage
+from pipeline.data.sheets import write_grid
 
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_STEPS = 50
@@ -22,7 +23,7 @@ PROMPT_SEED = 12345  # not the demo dataset's seed: new attribute combinations
 
 def eval_prompts(count: int, resolution: int) -> list[str]:
     """Synthetic captions (with their ground truth recoverable by ``parse_caption``)."""
-    from data_tools.synth import render_sample
+    from pipeline.evaluation.synthetic import render_sample
 
     return [render_sample(i, resolution, PROMPT_SEED, 0.25)[1]["caption"] for i in range(count)]
 
@@ -94,7 +95,7 @@ def write_report(cfg, meta: dict, prompts: int = 64) -> dict:
     """Compare the exported student with its teacher; writes ``report.{json,md}`` in the run folder."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student = TextToImage.from_folder(cfg.run_dir / "model", device)
-    from pipeline.distill import load_teacher
+    from pipeline.models.student import load_teacher
 
     teacher = TextToImage(load_teacher(cfg.teacher).to(device), student.vae, student.text, student.latent_shape)
     out = cfg.run_dir / "report"

@@ -1,5 +1,5 @@
-"""The autoencoder stage's parts: a diffusers ``AutoencoderKL`` built from a typed config, a
-patch-GAN discriminator, and the latent-diffusion losses.
+"""The autoencoder stage's networks: a diffusers ``AutoencoderKL`` built from a typed config and a
+patch-GAN discriminator (the losses are the training recipe's: ``pipeline.training.autoencoder_losses``).
 
 References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
 (the KL-regularised autoencoder recipe); Esser et al. 2021, "Taming Transformers" (patch-GAN
@@ -87,32 +87,3 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
-
-
-def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss: ``½·(mean relu(1 − real) + mean relu(1 + fake))``."""
-    return 0.5 * (torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean())
-
-
-def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    return -fake_logits.mean()
-
-
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """Taming eq. 7: ``λ = ||∇_L rec|| / (||∇_L gan|| + 1e-4)`` at the decoder's last layer L."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
-def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB on the [0, 1] scale, from images in [-1, 1] (B,)."""
-    mse = (((reconstruction.clamp(-1, 1) - original) / 2) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
-
-
-@torch.no_grad()
-def measure_factors(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` = (1/std, mean) of posterior-mean latents of ``images``."""
-    latents = torch.cat([vae.encode(images[i : i + batch]).latent_dist.mode() for i in range(0, len(images), batch)])
-    return float(1.0 / latents.std()), float(latents.mean())

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from pipeline.timing import clock
+
 # Dense bf16 peak TFLOP/s of common accelerators (FLOPs = 2 x multiply-accumulates).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 _SECRET_WORDS = ("key", "token", "secret", "password")
@@ -41,15 +43,6 @@ def without_secrets(obj):
     if isinstance(obj, list):
         return [without_secrets(v) for v in obj]
     return obj
-
-
-def clock() -> float:
-    """``time.perf_counter()`` once the GPU has finished its queued work. CUDA kernels run
-    asynchronously: a clock read without a synchronisation times their launches, not the work
-    (DESIGN.md §8). Every time this project reports goes through here."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def device_peak_tflops(cfg: LoggingConfig) -> float | None:

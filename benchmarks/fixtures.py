@@ -24,7 +24,7 @@ def demo_vae(folder: Path) -> Path:
     """An ``AutoencoderKL`` with the demo autoencoder's architecture, saved with save_pretrained."""
     from pipeline.models.autoencoder import build_autoencoder
     from pipeline.config import from_dict
-    from pipeline.train_autoencoder import AutoencoderTrainConfig
+    from pipeline.training.autoencoder import AutoencoderTrainConfig
 
     cfg = from_dict(AutoencoderTrainConfig, yaml.safe_load((ROOT / "configs/autoencoder_demo.yaml").read_text()))
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ from pipeline.models.student import student_from
 from pipeline.evaluation.compare import eval_prompts
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.evaluate import generate_images
+from pipeline.evaluation.evaluate import generate_images
 from pipeline.models.dit import build_dit
-from pipeline.sample import TextToImage
+from pipeline.inference.pipeline import TextToImage
 
 
 def pipelines(folder: Path) -> tuple[TextToImage, TextToImage]:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import torch
@@ -30,10 +30,12 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, exit_on_config_error, load_config, to_dict
 from pipeline.data.images import decode_image_sample
-from pipeline.training.distributed import create_accelerator, shutdown
+from pipeline.training.distributed import create_accelerator, dist_env, shutdown
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.data.paths import map_paths, relative_to
+from pipeline.data.stream import shard_sizes
+from pipeline.planning.dry_run import DryRunOptions, spread
 from pipeline.data.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
@@ -207,6 +209,60 @@ def encode(cfg: EncodeConfig, accelerator) -> dict | None:
     return summary
 
 
+def plan(cfg: EncodeConfig, options: DryRunOptions, out: TextIO | None = None) -> int:
+    """``--dry-run``: the encoding job's split, input shard ``i`` -> latent shard ``i``, encoded by
+    rank ``i mod N``; no encoder is built and no image decoded."""
+    out, prog = out or sys.stdout, PROG
+    env = dist_env()
+    world = options.world_size or env.world_size
+    if options.world_size is None and not env.is_main:
+        return 0
+    sources = complete_shards(cfg.input)
+    if not sources:
+        print(f"{prog}: dry run: no image shards in {cfg.input}", file=sys.stderr)
+        return 1
+    sizes = shard_sizes([str(s) for s in sources])
+    todo = [i for i in range(len(sources)) if not (Path(cfg.output) / shard_name(cfg.name, i)).exists()]
+    per_rank = [[i for i in todo if i % world == r] for r in range(world)]
+    meta_path = Path(cfg.input) / "dataset.json"
+    resolution = cfg.resolution or (json.loads(meta_path.read_text()).get("resolution") if meta_path.exists() else None)
+    lines = [f"{prog} dry run (no encoder built, no image decoded)"]
+    kv = lambda k, v: lines.append(f"  {k:<24}{v}")  # noqa: E731
+    kv("world size", f"{world} ({f'--world-size {world}' if options.world_size else f'launcher: {env.launcher}'})")
+    kv("batch size", f"{cfg.batch_size} images per process per forward")
+    kv("input", f"{cfg.input}: {len(sources)} shards, {sum(sizes):,} samples")
+    kv("output", f"{cfg.output}: {len(sources) - len(todo)} shard(s) done, {len(todo)} to encode")
+    kv("shards per rank", spread([len(s) for s in per_rank]))
+    kv("samples per rank", spread([sum(sizes[i] for i in s) for s in per_rank]))
+    kv("latent shape", _latent_shape(cfg, resolution))
+    kv("encoders", f"VAE {cfg.vae.path}; " + "; ".join(f"{k} {v}" for k, v in _text_sources(cfg).items()))
+    for line in lines:
+        print(line, file=out)
+    idle = sum(1 for s in per_rank if not s)
+    if idle:
+        print(f"{prog}: warning: {idle} of {world} ranks have no shard to encode (they wait for the others)", file=sys.stderr)
+    return 0
+
+
+def _latent_shape(cfg, resolution: int | None) -> str:
+    """From the VAE's local config.json (channels, 2^(levels-1) downsampling); unknown for hub ids."""
+    folder = Path(cfg.vae.path) / (cfg.vae.subfolder or "")
+    if not (folder / "config.json").exists() or resolution is None:
+        return f"unknown (resolution {resolution}; VAE config not local)"
+    vae: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    down = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    return f"[{vae.get('latent_channels', 4)}, {resolution // down}, {resolution // down}] (resolution {resolution}, VAE /{down})"
+
+
+def _text_sources(cfg) -> dict[str, str]:
+    text, found = cfg.text, {}
+    if text.t5 is not None:
+        found["T5"] = f"{text.t5.path} (max_length {text.t5.max_length})"
+    if text.clip is not None:
+        found["CLIP"] = str(text.clip.path or text.clip.model)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", type=Path, help="image-shard folder")
@@ -220,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error(PROG):
         cfg = load_config(EncodeConfig, args.config, [*args.overrides, *paths])
     if args.dry_run:
-        from pipeline import dry_run
-
-        return dry_run.run_encode(cfg, dry_run.DryRunOptions(args.world_size), PROG)
+        return plan(cfg, DryRunOptions(args.world_size))
     with exit_on_config_error(PROG):
         run(cfg)
     return 0

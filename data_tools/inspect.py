@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.sheets import contact_sheet
+from pipeline.figures.sheets import contact_sheet
 from pipeline.data.shards import complete_shards, iter_samples, stats_path
 
 PROG = "data_tools.inspect"

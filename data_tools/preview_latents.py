@@ -20,7 +20,7 @@ from pipeline.config import from_dict
 from pipeline.data.images import decode_image_sample
 from pipeline.data.latents import decode_latent_sample, latent_meta, shard_list
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.data.sheets import contact_sheet, pairs_sheet
+from pipeline.figures.sheets import contact_sheet, pairs_sheet
 from pipeline.data.images import tensor_to_images
 from pipeline.data.shards import complete_shards, iter_samples
 

@@ -16,7 +16,7 @@ if [ "${1:-}" = "--quick" ]; then
     COUNT=400 EVAL_COUNT=16 PER_SHARD=100
     AE=(steps=150 eval_every=150 factor_samples=200 data.held_out=64 checkpoint.every=150)
     TEACHER=(steps=200 sampling.every=0 checkpoint.every=200 data.loader.batch_size=32 optim.warmup_steps=20)
-    STUDENT=(steps=40 checkpoint.every=40 distill.report_prompts=8 data.loader.batch_size=32 optim.warmup_steps=10)
+    STUDENT=(steps=40 checkpoint.every=40 data.loader.batch_size=32 optim.warmup_steps=10)
 else
     OUT=${DEMO_OUT:-runs/demo}
     COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=512 PER_SHARD=500
@@ -80,6 +80,5 @@ demo output in $OUT/:
   latents/                       latent shards + dataset.json
   latents_decoded.png            stored latents decoded back (original | decoded pairs)
   teacher/samples/final.png      teacher grid, 50 Euler steps, guidance 4
-  student/report/report.md       distillation report: student 1/2/4/8 steps vs teacher 50 and few steps
   eval/                          pipeline.evaluate outputs (per_prompt.jsonl, summary.json, images)
 TXT

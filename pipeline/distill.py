@@ -1,166 +1,28 @@
 """``accelerate launch -m pipeline.distill --config configs/distill_demo.yaml [section.key=value ...]``
 
-Consistency distillation of a rectified-flow teacher into a student that samples in 1–4 steps.
-References: Song et al. 2023, "Consistency Models" (consistency distillation, Alg. 2); Luo et al.
-2023, "Latent Consistency Models" (guidance-conditioned student, skipping-step teacher solver);
-Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models" (pseudo-Huber).
-
-- Teacher: the trained EMA DiT (frozen). Student: a copy of it with an extra guidance-scale
-  embedding whose output layer starts at zero, so at step 0 the student *is* the teacher.
-- Consistency function ``f(x, t) = x − t·v_student(x, t, g)``: ``f(x, 0) = x`` exactly.
-- Target network: an EMA of the student (``distill.target_decay``), the bootstrapping that keeps
-  consistency training from collapsing. (The export EMA is separate: ``ema.decay``.)
-- Loss: draw ``n`` from N intervals of the (shifted) grid, ``x_{t_{n+1}}`` from data + noise, one
-  teacher ODE step (Euler or Heun) to ``t_n`` with classifier-free guidance at ``g ~ U[g_min,
-  g_max]``, then ``d(f_student(x_{t_{n+1}}), f_target(x̂_{t_n}))`` with L2 or pseudo-Huber ``d``.
-- Everything else — DeepSpeed, checkpoints, exact resume, logging, grids — is ``pipeline.train``'s.
-
-Precision and parallelism: the student trains like ``pipeline.train``'s DiT (any precision, DDP or
-ZeRO-2/3). The target network is an fp32 EMA copy of the student taken before ``prepare``, updated
-from the same whole (under ZeRO-3: gathered block by block) parameters as the export EMA; the
-frozen teacher is fp32 and replicated on every rank. Both run under autocast in the run's compute
-dtype.
+Consistency distillation of a trained teacher (an exported model folder) into a student that
+samples in 1–4 steps, with the DiT stage's machinery: DeepSpeed or DDP, checkpoints and exact
+resume, logging, sample grids. The recipe is ``pipeline.training.distill``; ``--dry-run
+[--world-size N]`` prints its plan and exits. Compare the student with its teacher afterwards
+with ``python -m pipeline.compare``.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
-
-import torch
 
 from pipeline.config import parse_cli
-from pipeline.models.student import load_teacher, student_from
-from pipeline.training.ema import EMA
-from pipeline.diffusion.flow import shift_time
-from pipeline.diffusion.samplers import consistency_fn
-from pipeline.diffusion.guidance import guided_velocity
-from pipeline.train import Trainer, condition, run
-from pipeline.training.dit_config import SamplingConfig, TrainConfig
-
-PROG = "pipeline.distill"
-
-
-@dataclass(kw_only=True)
-class DistillSection:
-    intervals: int = 32  # N: the discretisation of [0, 1] the teacher steps on
-    shift: float = 1.0  # resolution shift of that grid
-    solver: Literal["euler", "heun"] = "euler"
-    guidance_min: float = 2.0  # g ~ U[min, max], given to the student as an input
-    guidance_max: float = 6.0
-    target_decay: float = 0.95  # EMA of the student used as the target network (paper: 0.95;
-    # slower, 0.98-0.99, gave better 4-step samples on the demo: configs/distill_demo.yaml)
-    loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
-    huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
-    report_prompts: int = 64  # synthetic prompts in the end-of-run report; 0: no report
-
-    def __post_init__(self) -> None:
-        if self.intervals < 1 or not 0 <= self.target_decay < 1:
-            raise ValueError("intervals must be >= 1 and target_decay in [0, 1)")
-        if self.report_prompts < 0:
-            raise ValueError(f"report_prompts must be >= 0 (got {self.report_prompts})")
-        if not 1 <= self.guidance_min <= self.guidance_max:
-            raise ValueError(f"need 1 <= guidance_min <= guidance_max (got {self.guidance_min}, {self.guidance_max})")
-
-
-@dataclass(kw_only=True)
-class DistillConfig(TrainConfig):
-    teacher: Path = Path("runs/demo/teacher/model")  # an exported model folder (pipeline.train)
-    distill: DistillSection = field(default_factory=DistillSection)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=4, guidance=4.0))
-
-
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None) -> torch.Tensor:
-    """Per-sample L2 (mean squared) or pseudo-Huber ``sqrt(||a − b||² + c²) − c`` (B,)."""
-    diff = (a.float() - b.float()).flatten(1)
-    if kind == "l2":
-        return (diff**2).mean(1)
-    c = 0.00054 * diff.shape[1] ** 0.5 if c is None else c
-    return torch.sqrt((diff**2).sum(1) + c**2) - c
-
-
-class Distiller(Trainer):
-    """``pipeline.train``'s machinery with the consistency-distillation loss."""
-
-    cfg: DistillConfig
-    prog = PROG
-
-    def __init__(self, cfg: DistillConfig) -> None:
-        self.teacher = load_teacher(cfg.teacher)
-        super().__init__(cfg)
-        self.teacher.to(self.accelerator.device)
-        d = cfg.distill
-        self.grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
-
-    def build_averages(self, model: torch.nn.Module) -> None:
-        self.target = EMA(model, self.cfg.distill.target_decay).to(self.accelerator.device)  # the fresh student: the teacher + zero guidance
-
-    def build_model(self) -> torch.nn.Module:
-        return student_from(self.teacher)
-
-    def teacher_step(self, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict, g: torch.Tensor) -> torch.Tensor:
-        """One guided ODE step of the frozen teacher from ``t_hi`` down to ``t_lo``."""
-        dt = (t_lo - t_hi).reshape(-1, 1, 1, 1)
-        v = guided_velocity(self.teacher, x, t_hi, cond, g)
-        x_euler = x + dt * v
-        if self.cfg.distill.solver == "euler":
-            return x_euler
-        return x + dt * 0.5 * (v + guided_velocity(self.teacher, x_euler, t_lo, cond, g))
-
-    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        d, device = self.cfg.distill, self.accelerator.device
-        x0 = batch["latent"].to(device)  # (B, C, h, w)
-        rows = x0.shape[0]
-        cond = condition(batch, 0.0, device)
-        n = torch.randint(0, d.intervals, (rows,), device=device)
-        t_lo, t_hi = self.grid[n], self.grid[n + 1]
-        noise = torch.randn_like(x0)
-        x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
-        g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)
-        with torch.no_grad(), self.autocast():
-            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
-            target = consistency_fn(self.target.module, x_lo, t_lo, {**cond, "guidance": g})
-        prediction = consistency_fn(self.model, x_hi, t_hi, {**cond, "guidance": g})
-        return distance(prediction, target, d.loss, d.huber_c), t_hi
-
-    def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
-        super().average(group)
-        self.target.update(group)
-
-    def save_extra(self, folder: Path) -> None:
-        self.target.save(folder / "target.safetensors")
-
-    def load_extra(self, folder: Path) -> None:
-        self.target.load(folder / "target.safetensors")
-
-    def export_info(self) -> dict:
-        s, d = self.cfg.sampling, self.cfg.distill
-        return {
-            "kind": "consistency_student",
-            "sampler": "consistency",
-            "teacher": str(self.cfg.teacher),
-            "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
-            "guidance_range": [d.guidance_min, d.guidance_max],
-        }
-
-    def finish(self, tracker) -> None:
-        super().finish(tracker)
-        if self.is_main and self.cfg.distill.report_prompts > 0:
-            from pipeline.evaluation.compare import write_report
-
-            write_report(self.cfg, self.meta, self.cfg.distill.report_prompts)
+from pipeline.planning import dry_run
+from pipeline.training.core import run_training
+from pipeline.training.distill import PROG, DistillConfig, Distiller, plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.planning import dry_run
-
     options, argv = dry_run.split_flags(argv)  # --dry-run [--world-size N]: print the plan and exit
-    cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[0])
+    cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[1].replace("\n", " "))
     if options is not None:
-        return dry_run.run_stage(cfg, options, dry_run.plan_for_distill, PROG)
-    return run(Distiller, cfg, PROG)
+        return dry_run.run_stage(cfg, options, plan, PROG)
+    return run_training(Distiller, cfg, PROG)
 
 
 if __name__ == "__main__":

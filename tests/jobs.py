@@ -65,15 +65,16 @@ def _build(stage: str, config: str | None, overrides: list[str]):
     from pipeline.config import load_config
 
     if stage == "train":
-        from pipeline.train import Trainer, TrainConfig
+        from pipeline.training.dit import Trainer
+        from pipeline.training.dit_config import TrainConfig
 
         return Trainer(load_config(TrainConfig, config, overrides))
     if stage == "distill":
-        from pipeline.distill import DistillConfig, Distiller
+        from pipeline.training.distill import DistillConfig, Distiller
 
         return Distiller(load_config(DistillConfig, config, overrides))
     if stage == "autoencoder":
-        from pipeline.train_autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
+        from pipeline.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
 
         return AutoencoderTrainer(load_config(AutoencoderTrainConfig, config, overrides))
     raise ValueError(f"unknown stage {stage!r}")
@@ -207,7 +208,7 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
     if name.startswith(("dit_", "distill_")):
         shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2"]
         if name.startswith("distill_"):
-            return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}", "distill.report_prompts=0"], str(path))
+            return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}"], str(path))
         return job(name, "train", [*shrunk, "model.name=DiT-tiny", "model.overrides={depth: 2}"], str(path))
     if name.startswith("autoencoder_"):
         shrunk = [f"data.shards={inputs['images']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "data.resolution=32",
@@ -229,7 +230,7 @@ def distill_jobs(teacher: Path, latents: Path, out: Path, mode: str = "zero3", p
     """Consistency distillation (student, export EMA, target EMA, frozen teacher): a 4-step run and its resumed copy."""
     name = f"distill-{mode}-{precision}-accum{accum}"
     common = [f"teacher={teacher}", f"data.latents={latents}", f"output_dir={out}", *MODES[mode], f"mixed_precision={precision}",
-              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8", "distill.report_prompts=0",
+              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8",
               f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2"]
     return [job(name, "distill", [*common, f"run={name}"]),
             job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]

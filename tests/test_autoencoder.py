@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
@@ -57,7 +56,7 @@ def test_resume_equals_an_uninterrupted_run(image_shards, tmp_path):
     assert train_autoencoder.main(args(image_shards, tmp_path / "full", "steps=6", *same)) == 0
     assert train_autoencoder.main(args(image_shards, tmp_path / "part", "steps=3", *same)) == 0
     assert train_autoencoder.main(args(image_shards, tmp_path / "part", "steps=6", *same)) == 0
-    for name in ("vae.safetensors", "disc.safetensors"):
+    for name in ("accelerate/model.safetensors", "accelerate/model_1.safetensors"):  # the VAE (in its reconstruction module), the discriminator
         a, b = (load_file(str(tmp_path / d / "ae/checkpoints/step-000006" / name)) for d in ("full", "part"))
         assert all(np.array_equal(a[k], b[k]) for k in a), name
 
@@ -71,9 +70,7 @@ def test_too_few_shards_is_one_line(image_shards, tmp_path, capsys):
     (tmp_path / "one").mkdir()
     first = sorted(image_shards.glob("*.tar"))[0]
     (tmp_path / "one" / first.name).write_bytes(first.read_bytes())
-    with pytest.raises(SystemExit) as exit_info:
-        train_autoencoder.main(args(image_shards, tmp_path, "steps=1", f"data.shards={tmp_path / 'one'}"))
-    assert exit_info.value.code == 2
+    assert train_autoencoder.main(args(image_shards, tmp_path, "steps=1", f"data.shards={tmp_path / 'one'}")) == 2
     err = capsys.readouterr().err
     assert "config error: data.shards" in err and "need at least 2" in err and len(err.strip().splitlines()) == 1
 

@@ -17,7 +17,7 @@ def config_class(path: Path):
 
         return TrainConfig, []
     if path.name.startswith("distill_"):
-        from pipeline.distill import DistillConfig
+        from pipeline.training.distill import DistillConfig
 
         return DistillConfig, []
     if path.name.startswith("encode_"):
@@ -25,7 +25,7 @@ def config_class(path: Path):
 
         return EncodeConfig, ["input=in", "output=out"]
     if path.name.startswith("autoencoder_"):
-        from pipeline.train_autoencoder import AutoencoderTrainConfig
+        from pipeline.training.autoencoder import AutoencoderTrainConfig
 
         return AutoencoderTrainConfig, []
     raise AssertionError(f"{path.name}: no config class known for this name; add it here")

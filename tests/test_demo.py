@@ -34,13 +34,10 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
         assert picture in md and (tmp_path / "demo" / picture).is_file(), picture
     assert [s["stage"] for s in report["stages"]][-1] == "report"
     assert "latents_decoded.png" in md and (tmp_path / "demo/latents_decoded.png").is_file()
-    distilled = json.loads((tmp_path / "demo/student/report/report.json").read_text())
-    assert [(s["steps"], s["evaluations"]) for s in distilled["students"]] == [(1, 1), (2, 2), (4, 4), (8, 8)]
-    assert [t["evaluations"] for t in distilled["teacher_few_steps"]] == [2, 4, 8, 16]  # guided: two per step
 
 
 def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
-    from pipeline.demo_report import BEAT_MARGIN, goals
+    from pipeline.reporting.demo_report import BEAT_MARGIN, goals
 
     def model(steps, adherence):
         return {"steps": steps, "adherence_all": adherence, "adherence_vs_teacher": adherence / 0.5,

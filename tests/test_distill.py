@@ -64,8 +64,7 @@ def run_args(teacher_dir, latents, out, *extra):
     return [f"teacher={teacher_dir}", f"data.latents={latents}", f"output_dir={out}", "run=s", "distill.intervals=8", *ARGS, *extra]
 
 
-def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, latent_shards, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill.Distiller, "finish", distill.Trainer.finish)  # the report has its own test
+def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, latent_shards, tmp_path):
     same = ["checkpoint.every=6", "checkpoint.keep=5", "steps=24"]
     assert distill.main(run_args(teacher_dir, latent_shards, tmp_path / "full", *same)) == 0
     losses = [json.loads(line)["loss"] for line in (tmp_path / "full/s/metrics.jsonl").read_text().splitlines()]
@@ -78,3 +77,16 @@ def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, lat
         assert all(np.array_equal(a[k], b[k]) for k in a), name
     info = json.loads((tmp_path / "full/s/model/pipeline.json").read_text())
     assert info["kind"] == "consistency_student" and info["sampler"] == "consistency"
+
+
+def test_compare_reports_the_student_against_its_teacher(teacher_dir, latent_shards, tmp_path):
+    """``python -m pipeline.compare`` (the evaluation layer): the student at 1/2/4/8 steps, the
+    guided teacher at 50 and at the same few steps, with their network evaluations."""
+    from pipeline.evaluation.compare import main as compare
+
+    assert distill.main(run_args(teacher_dir, latent_shards, tmp_path, "steps=2", "checkpoint.every=2")) == 0
+    assert compare(["--student", str(tmp_path / "s/model"), "--prompts", "4", "--output", str(tmp_path / "report")]) == 0
+    distilled = json.loads((tmp_path / "report/report.json").read_text())
+    assert [(s["steps"], s["evaluations"]) for s in distilled["students"]] == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    assert [t["evaluations"] for t in distilled["teacher_few_steps"]] == [2, 4, 8, 16]  # guided: two per step
+    assert (tmp_path / "report/report.md").exists() and (tmp_path / "report/student_4.png").exists()

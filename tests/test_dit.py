@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import DIT_CONFIGS, DiT, build_dit, count_parameters, flops_per_sample
-from pipeline.models import dit
-from pipeline.models.dit import SDPA_MIN_SCORES, attention
+from pipeline.models import dit_layers
+from pipeline.models.dit_layers import SDPA_MIN_SCORES, attention
 
 TEXT_DIM, CLIP_DIM, CLIP_TOKEN_DIM = 16, 12, 8
 # DiT paper, Table 4 (class-conditional, learned sigma): parameters in millions.
@@ -129,7 +129,7 @@ def test_other_resolutions_and_bad_sizes():
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on both attention paths: plain matmuls (short CPU sequences) and SDPA (elsewhere)."""
     if request.param == "sdpa":
-        monkeypatch.setattr(dit, "SDPA_MIN_SCORES", 0)
+        monkeypatch.setattr(dit_layers, "SDPA_MIN_SCORES", 0)
     return request.param
 
 

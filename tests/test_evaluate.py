@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import evaluate, metrics
+from pipeline.evaluation import evaluate, metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFont
 
 from data_tools.inspect import inspect_shards, main
-from pipeline.data.sheets import MAX_CAPTION_LINES, contact_sheet, wrap
+from pipeline.figures.sheets import MAX_CAPTION_LINES, contact_sheet, wrap
 
 REPO = Path(__file__).resolve().parents[1]
 

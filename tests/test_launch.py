@@ -33,6 +33,8 @@ import pytest
 import torch
 
 from pipeline import train
+from pipeline.data.latents import latent_meta
+from pipeline.training.dit import build_model
 from pipeline.planning import dry_run
 from pipeline.training.distributed import deepspeed_launch, deepspeed_launch_conflict
 from tests.helpers import ROOT, free_port
@@ -268,13 +270,13 @@ def test_dry_run_refuses_a_launch_file_that_contradicts_the_config(fake_folder, 
 
 def test_dry_run_of_distill_counts_teacher_and_target(fake_folder, tmp_path, capsys):
     from pipeline.config import load_config
-    from pipeline.distill import DistillConfig
+    from pipeline.training.distill import DistillConfig, plan
     from pipeline.models.dit import build_dit
 
     with torch.device("meta"):
         build_dit("DiT-XL/2", sample_size=32, text_dim=4096, clip_dim=768, qk_norm=True).save_config(tmp_path / "teacher/transformer")
     cfg = load_config(DistillConfig, ROOT / "configs/dit_xl2_256.yaml", [f"data.latents={fake_folder}", f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path}"])
-    assert dry_run.run_stage(cfg, dry_run.DryRunOptions(world_size=8), dry_run.plan_for_distill, "pipeline.distill") == 0
+    assert dry_run.run_stage(cfg, dry_run.DryRunOptions(world_size=8), plan, "pipeline.distill") == 0
     out = capsys.readouterr().out
     assert "student: EMA + target network" in out and "teacher: frozen weights" in out and "target network: frozen" not in out
 
@@ -356,7 +358,7 @@ def test_two_node_slurm_job_trains_and_its_checkpoint_resumes_on_one_node(latent
     # one process: the weights load (consolidated fp32 from the ZeRO partitions; the exported EMA model) ...
     ckpt = tmp_path / "t/checkpoints/step-000006"
     cfg = load_config(TrainConfig, None, [f"data.latents={latent_shards}", "model.overrides={depth: 2}"])
-    model = train.build_model(cfg, train.latent_meta(latent_shards))
+    model = build_model(cfg, latent_meta(latent_shards))
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "accelerate"), tag="pytorch_model")
     model.load_state_dict(fp32, strict=True)
     module = torch.load(ckpt / "accelerate/pytorch_model/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -132,7 +132,7 @@ def test_autoencoder_under_ddp_in_bf16_with_accumulation(launched_jobs):
     assert [m["lr"] for m in full] == pytest.approx(expected_lrs(jobs.CELL_STEPS), rel=1e-12, abs=0)
     assert [m["l1_rec"] for m in resumed] == [m["l1_rec"] for m in full]
     final = f"checkpoints/step-{jobs.CELL_STEPS:06d}"
-    for state in ("vae.safetensors", "disc.safetensors"):
+    for state in ("accelerate/model.safetensors", "accelerate/model_1.safetensors"):  # the VAE, the discriminator
         a, b = (load_file(str(launched_jobs / run / final / state)) for run in (name, f"{name}-resumed"))
         assert all(np.array_equal(a[k], b[k]) for k in a), state
 
@@ -155,7 +155,8 @@ def test_two_micro_batches_of_half_give_the_large_batch_gradients(latent_shards,
     the optimizer agree to 1e-6 of their scale (fp32; float summation order differs)."""
     from pipeline.config import load_config
     from pipeline.diffusion.flow import flow_loss
-    from pipeline.train import TrainConfig, Trainer, condition
+    from pipeline.training.dit import Trainer, condition
+    from pipeline.training.dit_config import TrainConfig
 
     class FixedDraws(Trainer):
         def loss(self, batch):

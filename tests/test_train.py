@@ -127,7 +127,8 @@ def test_config_error_is_one_line(tmp_path):
 def test_exported_model_moves_with_its_run_folder(teacher_dir, tmp_path, monkeypatch):
     """pipeline.json stores local paths relative to the model folder: a run folder copied
     elsewhere samples with its own VAE and encoders, whatever the working directory."""
-    from pipeline.inference.pipeline import export_model, load_pipeline
+    from pipeline.data.model_folder import export_model
+    from pipeline.inference.pipeline import load_pipeline
     from pipeline.data.paths import map_paths, resolved_from
     from pipeline.models.dit import DiT
 

@@ -70,7 +70,7 @@ def shard_sizes(shards: list[str]) -> list[int]:
     return sizes
 
 
-class _Streams:
+class StreamSchedule:
     """The group schedule shared by every stream (pure arithmetic, no I/O)."""
 
     def __init__(self, shards: list[str], sizes: list[int], cfg: LoaderConfig, n_streams: int) -> None:
@@ -111,7 +111,7 @@ class _Streams:
 class ShardStream(IterableDataset):
     """Yields ``(stream, end_offset, batch)``; one stream per data worker."""
 
-    def __init__(self, schedule: _Streams, decode: Decode, collate: Collate, rank: int, start: dict) -> None:
+    def __init__(self, schedule: StreamSchedule, decode: Decode, collate: Collate, rank: int, start: dict) -> None:
         self.schedule, self.decode, self.collate, self.rank = schedule, decode, collate, rank
         self.start = start  # {"offsets": {stream: raw offset}, "rotation": int}
 
@@ -153,7 +153,7 @@ class ShardLoader:
         self.shards, self.cfg, self.decode, self.collate = list(shards), cfg, decode, collate
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, cfg.num_workers)
-        self.schedule = _Streams(self.shards, shard_sizes(self.shards), cfg, world_size * self.workers)
+        self.schedule = StreamSchedule(self.shards, shard_sizes(self.shards), cfg, world_size * self.workers)
         self.batches = 0  # consumed by this rank
         self.offsets: dict[str, int] = {}  # stream -> raw samples consumed
 

@@ -1,20 +1,34 @@
-"""The distillation report: the student at 1/2/4/8 steps against the teacher at 50 steps and at
-the same few steps — wall time per image and prompt adherence — as JSON, Markdown and PNG grids.
+"""``python -m pipeline.compare --student DIR [--teacher DIR] [--prompts 64] --output DIR``
 
-Adherence comes from ``pipeline.adherence`` (the deterministic analyser of the synthetic set):
-prompts are synthetic captions with known attributes, drawn with a seed the training set did not
-use, so the numbers measure generalisation to new combinations as well as fidelity.
+A distilled student against its teacher: the student at 1/2/4/8 steps, the teacher at 50 steps
+and at the same few steps — wall time per image and prompt adherence — as ``report.json``,
+``report.md`` and PNG grids. Generation goes through ``pipeline.evaluation.evaluate``'s
+``generate_images`` (the one generation path), so these figures and ``pipeline.evaluate``'s agree.
+
+Adherence comes from ``pipeline.evaluation.adherence`` (the deterministic analyser of the
+synthetic set): prompts are synthetic captions with known attributes, drawn with a seed the
+training set did not use, so the numbers measure generalisation to new combinations as well as
+fidelity. The teacher defaults to the one the student's ``pipeline.json`` names.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.sample import TextToImage
-from pipeline.data.sheets import write_grid
+from pipeline.data.model_folder import read_model_info
+from pipeline.figures.sheets import write_grid
+from pipeline.evaluation.adherence import evaluate
+from pipeline.evaluation.evaluate import generate_images
+from pipeline.evaluation.synthetic import render_sample
+from pipeline.inference.pipeline import TextToImage
+from pipeline.models.student import load_teacher
+
+PROG = "pipeline.compare"
 
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_STEPS = 50
@@ -23,16 +37,11 @@ PROMPT_SEED = 12345  # not the demo dataset's seed: new attribute combinations
 
 def eval_prompts(count: int, resolution: int) -> list[str]:
     """Synthetic captions (with their ground truth recoverable by ``parse_caption``)."""
-    from pipeline.evaluation.synthetic import render_sample
-
     return [render_sample(i, resolution, PROMPT_SEED, 0.25)[1]["caption"] for i in range(count)]
 
 
 def measure(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float, grid: Path) -> dict:
     """Generate, time, score adherence and save a grid of the first 16."""
-    from pipeline.evaluation.adherence import evaluate
-    from pipeline.evaluate import generate_images
-
     images, timing = generate_images(pipe, prompts, steps, guidance, shift, seed=0, batch_size=64, desc=grid.stem)
     scores = evaluate(images, prompts)
     write_grid(images[:16], prompts[:16], grid)
@@ -91,17 +100,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg, meta: dict, prompts: int = 64) -> dict:
-    """Compare the exported student with its teacher; writes ``report.{json,md}`` in the run folder."""
+def write_report(student_dir: Path, teacher_dir: Path | None, prompts: int, guidance: float | None, shift: float | None,
+                 out: Path) -> dict:
+    """Compare an exported student with its teacher; writes ``report.{json,md}`` and grids in ``out``.
+    ``guidance`` / ``shift`` default to the student's recorded sampling settings."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    student = TextToImage.from_folder(cfg.run_dir / "model", device)
-    from pipeline.models.student import load_teacher
-
-    teacher = TextToImage(load_teacher(cfg.teacher).to(device), student.vae, student.text, student.latent_shape)
-    out = cfg.run_dir / "report"
+    info = read_model_info(student_dir)
+    student = TextToImage.from_folder(student_dir, device)
+    teacher_model = load_teacher(teacher_dir or info["teacher"]).to(device)
+    teacher = TextToImage(teacher_model, student.vae, student.text, student.latent_shape)
+    sampling = info.get("sampling", {})
+    guidance = sampling.get("guidance", 4.0) if guidance is None else guidance
+    shift = sampling.get("shift", 1.0) if shift is None else shift
     out.mkdir(parents=True, exist_ok=True)
-    report = compare(teacher, student, eval_prompts(prompts, meta["resolution"]), cfg.sampling.guidance, cfg.sampling.shift, out)
+    report = compare(teacher, student, eval_prompts(prompts, info["resolution"]), guidance, shift, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
-    print(f"pipeline.distill: report in {out / 'report.md'}")
+    print(f"{PROG}: report in {out / 'report.md'}")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--student", type=Path, required=True, help="the student's exported model folder (runs/NAME/model)")
+    p.add_argument("--teacher", type=Path, help="the teacher's model folder (default: the one the student's pipeline.json names)")
+    p.add_argument("--prompts", type=int, default=64, help="synthetic prompts to generate (default 64)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the student's recorded one)")
+    p.add_argument("--shift", type=float, help="time-grid shift (default: the student's recorded one)")
+    p.add_argument("--output", type=Path, required=True, help="folder for report.json, report.md and the grids")
+    args = p.parse_args(argv)
+    if args.prompts < 1:
+        p.error(f"--prompts must be >= 1 (got {args.prompts})")
+    try:
+        write_report(args.student, args.teacher, args.prompts, args.guidance, args.shift, args.output)
+    except (FileNotFoundError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

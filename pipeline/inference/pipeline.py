@@ -1,44 +1,26 @@
-"""The exported text-to-image model folder, and loading it back for sampling.
+"""The text-to-image pipeline object: a transformer with the VAE and text encoders it was trained
+against, loaded from an exported model folder (``pipeline.data.model_folder``).
 
-``MODEL/transformer/`` is a ``from_pretrained`` folder (safetensors + config.json) of the DiT;
-``MODEL/pipeline.json`` names the VAE and text encoders (the configs ``data_tools.encode``
-used, recorded in the latent ``dataset.json``) and the latent shape, so sampling needs no
-flags that training already knew. Its local paths are relative to ``MODEL`` (``pipeline.paths``).
+``TextToImage.from_folder(DIR)`` reads ``pipeline.json`` (encoders, latent shape, sampler);
+``generate(prompts)`` encodes the prompts, samples latents (Euler with classifier-free guidance
+for a teacher, multistep consistency for a distilled student) and decodes them with the VAE.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from pipeline.config import from_dict
+from pipeline.data.images import tensor_to_images
+from pipeline.data.model_folder import read_model_info
+from pipeline.diffusion.samplers import SAMPLERS, sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.data.paths import map_paths, relative_to, resolved_from
-from pipeline.data.shards import write_json_atomic
-
-PIPELINE_FILE = "pipeline.json"
-
-
-def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra: dict | None = None) -> Path:
-    """Save ``model`` (a ``ModelMixin``) and the encoders' description into ``folder``."""
-    folder = Path(folder)
-    model.save_pretrained(folder / "transformer", safe_serialization=True)
-    config = latent_meta["config"]
-    info = {
-        "kind": "text_to_image",
-        "transformer": "transformer",
-        "vae": config["vae"],
-        "text": config["text"],
-        "latent_shape": latent_meta["latent_shape"],
-        "resolution": latent_meta["resolution"],
-        **(extra or {}),
-    }
-    write_json_atomic(folder / PIPELINE_FILE, map_paths(info, relative_to(folder)))
-    return folder
+from pipeline.timing import clock
 
 
 @dataclass
@@ -50,15 +32,63 @@ class LoadedPipeline:
 
 
 def load_pipeline(folder: Path, device: str | torch.device = "cpu") -> LoadedPipeline:
-    """A model folder written by :func:`export_model` (or by the distillation stage)."""
+    """A model folder written by ``pipeline.data.model_folder.export_model``."""
     from pipeline.models.dit import DiT
 
     folder = Path(folder)
-    info_path = folder / PIPELINE_FILE
-    if not info_path.exists():
-        raise FileNotFoundError(f"{folder} is not an exported model folder (no {PIPELINE_FILE})")
-    info = map_paths(json.loads(info_path.read_text()), resolved_from(folder))
+    info = read_model_info(folder)
     transformer = DiT.from_pretrained(folder / info["transformer"]).to(device).eval()
     vae = FrozenVAE(from_dict(VAEConfig, info["vae"]), device)
     text = TextEncoders(from_dict(TextEncodersConfig, info["text"]), device)
     return LoadedPipeline(transformer, vae, text, info)
+
+
+class TextToImage:
+    """A transformer with the VAE and text encoders it was trained against."""
+
+    def __init__(
+        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler"
+    ) -> None:
+        """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
+        self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
+        self.latent_shape = list(latent_shape)  # [C, h, w]
+
+    @classmethod
+    def from_folder(cls, folder: Path, device: str | torch.device = "cpu") -> TextToImage:
+        loaded = load_pipeline(folder, device)
+        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"))
+
+    def noise(self, count: int, seed: int) -> torch.Tensor:
+        """The same seed gives the same starting noise, batch after batch."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(count, *self.latent_shape, generator=g).to(self.vae.device)  # (B, C, h, w)
+
+    def noise_per_image(self, seeds: list[int]) -> torch.Tensor:
+        """One generator per image: image k's noise depends on its seed only, not on the batch."""
+        return torch.cat([self.noise(1, s) for s in seeds])  # (B, C, h, w)
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the batch noise drawn
+        from ``seed``."""
+        noise = self.noise(len(prompts), seed) if noise is None else noise.to(self.vae.device)
+        return self.sample(self.text.encode(prompts), noise, steps, guidance, shift, seed)
+
+    @torch.no_grad()
+    def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
+               seed: int = 0) -> torch.Tensor:
+        """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it)."""
+        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, shift, seed)
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> list[Image.Image]:
+        return tensor_to_images(self.vae.decode(latents))
+
+    def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float = 1.0, seed: int = 0) -> tuple[list[Image.Image], float]:
+        """Images for ``prompts`` and the wall seconds per image."""
+        start = clock()
+        images = self.images(self.latents(prompts, steps, guidance, shift, seed))
+        return images, (clock() - start) / len(prompts)

@@ -6,26 +6,25 @@ shards per rank / per data worker (one worker = one stream of ``pipeline.data.st
 per step, and an estimate of the memory per GPU. It builds no weights (models are built on the
 ``meta`` device) and reads no samples: only ``dataset.json``, the shard listing and the
 ``*_stats.json`` files (and a resumed checkpoint's ``data_rank0.json``). Without
-``--world-size`` the world size is the real launch's (``pipeline.distributed.dist_env``), so
+``--world-size`` the world size is the real launch's (``pipeline.training.distributed.dist_env``), so
 ``accelerate launch ... -m pipeline.train --dry-run`` checks the real plan (rank 0 prints).
 
-A plan that cannot run exits 1 with one line: fewer shard groups than ranks × workers with
+A plan that cannot run exits 1 with one line: the checks the trainer runs on every rank before
+any collective (``pipeline.training.preflight``): fewer shard groups than ranks × workers with
 ``loader.on_too_few_shards=error`` (with ``resample`` it warns), a launch file whose DeepSpeed
 setting contradicts the config, or a resume whose data position was written with another world
-size or ``num_workers``. The trainer runs the same checks (:func:`preflight`) on every rank
-before any collective, so a bad plan stops every rank alike instead of leaving one waiting.
+size or ``num_workers``.
 
-Other stages reuse it. A training stage describes itself as a :class:`TrainingPlan` (data,
-batch, precision, DeepSpeed, and its models as :class:`ModelSpec` built on ``meta``) and hands
-it to :func:`run_stage`; ``pipeline.distill`` needs three lines in its ``main`` (its plan is
-:func:`plan_for_distill`, which counts the frozen teacher and the target network too)::
+Each training recipe provides its plan (``pipeline.training.dit.plan``,
+``pipeline.training.distill.plan``: a :class:`~pipeline.training.preflight.TrainingPlan` whose
+networks are built on ``meta``); a command hands it to :func:`run_stage`::
 
     options, argv = dry_run.split_flags(argv)
     cfg = parse_cli(DistillConfig, argv, PROG, ...)
     if options is not None:
-        return dry_run.run_stage(cfg, options, dry_run.plan_for_distill, PROG)
+        return dry_run.run_stage(cfg, options, plan, PROG)
 
-``data_tools.encode --dry-run`` prints the shard split of the encoding job (:func:`run_encode`).
+``data_tools.encode --dry-run`` prints the shard split of the encoding job (its own ``plan``).
 
 Memory model (ZeRO paper, Rajbhandari et al. 2020, §3: 2Ψ + 2Ψ + 12Ψ bytes for Ψ parameters
 with mixed-precision Adam): 16-bit weights and gradients; AdamW's fp32 m and v plus the fp32
@@ -42,20 +41,17 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
 from pipeline.data.stream import LoaderConfig, ShardLoader, shard_sizes
-from pipeline.training.distributed import deepspeed_config, deepspeed_launch_conflict, dist_env
+from pipeline.training.distributed import deepspeed_config, dist_env
+from pipeline.training.preflight import PlanError, TrainingPlan, check_shard_count, preflight
 
 GIB = 1024**3
-TEXT_TOKENS_ASSUMED = 32  # when dataset.json names no T5 max_length (same as pipeline.train's FLOPs)
+TEXT_TOKENS_ASSUMED = 32  # when dataset.json names no T5 max_length (as the trainer's logged FLOPs assume)
 ACT_ELEMENTS_PER_TOKEN = 27  # saved activations per image token per hidden unit and block (activation_bytes)
-
-
-class PlanError(RuntimeError):
-    """A launch that cannot work, found before any collective (one line; the same on every rank)."""
 
 
 @dataclass(frozen=True)
@@ -75,35 +71,6 @@ def split_flags(argv: list[str] | None) -> tuple[DryRunOptions | None, list[str]
 
 
 # ---------------------------------------------------------------------------- plans
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One network a training stage holds, built on the ``meta`` device (no weights)."""
-
-    name: str
-    module: torch.nn.Module
-    trained: bool = True  # trained: weights, gradients, optimizer state; else frozen weights only
-    fp32_copies: tuple[str, ...] = ()  # full fp32 copies kept on every rank, by name ("EMA", "target network")
-    frozen_bytes: int = 4  # bytes per parameter of a frozen model as the stage holds it
-    gradient_checkpointing: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainingPlan:
-    """What a training stage tells the dry run about itself."""
-
-    prog: str
-    latents: Path
-    loader: LoaderConfig  # loader.batch_size is the per-process micro-batch
-    grad_accum: int
-    grad_clip: float
-    mixed_precision: str  # "no", "bf16", "fp16"
-    deepspeed: bool
-    zero_stage: int
-    deepspeed_template: Path | None
-    models: tuple[ModelSpec, ...] = ()
-    resume_from: Path | None = None  # the checkpoint a run would resume from
 
 
 @dataclass(frozen=True)
@@ -128,20 +95,6 @@ class DataPlan:
         return [sum(values[r * self.workers : (r + 1) * self.workers]) for r in range(self.world_size)]
 
 
-def check_shard_count(latents: Path, loader: LoaderConfig, world_size: int) -> list[str]:
-    """The shard listing (no file is opened); :class:`PlanError` when the groups cannot feed every
-    (rank, worker) stream and ``on_too_few_shards`` is "error" (the schedule's own check and message)."""
-    from pipeline.data.latents import shard_list
-    from pipeline.data.stream import _Streams
-
-    try:
-        shards = shard_list(latents)
-        _Streams(shards, [0] * len(shards), loader, world_size * max(1, loader.num_workers))
-    except ValueError as err:
-        raise PlanError(str(err)) from None
-    return shards
-
-
 def data_plan(latents: Path, loader: LoaderConfig, world_size: int) -> DataPlan:
     """Shard listing + ``*_stats.json`` -> the schedule of every stream in epoch 0."""
     shards = check_shard_count(latents, loader, world_size)
@@ -158,97 +111,6 @@ def data_plan(latents: Path, loader: LoaderConfig, world_size: int) -> DataPlan:
         resampled=schedule.n_groups < schedule.n_streams,
         stream_shards=tuple(sum(len(g) for g in groups) for groups in per_stream),
         stream_samples=tuple(sum(sizes[i] for g in groups for i in g) for groups in per_stream),
-    )
-
-
-def preflight(
-    latents: Path, loader: LoaderConfig, world_size: int, *, deepspeed: bool, zero_stage: int, resume_from: Path | None
-) -> None:
-    """The checks every rank runs before any collective (cheap: a listing and two small JSON
-    files); raises :class:`PlanError` (one line)."""
-    check_shard_count(latents, loader, world_size)
-    problem = deepspeed_launch_conflict(deepspeed, zero_stage)
-    if problem:
-        raise PlanError(problem)
-    check_resume(resume_from, world_size, loader)
-
-
-def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig) -> None:
-    """The data position is per (rank, worker) stream: exact resume needs the same world size and num_workers."""
-    position = None if folder is None else Path(folder) / "data_rank0.json"
-    if position is None or not position.exists():
-        return
-    saved = json.loads(position.read_text())
-    if (saved.get("world_size"), saved.get("num_workers")) != (world_size, loader.num_workers):
-        raise PlanError(
-            f"{folder} was written by {saved.get('world_size')} process(es) with data.loader.num_workers="
-            f"{saved.get('num_workers')}; this launch has {world_size} and {loader.num_workers}: resume needs the same "
-            "(the data position is per rank and worker; ZeRO optimizer state is partitioned per rank). "
-            "Relaunch with those, or start a new run (checkpoint.resume=never, another run name)"
-        )
-
-
-def plan_for_train(cfg, prog: str = "pipeline.train") -> TrainingPlan:
-    """``pipeline.train``'s plan: one DiT, trained, with an fp32 EMA."""
-    from pipeline.data.latents import latent_meta
-    from pipeline.train import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg, latent_meta(cfg.data.latents))
-    spec = ModelSpec(cfg.model.name, model, trained=True, fp32_copies=("EMA",), gradient_checkpointing=cfg.model.gradient_checkpointing)
-    return _plan(cfg, prog, (spec,))
-
-
-def plan_for_distill(cfg, prog: str = "pipeline.distill") -> TrainingPlan:
-    """``pipeline.distill``'s plan: the student (trained; the export EMA and the target network are
-    fp32 EMA copies of it) and the frozen fp32 teacher, read from its config.json."""
-    from pipeline.models.dit import DiT
-
-    config = DiT.load_config(Path(cfg.teacher) / "transformer")
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        teacher = DiT(**config)
-        student = DiT(**{**config, "guidance_embed": True})
-    specs = (
-        ModelSpec("student", student, trained=True, fp32_copies=("EMA", "target network"),
-                  gradient_checkpointing=cfg.model.gradient_checkpointing),
-        ModelSpec("teacher", teacher, trained=False, frozen_bytes=4),
-    )
-    return _plan(cfg, prog, specs)
-
-
-def _plan(cfg, prog: str, models: tuple[ModelSpec, ...]) -> TrainingPlan:
-    """The parts of a ``TrainConfig`` (or a subclass) that every training stage shares."""
-    return TrainingPlan(
-        prog=prog,
-        latents=cfg.data.latents,
-        loader=cfg.data.loader,
-        grad_accum=cfg.optim.grad_accum,
-        grad_clip=cfg.optim.grad_clip,
-        mixed_precision=cfg.mixed_precision,
-        deepspeed=cfg.deepspeed.enabled,
-        zero_stage=cfg.deepspeed.zero_stage,
-        deepspeed_template=cfg.deepspeed.config_path if cfg.deepspeed.enabled else None,
-        models=models,
-        resume_from=resume_target(cfg),
-    )
-
-
-def resume_target(cfg) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` points at (as ``Trainer.resume`` picks it)."""
-    from pipeline.training.checkpoint import Checkpoints
-
-    choice = cfg.checkpoint.resume
-    if choice == "never":
-        return None
-    return Checkpoints(cfg.run_dir / "checkpoints").latest() if choice == "auto" else Path(choice)
-
-
-def preflight_for(cfg, world_size: int) -> None:
-    """:func:`preflight` for a ``TrainConfig`` (the trainer calls this before building the accelerator)."""
-    preflight(
-        cfg.data.latents, cfg.data.loader, world_size,
-        deepspeed=cfg.deepspeed.enabled, zero_stage=cfg.deepspeed.zero_stage, resume_from=resume_target(cfg),
     )
 
 
@@ -332,10 +194,10 @@ def memory_rows(plan: TrainingPlan, world: int, act: int | None, template: dict 
 # ---------------------------------------------------------------------------- the report
 
 
-def run_stage(cfg, options: DryRunOptions, make_plan=None, prog: str = "pipeline.train") -> int:
-    """``--dry-run`` of a training stage: ``make_plan(cfg, prog)`` (default :func:`plan_for_train`), then :func:`run`."""
+def run_stage(cfg, options: DryRunOptions, make_plan, prog: str) -> int:
+    """``--dry-run`` of a training stage: its recipe's ``make_plan(cfg, prog)``, then :func:`run`."""
     try:
-        plan = (make_plan or plan_for_train)(cfg, prog)
+        plan = make_plan(cfg, prog)
     except (OSError, PlanError) as err:  # no dataset.json, no teacher config, ...
         print(f"{prog}: dry run: {err}", file=sys.stderr)
         return 1
@@ -396,9 +258,9 @@ def report_lines(plan: TrainingPlan, data: DataPlan, meta: dict, world: int, sou
            f"{(per_stream + 1) / per_stream:.2g}× as often; a group count that is a multiple of {data.streams} evens it")
     rank_shards, rank_samples = data.per_rank(data.stream_shards), data.per_rank(data.stream_samples)
     epoch = " per epoch" + (" (groups drawn with replacement)" if data.resampled else "")
-    kv("shards per rank", _spread(rank_shards) + epoch)
-    kv("shards per worker", _spread(list(data.stream_shards)) + epoch + " (one worker = one stream)")
-    kv("samples per rank", _spread(rank_samples) + epoch)
+    kv("shards per rank", spread(rank_shards) + epoch)
+    kv("shards per worker", spread(list(data.stream_shards)) + epoch + " (one worker = one stream)")
+    kv("samples per rank", spread(rank_samples) + epoch)
     kv("steps per epoch", f"≈ {data.samples // max(1, global_batch):,}")
     kv("tokens per sample", f"{n_img} image ({H}×{W} latent, patch {patch}) + ≤ {n_txt} text ({txt_how})")
     kv("tokens per step", f"{global_batch * n_img:,} image + ≤ {global_batch * n_txt:,} text")
@@ -444,70 +306,9 @@ def _model_lines(plan: TrainingPlan, world: int, B: int, n_img: int, n_txt: int,
     return lines
 
 
-def _spread(values: list[int]) -> str:
+def spread(values: list[int]) -> str:
     lo, hi = min(values), max(values)
     return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
 
 
-# ---------------------------------------------------------------------------- data_tools.encode
-
-
-def run_encode(cfg, options: DryRunOptions, prog: str = "data_tools.encode", out: TextIO | None = None) -> int:
-    """The encoding job's split: input shard ``i`` -> latent shard ``i``, encoded by rank ``i mod N``."""
-    out = out or sys.stdout
-    from pipeline.data.shards import complete_shards, shard_name
-
-    env = dist_env()
-    world = options.world_size or env.world_size
-    if options.world_size is None and not env.is_main:
-        return 0
-    sources = complete_shards(cfg.input)
-    if not sources:
-        print(f"{prog}: dry run: no image shards in {cfg.input}", file=sys.stderr)
-        return 1
-    sizes = shard_sizes([str(s) for s in sources])
-    todo = [i for i in range(len(sources)) if not (Path(cfg.output) / shard_name(cfg.name, i)).exists()]
-    per_rank = [[i for i in todo if i % world == r] for r in range(world)]
-    meta_path = Path(cfg.input) / "dataset.json"
-    resolution = cfg.resolution or (json.loads(meta_path.read_text()).get("resolution") if meta_path.exists() else None)
-    lines = [f"{prog} dry run (no encoder built, no image decoded)"]
-    kv = lambda k, v: lines.append(f"  {k:<24}{v}")  # noqa: E731
-    kv("world size", f"{world} ({f'--world-size {world}' if options.world_size else f'launcher: {env.launcher}'})")
-    kv("batch size", f"{cfg.batch_size} images per process per forward")
-    kv("input", f"{cfg.input}: {len(sources)} shards, {sum(sizes):,} samples")
-    kv("output", f"{cfg.output}: {len(sources) - len(todo)} shard(s) done, {len(todo)} to encode")
-    kv("shards per rank", _spread([len(s) for s in per_rank]))
-    kv("samples per rank", _spread([sum(sizes[i] for i in s) for s in per_rank]))
-    kv("latent shape", _latent_shape(cfg, resolution))
-    kv("encoders", f"VAE {cfg.vae.path}; " + "; ".join(f"{k} {v}" for k, v in _text_sources(cfg).items()))
-    for line in lines:
-        print(line, file=out)
-    idle = sum(1 for s in per_rank if not s)
-    if idle:
-        print(f"{prog}: warning: {idle} of {world} ranks have no shard to encode (they wait for the others)", file=sys.stderr)
-    return 0
-
-
-def _latent_shape(cfg, resolution: int | None) -> str:
-    """From the VAE's local config.json (channels, 2^(levels-1) downsampling); unknown for hub ids."""
-    folder = Path(cfg.vae.path) / (cfg.vae.subfolder or "")
-    if not (folder / "config.json").exists() or resolution is None:
-        return f"unknown (resolution {resolution}; VAE config not local)"
-    vae: dict[str, Any] = json.loads((folder / "config.json").read_text())
-    down = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    return f"[{vae.get('latent_channels', 4)}, {resolution // down}, {resolution // down}] (resolution {resolution}, VAE /{down})"
-
-
-def _text_sources(cfg) -> dict[str, str]:
-    text, found = cfg.text, {}
-    if text.t5 is not None:
-        found["T5"] = f"{text.t5.path} (max_length {text.t5.max_length})"
-    if text.clip is not None:
-        found["CLIP"] = str(text.clip.path or text.clip.model)
-    return found
-
-
-__all__ = [
-    "DataPlan", "DryRunOptions", "ModelSpec", "PlanError", "TrainingPlan", "activation_bytes", "check_shard_count", "data_plan",
-    "plan_for_distill", "plan_for_train", "preflight", "preflight_for", "run", "run_encode", "run_stage", "split_flags",
-]
+__all__ = ["DataPlan", "DryRunOptions", "activation_bytes", "data_plan", "precision_line", "run", "run_stage", "split_flags", "spread"]

@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.data.shards import write_json_atomic
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+    resume: str = "auto"  # "auto" (newest complete checkpoint, if any), "never", or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("every and keep must be >= 1")
+
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TRAIN_STATE = "train_state.json"  # written last inside a checkpoint
@@ -49,6 +61,13 @@ class Checkpoints:
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1][1] if done else None
+
+    def resume_folder(self, choice: str) -> Path | None:
+        """The one resume rule: ``"auto"`` the newest complete checkpoint (None if there is none),
+        ``"never"`` None, anything else a checkpoint folder."""
+        if choice == "never":
+            return None
+        return self.latest() if choice == "auto" else Path(choice)
 
     def save(
         self,

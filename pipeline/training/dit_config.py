@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pipeline.data.stream import LoaderConfig
 from pipeline.diffusion.flow import TimestepConfig
+from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.optim import OptimConfig
 from pipeline.training.tracking import LoggingConfig
 
@@ -54,17 +55,6 @@ class EMAConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.decay < 1:
             raise ValueError(f"decay must be in [0, 1) (got {self.decay})")
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    every: int = 500
-    keep: int = 2
-    resume: str = "auto"  # "auto" (newest complete checkpoint, if any), "never", or a checkpoint folder
-
-    def __post_init__(self) -> None:
-        if self.every < 1 or self.keep < 1:
-            raise ValueError("every and keep must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -1,67 +1,17 @@
-"""Typed, self-validating dataclass configs: YAML file + ``section.key=value`` overrides.
-
-DESIGN.md §5. Every stage defines its own nested ``@dataclass(kw_only=True)`` configs whose
-``__post_init__`` raises ``ValueError`` for bad values; this module is the generic machinery::
-
-    @dataclass(kw_only=True)
-    class OptimConfig:
-        lr: float = 1e-4
-        def __post_init__(self) -> None:
-            if self.lr <= 0:
-                raise ValueError(f"lr must be > 0, got {self.lr}")
-
-    @dataclass(kw_only=True)
-    class TrainConfig:
-        optim: OptimConfig = field(default_factory=OptimConfig)
-
-    cfg = parse_cli(TrainConfig, None, prog="pipeline.train")
-    # python -m pipeline.train --config configs/x.yaml optim.lr=3e-4
-
-Rules:
-
-- Every mistake (unknown key, wrong type, bad value, bad YAML) is one ``ConfigError`` line
-  that names the full dotted key, e.g. ``unknown key 'optim.lrr' (valid keys: betas, lr)``.
-- Types are checked strictly: ``int`` rejects ``bool`` and ``2.0``, ``bool`` rejects ``1`` and
-  ``"yes"``, ``str`` rejects ``123``. ``float`` accepts ints and numeric strings (``"1e-4"``).
-- YAML is read with a safe loader that also reads ``1e-4`` as a float (plain PyYAML reads a
-  string) and rejects duplicate keys.
-- A section given in YAML is applied on top of the field's default: with
-  ``model: Model = field(default_factory=lambda: Model(width=128))`` the YAML
-  ``model: {name: x}`` keeps ``width=128``. An empty section (``optim:``) means all defaults.
-- Overrides for ``str`` / ``Path`` / string-``Literal`` fields keep the raw text
-  (``name=123`` is ``"123"``); if the field is optional, ``null`` or ``~`` give ``None``.
-  Other values are parsed as YAML (``[1, 2]``, ``true``, ``null``, ``3e-4``).
-"""
+"""Dataclass configs <-> plain mappings, every value checked against its annotation; one-line errors."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import dataclasses
 import functools
 import os
-import re
-import sys
-import tempfile
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path, PurePath
+from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-import yaml
-
-__all__ = [
-    "ConfigError",
-    "apply_overrides",
-    "exit_on_config_error",
-    "from_dict",
-    "load_config",
-    "parse_cli",
-    "save_config",
-    "to_dict",
-]
 
 T = TypeVar("T")
 _NONE = type(None)
@@ -74,70 +24,6 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).splitlines()))
-
-
-# ----------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe loader that reads ``1e-4`` as a float (YAML 1.2) and rejects duplicate keys."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in getattr(node, "value", ()):
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: SafeLoader reports it below
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def _yaml_error_text(err: yaml.YAMLError) -> str:
-    """``line 3, column 7: <problem>`` where PyYAML gives a position, else its message."""
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    if mark is None:
-        return problem
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def _read_yaml(path: str | os.PathLike) -> dict:
-    """The top-level mapping of a YAML file; an empty file is ``{}``."""
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
-    except OSError as err:
-        raise ConfigError(f"cannot read config file '{name}': {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"cannot read config file '{name}': not UTF-8 ({err.reason})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML in '{name}': {_yaml_error_text(err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{name}' must hold a mapping (key: value) at top level, "
-                          f"got {type(data).__name__}")
-    return data
 
 
 # ----------------------------------------------------------------------------- messages
@@ -382,146 +268,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# ----------------------------------------------------------------------------- overrides
-
-
-def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
-    """Apply ``section.key=value`` overrides (any depth) to a deep copy of ``data``.
-
-    Each dotted key is checked against the dataclass schema of ``cls`` first. Values of
-    ``str`` / ``Path`` / string-``Literal`` fields stay raw text (``null`` / ``~`` give None
-    if the field is optional); other values are parsed as YAML. Whole sections cannot be set.
-    """
-    result = copy.deepcopy(dict(data))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        tp = _override_type(cls, key)
-        _set_path(result, key, _parse_override(key, raw, tp))
-    return result
-
-
-def _override_type(cls: type, key: str) -> Any:
-    """The annotation of the field that dotted ``key`` names in ``cls``'s schema."""
-    tp: Any = cls
-    path = ""
-    for part in key.split("."):
-        section = _section_type(tp)
-        if section is None:
-            raise ConfigError(
-                f"cannot set '{key}': '{path}' is not a section (it holds {_type_name(tp)})")
-        schema = _schema(section)
-        if part not in schema:
-            raise _unknown_key(path, part, schema)
-        tp = schema[part][1]
-        path = _join(path, part)
-    return tp
-
-
-def _keeps_raw_text(tp: Any) -> bool:
-    """True for str, Path, string Literals, and optional / union forms of only those."""
-    members = [arg for arg in get_args(tp) if arg is not _NONE] if _is_union(tp) else [tp]
-    return all(
-        m is str or _is_path_type(m)
-        or (get_origin(m) is Literal and all(isinstance(a, str) for a in get_args(m)))
-        for m in members
-    )
-
-
-def _parse_override(key: str, raw: str, tp: Any) -> Any:
-    """The value of override ``key=raw`` for a field of type ``tp``."""
-    optional = _is_union(tp) and _NONE in get_args(tp)
-    section = _section_type(tp)
-    if section is None and _keeps_raw_text(tp):
-        return None if optional and raw.strip() in _NULLS else raw
-    try:
-        value = yaml.load(raw, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"override '{key}': cannot parse {raw!r} ({_yaml_error_text(err)})") from None
-    if section is not None and not (optional and value is None):
-        example = next(iter(sorted(_schema(section))), "key")
-        raise ConfigError(
-            f"'{key}' is a section; override its keys instead, e.g. {key}.{example}=...")
-    return value
-
-
-def _set_path(data: dict, key: str, value: Any) -> None:
-    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections."""
-    parts = key.split(".")
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif isinstance(child, Mapping) and not isinstance(child, dict):
-            child = node[part] = dict(child)
-        elif not isinstance(child, dict):
-            prefix = ".".join(parts[: depth + 1])
-            raise ConfigError(
-                f"cannot set '{key}': '{prefix}' expects a mapping, got {_describe(child)}")
-        node = child
-    node[parts[-1]] = value
-
-
-# ----------------------------------------------------------------------------- files and CLI
-
-
-def load_config(cls: type[T], path: str | os.PathLike | None = None,
-                overrides: Sequence[str] = ()) -> T:
-    """YAML file (None: all defaults) + ``section.key=value`` overrides -> validated ``cls``."""
-    data = {} if path is None else _read_yaml(path)
-    return from_dict(cls, apply_overrides(cls, data, overrides))
-
-
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write ``to_dict(cfg)`` as YAML, atomically (temporary file in the same folder + rename)."""
-    target = Path(path)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0o600
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def exit_on_config_error(prog: str) -> Iterator[None]:
-    """Turn a ``ConfigError`` into one stderr line ``{prog}: config error: ...`` and exit 2.
-
-    Other exceptions pass through unchanged.
-    """
-    try:
-        yield
-    except ConfigError as err:
-        print(f"{prog}: config error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def parse_cli(cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "") -> T:
-    """``[--config PATH] [section.key=value ...]`` -> validated ``cls``; config errors exit 2.
-
-    ``argv`` None reads ``sys.argv[1:]``. Options and overrides may be interleaved.
-    """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description,
-        epilog="Overrides use dotted config keys, e.g. optim.lr=3e-4 model.attn.qk_norm=true.")
-    parser.add_argument("--config", metavar="PATH",
-                        help="YAML config file (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override one config value (applied after the file, in order)")
-    args = parser.parse_intermixed_args(argv)
-    with exit_on_config_error(prog):
-        return load_config(cls, args.config, args.overrides)

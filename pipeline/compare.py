@@ -1,0 +1,11 @@
+"""``python -m pipeline.compare --student DIR [--teacher DIR] --output DIR``: a distilled student
+against its teacher at 1/2/4/8 and 50 steps (``pipeline.evaluation.compare``)."""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.evaluation.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""``python -m pipeline.evaluate --model DIR --prompts FILE|--reference SHARDS --steps N --guidance G --output DIR``
+
+Text-to-image evaluation of an exported teacher or student. It generates one image per prompt
+with fixed per-image seeds (image k uses seed + k, whatever the batch size), in batches with a
+progress bar, then scores them:
+
+- adherence: the deterministic analyser of the synthetic set (``pipeline.adherence``), when
+  every prompt is a caption of its grammar;
+- FID and KID against reference images, with the FID Inception weights given by
+  ``--inception`` (nothing is downloaded; without it these metrics are skipped, and the
+  summary says why);
+- CLIP score with an open_clip model: ``--clip FOLDER`` or ``--clip-model NAME
+  --clip-checkpoint FILE``.
+
+Outputs in ``--output``: ``images/NNNNN.png``, ``per_prompt.jsonl``, ``summary.json``,
+``report.md`` and ``grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.encoders.common import EncoderLoadError
+from pipeline.evaluation.metrics import MetricError
+from pipeline.inference.pipeline import TextToImage
+from pipeline.figures.sheets import write_grid
+from pipeline.timing import clock
+
+PROG = "pipeline.evaluate"
+PROMPT_KEYS = ("prompt", "caption", "text")
+
+
+class EvalInputError(ValueError):
+    """Bad evaluation input (prompt file, reference shards); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------- prompts
+def _pick_key(row: dict, where: str) -> str:
+    for key in PROMPT_KEYS:
+        if isinstance(row.get(key), str):
+            return row[key]
+    raise EvalInputError(f"{where}: no string field named one of {PROMPT_KEYS}")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl or .parquet (a prompt/caption/text field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"prompt file not found: '{path}'")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        prompts = [_pick_key(row, f"{path} row {i + 1}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+    elif suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalInputError(f"{path}:{n}: not JSON ({err.msg})") from err
+            prompts.append(_pick_key(row, f"{path}:{n}") if isinstance(row, dict) else str(row))
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise EvalInputError(f"no prompts in '{path}'")
+    return prompts
+
+
+def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], list[str]]:
+    """The first ``count`` decodable (image, caption) pairs of image shards (ours or img2dataset's)."""
+    from pipeline.data.images import decode_image
+    from pipeline.data.latents import shard_list
+    from pipeline.data.shards import iter_samples
+
+    if not Path(shards).exists():
+        raise EvalInputError(f"reference shards not found: '{shards}'")
+    try:
+        urls = shard_list(shards)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvalInputError(f"reference shards '{shards}': {err}") from err
+    images, captions = [], []
+    for raw in iter_samples(urls):
+        decoded = decode_image(raw)  # an undecodable reference image is skipped, as the shard reader does
+        if decoded is None:
+            continue
+        images.append(decoded[0])
+        captions.append(decoded[1])
+        if count is not None and len(images) >= count:
+            break
+    if not images:
+        raise EvalInputError(f"no decodable images in reference shards '{shards}'")
+    return images, captions
+
+
+# ------------------------------------------------------------------------------------- generation
+def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float = 1.0,
+                    seed: int = 0, batch_size: int = 16, desc: str = "generate") -> tuple[list[Image.Image], dict]:
+    """One image per prompt (image k from seed + k), and wall seconds per image: in all
+    (``seconds_per_image``) and for each part — text encoding, the sampler, VAE decoding.
+
+    A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
+    pipe.latents(prompts[:1], 1, guidance, shift, seed)
+    images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        batch = prompts[start:start + batch_size]
+        noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))))
+        t0 = clock()
+        cond = pipe.text.encode(batch)
+        t1 = clock()
+        latents = pipe.sample(cond, noise, steps, guidance, shift, seed + start)
+        t2 = clock()
+        images += pipe.images(latents)
+        t3 = clock()
+        for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[part] += seconds
+    timing = {f"{part}_seconds_per_image": seconds / len(prompts) for part, seconds in parts.items()}
+    timing["seconds_per_image"] = sum(parts.values()) / len(prompts)
+    return images, timing
+
+
+# ----------------------------------------------------------------------------------------- scores
+def adherence_or_reason(images: list[Image.Image], prompts: list[str]) -> tuple[dict | None, str | None]:
+    from pipeline.evaluation.adherence import evaluate, parse_caption
+
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError as err:
+        return None, f"prompts outside the synthetic caption grammar ({err})"
+    return evaluate(images, prompts), None
+
+
+def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespace, device: str) -> dict:
+    """All the metrics the arguments ask for; a skipped one gets a reason in ``skipped``."""
+    result: dict = {"skipped": {}}
+    result["adherence"], reason = adherence_or_reason(images, prompts) if args.adherence else (None, "--no-adherence")
+    if reason:
+        result["skipped"]["adherence"] = reason
+    clip = clip_config(args)
+    if clip is None:
+        result["skipped"]["clip_score"] = "no CLIP model given (--clip or --clip-model/--clip-checkpoint)"
+    else:
+        from pipeline.evaluation.metrics import ClipScorer
+
+        scorer = ClipScorer(clip, device)
+        result["clip_scores"] = torch.cat([scorer(images[i:i + 64], prompts[i:i + 64])
+                                           for i in range(0, len(images), 64)]).tolist()
+        result["clip_source"] = scorer.source
+    if args.inception is None:
+        result["skipped"]["fid_kid"] = "no Inception weights given (--inception FILE): FID and KID not computed"
+    elif args.reference_images is None:
+        result["skipped"]["fid_kid"] = "no reference images (--reference SHARDS): FID and KID not computed"
+    else:
+        from pipeline.evaluation.metrics import fid_kid, inception_features, load_inception
+
+        model = load_inception(args.inception, device)
+        real = inception_features(model, args.reference_images, desc="inception (reference)")
+        fake = inception_features(model, images, desc="inception (generated)")
+        result["fid_kid"] = fid_kid(real, fake, args.kid_subset)
+    return result
+
+
+def clip_config(args: argparse.Namespace):
+    from pipeline.encoders.clip import ClipEncoderConfig
+
+    if args.clip is None and args.clip_model is None:
+        return None
+    return ClipEncoderConfig(path=args.clip, model=args.clip_model, checkpoint=args.clip_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict) -> dict:
+    summary = {
+        "model": str(args.model), "steps": args.steps, "guidance": args.guidance, "shift": args.shift,
+        "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
+    }
+    if scores.get("adherence"):
+        summary["adherence_all"] = scores["adherence"]["all_correct"]
+        summary["adherence"] = scores["adherence"]["accuracy"]
+    if "clip_scores" in scores:
+        summary["clip_score"] = sum(scores["clip_scores"]) / count
+        summary["clip_model"] = scores["clip_source"]
+    if "fid_kid" in scores:
+        summary.update(scores["fid_kid"])
+        summary["reference_count"] = len(args.reference_images)
+    return summary
+
+
+def per_prompt_rows(prompts: list[str], scores: dict, seed: int) -> list[dict]:
+    rows = []
+    for k, prompt in enumerate(prompts):
+        row = {"index": k, "prompt": prompt, "seed": seed + k, "image": f"images/{k:05d}.png"}
+        if "clip_scores" in scores:
+            row["clip_score"] = scores["clip_scores"][k]
+        if scores.get("adherence"):
+            sample = scores["adherence"]["per_sample"][k]
+            row["adherence"], row["predicted"] = sample["correct"], sample["predicted"]
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: dict, scores: dict) -> str:
+    lines = [f"# Evaluation of `{summary['model']}`", "",
+             f"{summary['count']} prompts, {summary['steps']} steps, guidance {summary['guidance']}, "
+             f"seeds {summary['seed']}…{summary['seed'] + summary['count'] - 1}; "
+             f"{summary['seconds_per_image']:.4f} s per image (sampler {summary['sampler_seconds_per_image']:.4f}, "
+             f"text {summary['text_seconds_per_image']:.4f}, decode {summary['decode_seconds_per_image']:.4f}).", "", "| metric | value |", "|---|---:|"]
+    for key in ("adherence_all", "clip_score", "fid", "kid_mean", "kid_std"):
+        if key in summary:
+            lines.append(f"| {key} | {summary[key]:.4f} |")
+    lines += [f"| {name} | skipped: {why} |" for name, why in summary["skipped"].items()]
+    if scores.get("adherence"):
+        from pipeline.evaluation.adherence import adherence_table
+
+        lines += ["", "## Adherence by attribute", "", adherence_table(scores["adherence"]).rstrip()]
+    lines += ["", "## Samples", "", "![grid](grid.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, images: list[Image.Image], prompts: list[str], summary: dict, scores: dict) -> None:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(out / "images" / f"{k:05d}.png")
+    rows = per_prompt_rows(prompts, scores, summary["seed"])
+    (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_grid(images[:16], prompts[:16], out / "grid.png")
+    (out / "report.md").write_text(markdown(summary, scores), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="exported teacher or student folder")
+    p.add_argument("--prompts", type=Path, help="prompt file: .txt (one per line), .jsonl or .parquet")
+    p.add_argument("--reference", type=Path, help="image shards: their captions are the prompts (unless "
+                   "--prompts is given) and their images the FID/KID reference")
+    p.add_argument("--count", type=int, help="use the first COUNT prompts (default: all)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05 .pth or .safetensors)")
+    p.add_argument("--kid-subset", type=int, default=1000, help="KID subset size (capped at the set sizes)")
+    p.add_argument("--clip", help="open_clip folder for CLIP score (open_clip_config.json + weights)")
+    p.add_argument("--clip-model", help="open_clip model name for CLIP score, with --clip-checkpoint")
+    p.add_argument("--clip-checkpoint", help="local checkpoint for --clip-model")
+    p.add_argument("--no-adherence", dest="adherence", action="store_false", help="skip the synthetic-set analyser")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.prompts is None and args.reference is None:
+        p.error("give --prompts FILE or --reference SHARDS")
+    for name in ("steps", "batch_size", "kid_subset", "count"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.clip is not None and args.clip_model is not None:
+        p.error("give --clip FOLDER or --clip-model NAME, not both")
+    if (args.clip_model is None) != (args.clip_checkpoint is None):
+        p.error("--clip-model and --clip-checkpoint go together")
+
+
+def load_inputs(args: argparse.Namespace) -> list[str]:
+    """The prompts; sets ``args.reference_images`` (None without --reference)."""
+    args.reference_images = None
+    if args.reference is not None:
+        images, captions = read_reference(args.reference, None if args.prompts else args.count)
+        args.reference_images = images
+        prompts = captions
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+    return prompts[: args.count] if args.count else prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        prompts = load_inputs(args)
+        pipe = TextToImage.from_folder(args.model, device)
+        images, timing = generate_images(pipe, prompts, args.steps, args.guidance, args.shift, args.seed, args.batch_size)
+        scores = score(images, prompts, args, device)
+    except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    summary = summarise(scores, args, len(prompts), timing)
+    write_outputs(args.output, images, prompts, summary, scores)
+    for name, why in summary["skipped"].items():
+        print(f"{PROG}: {name} skipped: {why}")
+    shown = {k: round(v, 4) for k, v in summary.items() if k in ("adherence_all", "clip_score", "fid", "kid_mean")}
+    print(f"{PROG}: {len(images)} images, {timing['seconds_per_image']:.4f} s/image "
+          f"(sampler {timing['sampler_seconds_per_image']:.4f}), {shown}; report in {args.output / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""``python -m pipeline.demo_report --run runs/demo``: the end-to-end demo's report.
+
+Collects what the demo's stages wrote into one ``report.md`` + ``report.json`` in the run folder:
+the autoencoder's held-out PSNR, the evaluation of the teacher (50 steps, guidance) and of the
+student at 1/2/4 steps (``pipeline.evaluate`` outputs under ``eval/``), seconds per image, loss
+curves, the stage timings of ``launch/demo.sh`` and the goals of the issues, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.evaluation.compare import versus
+from pipeline.figures.plots import plot_loss_curves
+
+PROG = "pipeline.demo_report"
+GOALS = {
+    "autoencoder_psnr": 30.0,  # dB, held-out
+    "teacher_adherence_all": 0.90,
+    "student_4_vs_teacher": 0.95,
+    "student_1_vs_teacher": 0.80,
+    "student_4_sampler_speedup": 20.0,  # the sampling loop; end-to-end s/image is reported beside it
+}
+BEAT_MARGIN = 0.05  # adherence points by which the student must beat the teacher at the same steps
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing stage output: '{path}' (run launch/demo.sh first)")
+    return json.loads(path.read_text())
+
+
+def _evaluated(folder: Path, teacher: dict | None = None) -> dict:
+    """One ``pipeline.evaluate`` output; with ``teacher`` (the 50-step reference), its ratios to it."""
+    s = _json(folder / "summary.json")
+    row = {"steps": s["steps"], "guidance": s["guidance"], "prompts": s["count"], "adherence_all": s["adherence_all"],
+           "adherence": s["adherence"], "seconds_per_image": s["seconds_per_image"],
+           "sampler_seconds_per_image": s["sampler_seconds_per_image"], "grid": str(folder / "grid.png")}
+    return row if teacher is None else row | versus(row, teacher)
+
+
+def _by_steps(run: Path, prefix: str) -> list[Path]:
+    return sorted((run / "eval").glob(f"{prefix}_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def collect(run: Path) -> dict:
+    """``report.json``'s content from the stage outputs under ``run``."""
+    ae = _json(run / "autoencoder/eval.json")
+    teacher = _evaluated(run / "eval/teacher_50")
+    teacher |= versus(teacher, teacher)  # 1.0 each: the row the others are measured against
+    ae_paths = {"reconstructions": str(run / "autoencoder/reconstructions.png"),
+                "latents_decoded": str(run / "latents_decoded.png")}
+    report = {
+        "autoencoder": {"psnr": ae["psnr_held_out"], "held_out": ae["held_out"], "steps": ae["steps"], **ae_paths},
+        "teacher": teacher,
+        # the baseline the student must beat: the same teacher with as few Euler steps (two evaluations each)
+        "teacher_few_steps": [_evaluated(f, teacher) for f in _by_steps(run, "teacher") if f.name != "teacher_50"],
+        "students": [_evaluated(f, teacher) for f in _by_steps(run, "student")],
+        "stages": read_stages(run / "stages.tsv"),
+    }
+    report["goals"] = goals(report)
+    return report
+
+
+def read_stages(path: Path) -> list[dict]:
+    """``launch/demo.sh``'s ``name<TAB>start seconds`` lines."""
+    if not path.is_file():
+        return []
+    rows = [line.split("\t") for line in path.read_text().splitlines() if "\t" in line]
+    return [{"stage": name, "start_s": int(start)} for name, start in rows]
+
+
+def goals(report: dict) -> list[dict]:
+    by_steps = {s["steps"]: s for s in report["students"]}
+    few = {t["steps"]: t for t in report.get("teacher_few_steps", [])}
+    checks = [("autoencoder_psnr", report["autoencoder"]["psnr"]),
+              ("teacher_adherence_all", report["teacher"]["adherence_all"])]
+    if 4 in by_steps:
+        checks += [("student_4_vs_teacher", by_steps[4]["adherence_vs_teacher"]),
+                   ("student_4_sampler_speedup", by_steps[4]["sampler_speedup_vs_teacher"])]
+    if 1 in by_steps:
+        checks.append(("student_1_vs_teacher", by_steps[1]["adherence_vs_teacher"]))
+    for steps in sorted(set(by_steps) & set(few)):  # "clearly beats the teacher with as few Euler steps"
+        checks.append((f"student_{steps}_beats_teacher_{steps}", by_steps[steps]["adherence_all"] - few[steps]["adherence_all"]))
+    return [{"goal": name, "value": value, "target": _target(name), "met": value >= _target(name)} for name, value in checks]
+
+
+def _target(goal: str) -> float:
+    return BEAT_MARGIN if "_beats_" in goal else GOALS[goal]
+
+
+def plot_curves(run: Path) -> dict[str, str]:
+    """Loss-curve PNGs of the autoencoder, teacher and student (whichever logged metrics)."""
+    out = {}
+    for name, key in (("autoencoder", "l1_rec"), ("teacher", "loss"), ("student", "loss")):
+        metrics = run / name / "metrics.jsonl"
+        if metrics.is_file():
+            out[name] = str(plot_loss_curves({name: metrics}, run / f"loss_{name}.png", key))
+    return out
+
+
+def _row(name: str, m: dict, evaluations: int) -> str:
+    return (f"| {name} | {m['steps']} | {evaluations} | {m['adherence_all']:.3f} | {m['adherence_vs_teacher']:.2f} | "
+            f"{m['seconds_per_image']:.4f} | {m['speedup_vs_teacher']:.1f} | {m['sampler_seconds_per_image']:.4f} | "
+            f"{m['sampler_speedup_vs_teacher']:.1f} |")
+
+
+def markdown(report: dict, run: Path) -> str:
+    ae, t = report["autoencoder"], report["teacher"]
+    rel = lambda p: Path(p).relative_to(run).as_posix()  # noqa: E731 - paths relative to report.md
+    lines = ["# Demo report", "",
+             f"Autoencoder held-out PSNR: **{ae['psnr']:.2f} dB** ({ae['held_out']} images, {ae['steps']} steps).", "",
+             f"Adherence on {t['prompts']} unseen synthetic prompts (all attributes correct), guidance {t['guidance']}:", "",
+             "s / image is end to end (text encoders + sampler + VAE decode); the sampler columns time the "
+             "sampling loop alone. Evaluations are DiT forward passes per image (the guided teacher makes two a "
+             "step); each student row is followed by the teacher with as few Euler steps.", "",
+             "| model | steps | evaluations | adherence (all) | × teacher | s / image | speed-up | sampler s / image | sampler speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", _row("teacher (Euler + CFG)", t, 2 * t["steps"])]
+    few = {row["steps"]: row for row in report.get("teacher_few_steps", [])}
+    for s in report["students"]:
+        lines.append(_row("student (consistency)", s, s["steps"]))
+        if s["steps"] in few:
+            lines.append(_row("teacher (Euler + CFG)", few[s["steps"]], 2 * s["steps"]))
+    lines += ["", "| attribute | " + " | ".join(["teacher"] + [f"student {s['steps']}" for s in report["students"]]) + " |",
+              "|---|" + "---:|" * (1 + len(report["students"]))]
+    for attr in t["adherence"]:
+        lines.append(f"| {attr} | " + " | ".join(f"{m['adherence'][attr]:.3f}" for m in [t, *report["students"]]) + " |")
+    lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
+    lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
+    lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]
+    lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
+    lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
+    lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
+    lines += ["", f"Autoencoder reconstructions (each tile: original | reconstruction): ![ae]({rel(ae['reconstructions'])})"]
+    if Path(ae["latents_decoded"]).exists():
+        lines += ["", f"Stored training latents decoded back (original | decoded): ![latents]({rel(ae['latents_decoded'])})"]
+    if report["stages"]:
+        lines += ["", "## Stage start times (s)", "", " · ".join(f"{s['stage']} {s['start_s']}" for s in report["stages"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo's output folder")
+    args = p.parse_args(argv)
+    try:
+        report = collect(args.run)
+    except FileNotFoundError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    report["loss_curves"] = plot_curves(args.run)
+    (args.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.run / "report.md").write_text(markdown(report, args.run))
+    print(f"{PROG}: wrote {args.run / 'report.md'} and report.json")
+    for g in report["goals"]:
+        print(f"  {g['goal']}: {g['value']:.3f} (target {g['target']}) {'met' if g['met'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The DiT recipe (``pipeline.train``): a text-conditioned DiT trained with rectified flow on latent
+shards, on the training core (``pipeline.training.core``).
+
+References: Peebles & Xie 2023 (DiT); Liu et al. 2022 (rectified flow); Esser et al. 2024 (SD3:
+logit-normal timesteps). The loss and time convention are ``pipeline.diffusion.flow``'s.
+
+Precision and parallelism (DESIGN.md §8): master weights, optimizer state and the EMA are fp32;
+``mixed_precision`` bf16/fp16 is the compute dtype (accelerate's autocast, or DeepSpeed's 16-bit
+module with its fp16 loss scaling); the model casts its inputs (``DiT._cast_inputs``); the loss
+is computed in fp32. Each micro-batch's forward and backward run inside the accumulation context
+(DDP all-reduces only at the boundary) and the LR schedule steps once per optimizer step, on any
+world size. Under ZeRO-3 the EMA reads the parameters gathered one block at a time
+(``pipeline.training.distributed.whole_parameters``) and keeps a full fp32 copy on every rank.
+Sample grids draw from forked RNG streams and encode their fixed prompts once (the text encoders
+are then released; the VAE is loaded per grid and released), so ``sampling.every`` never changes
+the training trajectory or the memory that stays resident.
+
+Classifier-free guidance: with probability ``p_uncond`` a sample's text is replaced by the
+model's learned null condition (``cond["drop"]``: a learned null token instead of the T5/CLIP
+tokens and a learned null vector instead of the pooled CLIP embedding). Sampling uses the same
+null condition for the unconditional half.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.config import from_dict
+from pipeline.data.images import tensor_to_images
+from pipeline.data.latents import latent_loader, latent_meta
+from pipeline.data.model_folder import export_model
+from pipeline.figures.sheets import write_grid
+from pipeline.diffusion.flow import flow_loss, loss_by_t, sample_timesteps
+from pipeline.diffusion.samplers import sample
+from pipeline.encoders import TextEncoders, TextEncodersConfig
+from pipeline.encoders.vae import FrozenVAE, VAEConfig
+from pipeline.models.dit import build_dit, compile_blocks, flops_per_sample
+from pipeline.training.core import TrainerCore
+from pipeline.training.dit_config import TrainConfig
+from pipeline.training.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, whole_parameters
+from pipeline.training.ema import EMA
+from pipeline.training.optim import build_optimizer
+from pipeline.training.preflight import ModelSpec, TrainingPlan, preflight, resume_target
+from pipeline.training.tracking import Throughput, device_peak_tflops
+
+PROG = "pipeline.train"
+T_BUCKETS = 10
+TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s depend on it
+
+
+def build_model(cfg: TrainConfig, meta: dict):
+    """The DiT sized for the latents and text encoders recorded in the latent dataset.json."""
+    text = meta["text_encoders"]
+    channels, height, _ = meta["latent_shape"]
+    widths = {
+        "text_dim": text["t5"]["width"] if text.get("t5") else 0,
+        "clip_dim": text["clip"]["width"] if text.get("clip") else 0,
+        "clip_token_dim": text["clip"]["token_width"] if text.get("clip") and text["clip"].get("return_tokens") else 0,
+    }
+    model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, qk_norm=cfg.model.qk_norm, **widths, **cfg.model.overrides)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
+    """The model's ``cond`` from a latent batch; rows drawn with ``p_uncond`` use the null condition."""
+    cond = {k: v.to(device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+    rows = batch["latent"].shape[0]
+    cond["drop"] = (torch.rand(rows) < p_uncond).to(device)
+    return cond
+
+
+def accelerator_for(cfg: TrainConfig):
+    """The ``Accelerator`` of a DiT stage: DeepSpeed from the filled template, or plain/DDP."""
+    plugin = None
+    if cfg.deepspeed.enabled:
+        plugin = deepspeed_plugin(
+            cfg.deepspeed.config_path,
+            cfg.deepspeed.zero_stage,
+            micro_batch=cfg.data.loader.batch_size,
+            grad_accum=cfg.optim.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            precision=cfg.mixed_precision,
+            world_size=dist_env().world_size,
+        )
+    return create_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum, deepspeed_plugin=plugin)
+
+
+def release_memory() -> None:
+    """Return freed device memory (models used for a moment: encoders, the VAE)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Trainer(TrainerCore):
+    """The DiT on latent shards: rectified-flow loss, EMA, sample grids, export."""
+
+    prog = PROG
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.meta = latent_meta(cfg.data.latents)
+        world = dist_env().world_size  # before any collective: a plan that cannot run stops every rank alike
+        preflight(cfg.data.latents, cfg.data.loader, world, deepspeed=cfg.deepspeed.enabled, zero_stage=cfg.deepspeed.zero_stage,
+                  resume_from=resume_target(cfg))
+        super().__init__(cfg, accelerator_for(cfg))
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = self.build_model()
+        self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
+        self.ema = EMA(model, cfg.ema.decay).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
+        self.build_averages(model)
+        if cfg.model.compile:
+            compile_blocks(model)  # after the copies: they stay plain modules
+        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)  # the schedule is ours to step
+        self.schedules = {"scheduler": scheduler}
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
+        self.loader = latent_loader(cfg.data.latents, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes)
+        self.last_lr, self.meter = cfg.optim.lr, None
+        self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
+        self._grid_cond: dict | None = None
+
+    def build_model(self) -> torch.nn.Module:
+        """The trained network (a subclass may start it from another model)."""
+        return build_model(self.cfg, self.meta)
+
+    def build_averages(self, model: torch.nn.Module) -> None:
+        """More weight averages of the fresh ``model`` for a subclass (built before ``prepare``)."""
+
+    def autocast(self):
+        """Mixed precision for networks outside ``prepare`` (frozen teacher, target, EMA): the
+        compute dtype of the run, fp32 weights."""
+        dtype = compute_dtype(self.cfg.mixed_precision)
+        return torch.autocast(self.accelerator.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    # ------------------------------------------------------------------ state
+
+    def save_extra(self, folder: Path) -> None:
+        self.ema.save(folder / "ema.safetensors")
+        torch.save({"sums": self.t_sums, "counts": self.t_counts}, folder / "loss_by_t.pt")
+
+    def load_extra(self, folder: Path) -> None:
+        self.ema.load(folder / "ema.safetensors")
+        buckets = torch.load(folder / "loss_by_t.pt", weights_only=True)
+        self.t_sums, self.t_counts = buckets["sums"], buckets["counts"]
+
+    # ------------------------------------------------------------------ steps
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample rectified-flow loss (B,) in fp32 and the times it was drawn at (B,)."""
+        device = self.accelerator.device
+        x0 = batch["latent"].to(device)  # (B, C, h, w)
+        cond = condition(batch, self.cfg.p_uncond, device)
+        t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device)
+        return flow_loss(self.model, x0, cond, t, torch.randn_like(x0)), t
+
+    def micro_step(self, batch: dict) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch inside the accumulation context, the optimizer
+        step at the boundary; None (nothing applied) when the loss is not finite on some rank."""
+        with self.accumulation(self.model):
+            per_sample, t = self.loss(batch)  # (B,), (B,)
+            loss = per_sample.mean()
+            if not self.finite_everywhere(loss):
+                return None
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.optimizer_step()
+        sums, counts = loss_by_t(t, per_sample, T_BUCKETS)
+        self.t_sums += sums.cpu()
+        self.t_counts += counts.cpu()
+        self.meter.add(batch["latent"].shape[0])
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Clip, step, then advance the LR schedule once (DeepSpeed steps inside ``backward``; its
+        wrapper's ``step`` is a no-op and its clipping comes from the JSON)."""
+        if self.cfg.optim.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
+        self.optimizer.step()
+        self.schedules["scheduler"].step()
+        self.optimizer.zero_grad()
+
+    def after_optimizer_step(self) -> None:
+        """The weight averages, from whole parameters (gathered by block under ZeRO-3)."""
+        for group in whole_parameters(self.accelerator.unwrap_model(self.model)):
+            self.average(group)
+
+    def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Update every average from one group of whole parameters (a subclass adds its own)."""
+        self.ema.update(group, 0.0 if self.step <= self.cfg.ema.start_step else None)
+
+    # ------------------------------------------------------------------ the core's hooks
+
+    def on_fit_start(self) -> None:
+        tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
+        self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(self.cfg.logging))
+
+    def metrics(self, running: list) -> dict:
+        loss = torch.stack(running).mean().item()
+        return {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, **self.meter.report(), "epoch": self.loader.epoch()}
+
+    def on_step(self) -> dict:
+        if self.cfg.sampling.every and self.step % self.cfg.sampling.every == 0:
+            self.sample_grid(f"step-{self.step:06d}")
+        return {}
+
+    def finish(self, tracker) -> None:
+        """Export the EMA weights, draw the final grid and the loss-by-t plot."""
+        super().finish(tracker)
+        if self.is_main:
+            from pipeline.figures.plots import plot_loss_by_t
+
+            self.sample_grid("final")
+            plot_loss_by_t(self.t_sums, self.t_counts, self.cfg.run_dir / "loss_by_t.png")
+            print(f"{self.prog}: done at step {self.step}; model in {self.cfg.run_dir / 'model'}")
+
+    # ------------------------------------------------------------------ outputs
+
+    def export(self) -> Path:
+        return export_model(self.cfg.run_dir / "model", self.ema.module, self.meta, self.export_info())
+
+    def export_info(self) -> dict:
+        """What ``pipeline.json`` says beyond the encoders: the sampler and its defaults."""
+        s = self.cfg.sampling
+        return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift}}
+
+    def sample_grid(self, name: str) -> Path | None:
+        """A captioned grid from the fixed prompts and seed with the EMA network (main process).
+
+        It draws from forked RNG streams, so training continues exactly as without it."""
+        if not self.is_main:
+            return None
+        s, device = self.cfg.sampling, self.accelerator.device
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), self.autocast():
+            cond = {k: v.to(device) for k, v in self.grid_condition().items()}
+            noise = torch.randn(len(s.prompts), *self.meta["latent_shape"], generator=torch.Generator().manual_seed(s.seed)).to(device)
+            latents = sample(self.ema.module, self.export_info()["sampler"], cond, noise, s.steps, s.guidance, s.shift, s.seed)
+            vae = FrozenVAE(from_dict(VAEConfig, self.meta["config"]["vae"]), device)  # loaded for this grid only
+            images = tensor_to_images(vae.decode(latents))
+        del vae, cond
+        release_memory()
+        return write_grid(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
+
+    def grid_condition(self) -> dict:
+        """The fixed prompts encoded once, kept on the CPU; the text encoders are released after."""
+        if self._grid_cond is None:
+            text = TextEncoders(from_dict(TextEncodersConfig, self.meta["config"]["text"]), self.accelerator.device)
+            self._grid_cond = {k: v.cpu() for k, v in text.encode(self.cfg.sampling.prompts).items()}
+            del text
+            release_memory()
+        return self._grid_cond
+
+
+# ---------------------------------------------------------------------------- the dry run's plan
+
+
+def plan(cfg: TrainConfig, prog: str = PROG) -> TrainingPlan:
+    """This recipe for the dry run: one DiT, trained, with an fp32 EMA (built on ``meta``)."""
+    with torch.device("meta"):
+        model = build_model(cfg, latent_meta(cfg.data.latents))
+    spec = ModelSpec(cfg.model.name, model, trained=True, fp32_copies=("EMA",), gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return training_plan(cfg, prog, (spec,))
+
+
+def training_plan(cfg: TrainConfig, prog: str, models: tuple[ModelSpec, ...]) -> TrainingPlan:
+    """The parts of a ``TrainConfig`` (or a subclass) that every DiT stage's plan shares."""
+    return TrainingPlan(
+        prog=prog,
+        latents=cfg.data.latents,
+        loader=cfg.data.loader,
+        grad_accum=cfg.optim.grad_accum,
+        grad_clip=cfg.optim.grad_clip,
+        mixed_precision=cfg.mixed_precision,
+        deepspeed=cfg.deepspeed.enabled,
+        zero_stage=cfg.deepspeed.zero_stage,
+        deepspeed_template=cfg.deepspeed.config_path if cfg.deepspeed.enabled else None,
+        models=models,
+        resume_from=resume_target(cfg),
+    )

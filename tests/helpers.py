@@ -19,7 +19,7 @@ def free_port() -> int:
 
 def accelerate_launch(args: list[str], processes: int = 2, extra: list[str] = (), timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` N real processes on this CPU machine (torchrun-style launcher;
-    pipeline.distributed turns it into a gloo job). ``args`` follow the launcher, e.g. ["-m", "x"]."""
+    pipeline.training.distributed turns it into a gloo job). ``args`` follow the launcher, e.g. ["-m", "x"]."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -1,4 +1,4 @@
-"""Tests of ``pipeline.adherence``: captions parsed back, shapes read back from pixels, scoring."""
+"""Tests of ``pipeline.evaluation.adherence``: captions parsed back, shapes read back from pixels, scoring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipeline.checkpoint: atomic folders, newest-complete lookup, retention, state round trips."""
+"""pipeline.training.checkpoint: atomic folders, newest-complete lookup, retention, state round trips."""
 
 from __future__ import annotations
 

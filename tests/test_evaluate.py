@@ -1,4 +1,4 @@
-"""pipeline.evaluate and pipeline.metrics: prompt files, generation with per-image seeds, FID/KID
+"""pipeline.evaluation.evaluate and pipeline.evaluation.metrics: prompt files, generation with per-image seeds, FID/KID
 through the real torchmetrics path with a locally saved Inception, CLIP score with open_clip."""
 
 from __future__ import annotations

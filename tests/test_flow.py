@@ -1,4 +1,4 @@
-"""pipeline.flow and pipeline.sampling: the time convention, timestep samplers, the loss,
+"""pipeline.diffusion (flow, samplers, guidance): the time convention, timestep samplers, the loss,
 and the Euler sampler on a case whose exact flow is known."""
 
 from __future__ import annotations

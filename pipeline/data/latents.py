@@ -69,7 +69,7 @@ def shard_list(shards: str | Path | list[str]) -> list[str]:
 
 
 def latent_meta(folder: Path) -> dict:
-    """The latent folder's dataset.json, its local paths resolved (``pipeline.paths``)."""
+    """The latent folder's dataset.json, its local paths resolved (``pipeline.data.paths``)."""
     path = Path(folder) / "dataset.json"
     if not path.exists():
         raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")

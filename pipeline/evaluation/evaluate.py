@@ -4,7 +4,7 @@ Text-to-image evaluation of an exported teacher or student. It generates one ima
 with fixed per-image seeds (image k uses seed + k, whatever the batch size), in batches with a
 progress bar, then scores them:
 
-- adherence: the deterministic analyser of the synthetic set (``pipeline.adherence``), when
+- adherence: the deterministic analyser of the synthetic set (``pipeline.evaluation.adherence``), when
   every prompt is a caption of its grammar;
 - FID and KID against reference images, with the FID Inception weights given by
   ``--inception`` (nothing is downloaded; without it these metrics are skipped, and the

@@ -80,7 +80,7 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None) -> to
 
 
 class Distiller(Trainer):
-    """``pipeline.train``'s machinery with the consistency-distillation loss."""
+    """The DiT recipe's machinery with the consistency-distillation loss."""
 
     cfg: DistillConfig
     prog = PROG

@@ -9,7 +9,7 @@ per step.
 The update reads whole parameters, given as groups of ``(name, parameter)`` (any iterable of
 them). Under ZeRO-2 every rank holds the full parameters, so each rank updates an identical copy;
 under ZeRO-3 the caller gathers them group by group first
-(``pipeline.distributed.whole_parameters``). The averaged values are those of the weights the
+(``pipeline.training.distributed.whole_parameters``). The averaged values are those of the weights the
 model computes with (16-bit under DeepSpeed bf16/fp16), accumulated in fp32. Saved as safetensors
 keyed by parameter name.
 """

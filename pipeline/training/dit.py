@@ -121,7 +121,9 @@ class Trainer(TrainerCore):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
         self.loader = latent_loader(cfg.data.latents, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes)
-        self.last_lr, self.meter = cfg.optim.lr, None
+        tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
+        self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
+        self.last_lr = cfg.optim.lr
         self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
         self._grid_cond: dict | None = None
 
@@ -198,8 +200,7 @@ class Trainer(TrainerCore):
     # ------------------------------------------------------------------ the core's hooks
 
     def on_fit_start(self) -> None:
-        tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
-        self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(self.cfg.logging))
+        self.meter.restart()
 
     def metrics(self, running: list) -> dict:
         loss = torch.stack(running).mean().item()

@@ -96,6 +96,10 @@ class Throughput:
         self.flops, self.tokens, self.world, self.peak = flops_per_sample, tokens_per_sample, world_size, peak_tflops
         self.samples, self.start = 0, clock()
 
+    def restart(self) -> None:
+        """Count from now (after set-up and resume)."""
+        self.samples, self.start = 0, clock()
+
     def add(self, samples: int) -> None:
         self.samples += samples
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.figures.sheets import write_grid
+from pipeline.figures.sheets import write_sheet
 from pipeline.inference.pipeline import TextToImage
 
 PROG = "pipeline.sample"
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = TextToImage.from_folder(args.model, device)
     images, per_image = pipe.generate(args.prompt, args.steps, args.guidance, args.shift, args.seed)
-    write_grid(images, args.prompt, args.output, args.columns)
+    write_sheet(images, args.prompt, args.output, args.columns)
     print(f"{PROG}: wrote {args.output} ({len(images)} images, {per_image:.3f} s/image)")
     return 0
 

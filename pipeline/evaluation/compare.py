@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data.model_folder import read_model_info
-from pipeline.figures.sheets import write_grid
+from pipeline.figures.sheets import write_sheet
 from pipeline.evaluation.adherence import evaluate
 from pipeline.evaluation.evaluate import generate_images
 from pipeline.evaluation.synthetic import render_sample
@@ -44,7 +44,7 @@ def measure(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, 
     """Generate, time, score adherence and save a grid of the first 16."""
     images, timing = generate_images(pipe, prompts, steps, guidance, shift, seed=0, batch_size=64, desc=grid.stem)
     scores = evaluate(images, prompts)
-    write_grid(images[:16], prompts[:16], grid)
+    write_sheet(images[:16], prompts[:16], grid)
     return {
         "steps": steps,
         "evaluations": steps * (2 if pipe.sampler == "euler" and guidance != 1.0 else 1),  # CFG: two per step

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.evaluation.metrics import MetricError
 from pipeline.inference.pipeline import TextToImage
-from pipeline.figures.sheets import write_grid
+from pipeline.figures.sheets import write_sheet
 from pipeline.timing import clock
 
 PROG = "pipeline.evaluate"
@@ -234,7 +234,7 @@ def write_outputs(out: Path, images: list[Image.Image], prompts: list[str], summ
     rows = per_prompt_rows(prompts, scores, summary["seed"])
     (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_grid(images[:16], prompts[:16], out / "grid.png")
+    write_sheet(images[:16], prompts[:16], out / "grid.png")
     (out / "report.md").write_text(markdown(summary, scores), encoding="utf-8")
 
 

@@ -81,6 +81,6 @@ def pairs_sheet(lefts: list[Image.Image], rights: list[Image.Image], caption: st
     return contact_sheet(pairs, path, columns)
 
 
-def write_grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:
+def write_sheet(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:
     contact_sheet(list(zip(images, captions)), path, columns)
     return Path(path)

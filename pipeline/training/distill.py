@@ -90,7 +90,7 @@ class Distiller(Trainer):
         super().__init__(cfg)
         self.teacher.to(self.accelerator.device)
         d = cfg.distill
-        self.grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
+        self.time_grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
 
     def build_averages(self, model: torch.nn.Module) -> None:
         self.target = EMA(model, self.cfg.distill.target_decay).to(self.accelerator.device)  # the fresh student: the teacher + zero guidance
@@ -113,7 +113,7 @@ class Distiller(Trainer):
         rows = x0.shape[0]
         cond = condition(batch, 0.0, device)
         n = torch.randint(0, d.intervals, (rows,), device=device)
-        t_lo, t_hi = self.grid[n], self.grid[n + 1]
+        t_lo, t_hi = self.time_grid[n], self.time_grid[n + 1]
         noise = torch.randn_like(x0)
         x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
         g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)

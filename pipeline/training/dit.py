@@ -33,7 +33,7 @@ from pipeline.config import from_dict
 from pipeline.data.images import tensor_to_images
 from pipeline.data.latents import latent_loader, latent_meta
 from pipeline.data.model_folder import export_model
-from pipeline.figures.sheets import write_grid
+from pipeline.figures.sheets import write_sheet
 from pipeline.diffusion.flow import flow_loss, loss_by_t, sample_timesteps
 from pipeline.diffusion.samplers import sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
@@ -247,7 +247,7 @@ class Trainer(TrainerCore):
             images = tensor_to_images(vae.decode(latents))
         del vae, cond
         release_memory()
-        return write_grid(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
+        return write_sheet(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
 
     def grid_condition(self) -> dict:
         """The fixed prompts encoded once, kept on the CPU; the text encoders are released after."""

@@ -1,17 +1,17 @@
-"""Run checkpoints: atomic folders, newest-complete lookup, retention, and the small
-save/load helpers every stage uses (DESIGN.md §6).
+"""Run checkpoints: atomic folders, the resume rule, newest-complete lookup, retention, and the
+small save/load helpers the training core uses (DESIGN.md §6).
 
 ``runs/NAME/checkpoints/step-NNNNNN/`` appears only when complete: it is written as
 ``.tmp-step-NNNNNN`` by every rank, then renamed by the main process. Loading takes the newest
 complete folder; retention deletes the oldest ones but never the newest complete checkpoint.
-Weights are safetensors; other tensors (optimizer, RNG) go through ``torch.save`` and come back
-with ``torch.load(..., weights_only=True)``; counters and the data position are JSON.
+Inside: ``accelerate/`` (weights as safetensors, optimizer states, every rank's RNG states), LR
+schedules through ``torch.save`` read back with ``torch.load(..., weights_only=True)``, counters
+and the data position as JSON (``pipeline.training.core``).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from collections.abc import Callable
@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline.data.shards import write_json_atomic
 
@@ -107,16 +105,6 @@ class Checkpoints:
 # ---------------------------------------------------------------------------- file helpers
 
 
-def save_weights(module: torch.nn.Module, path: Path) -> None:
-    """A module's state dict as safetensors (tensors made contiguous and unshared)."""
-    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(state, str(path))
-
-
-def load_weights(module: torch.nn.Module, path: Path, strict: bool = True) -> None:
-    module.load_state_dict(load_file(str(path)), strict=strict)
-
-
 def save_tensors(obj: Any, path: Path) -> None:
     """Optimizer / scheduler / RNG state (tensors, numbers, lists, dicts) via ``torch.save``."""
     torch.save(obj, path)
@@ -124,29 +112,6 @@ def save_tensors(obj: Any, path: Path) -> None:
 
 def load_tensors(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_state() -> dict:
-    """Every RNG this process draws from, in a ``weights_only``-loadable form."""
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]),
-        "python_gauss": random.getstate()[2],
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_train_state(folder: Path, state: dict) -> None:

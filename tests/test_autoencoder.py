@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
 
 from pipeline import train_autoencoder
-from pipeline.training.autoencoder_losses import adaptive_weight, hinge_d_loss, psnr
+from pipeline.training.autoencoder_losses import adaptive_weight, hinge_d_loss
 from tests.helpers import ROOT
 
 
@@ -28,11 +28,6 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     rec, gan = (3 * w).sum(), (w**2).sum()  # grads (3, 3) and (2, 4)
     expected = np.hypot(3, 3) / (np.hypot(2, 4) + 1e-4)
     assert abs(adaptive_weight(rec, gan, w).item() - expected) < 1e-5
-
-
-def test_psnr():
-    x = torch.zeros(2, 3, 4, 4)
-    assert torch.allclose(psnr(x + 0.2, x), torch.full((2,), 20.0))  # error 0.1 on [0, 1] -> 20 dB
 
 
 def args(shards, out, *extra):

@@ -36,7 +36,8 @@ from pipeline.data.shards import iter_samples
 from pipeline.figures.sheets import pairs_sheet
 from pipeline.data.stream import LoaderConfig
 from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminator, Reconstruction, build_autoencoder
-from pipeline.training.autoencoder_losses import adaptive_weight, generator_loss, hinge_d_loss, measure_factors, psnr
+from pipeline.data.quality import psnr
+from pipeline.training.autoencoder_losses import adaptive_weight, generator_loss, hinge_d_loss, measure_factors
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.core import TrainerCore
 from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env

@@ -27,12 +27,6 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
-def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB on the [0, 1] scale, from images in [-1, 1] (B,)."""
-    mse = (((reconstruction.clamp(-1, 1) - original) / 2) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
-
-
 @torch.no_grad()
 def measure_factors(vae: AutoencoderKL, images: torch.Tensor, batch: int = 128) -> tuple[float, float]:
     """``(scaling_factor, shift_factor)`` = (1/std, mean) of posterior-mean latents of ``images``."""

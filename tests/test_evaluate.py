@@ -137,3 +137,15 @@ def test_bad_inputs_exit_with_one_line(teacher_dir, image_shards, tmp_path, caps
     assert "Inception weights not found: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(teacher_dir, tmp_path / "o")  # neither --prompts nor --reference
+
+
+def test_several_steps_load_the_model_once_and_match_single_runs(teacher_dir, image_shards, tmp_path, capsys):
+    base = ["--model", str(teacher_dir), "--guidance", "2", "--reference", str(image_shards), "--count", "4"]
+    assert evaluate.main([*base, "--steps", "1", "2", "--output", str(tmp_path / "t_{steps}")]) == 0
+    assert evaluate.main([*base, "--steps", "2", "--output", str(tmp_path / "single")]) == 0
+    assert [json.loads((tmp_path / f"t_{n}/summary.json").read_text())["steps"] for n in (1, 2)] == [1, 2]
+    for k in range(4):
+        assert (tmp_path / f"t_2/images/{k:05d}.png").read_bytes() == (tmp_path / f"single/images/{k:05d}.png").read_bytes()
+    with pytest.raises(SystemExit):
+        evaluate.main([*base, "--steps", "1", "2", "--output", str(tmp_path / "no_placeholder")])
+    assert "--output must contain {steps}" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``python -m pipeline.evaluate --model DIR --prompts FILE|--reference SHARDS --steps N --guidance G --output DIR``
+"""``python -m pipeline.evaluate --model DIR --prompts FILE|--reference SHARDS --steps N [N …] --guidance G --output DIR``
 
 Text-to-image evaluation of an exported teacher or student. It generates one image per prompt
 with fixed per-image seeds (image k uses seed + k, whatever the batch size), in batches with a
@@ -13,7 +13,8 @@ progress bar, then scores them:
   --clip-checkpoint FILE``.
 
 Outputs in ``--output``: ``images/NNNNN.png``, ``per_prompt.jsonl``, ``summary.json``,
-``report.md`` and ``grid.png``.
+``report.md`` and ``grid.png``. Several ``--steps`` evaluate each in turn with the model loaded
+once; ``--output`` then names ``{steps}`` (``runs/eval/teacher_{steps}``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.evaluation.metrics import MetricError
 from pipeline.inference.pipeline import TextToImage
@@ -60,15 +62,11 @@ def read_prompts(path: Path) -> list[str]:
 
         prompts = [_pick_key(row, f"{path} row {i + 1}") for i, row in enumerate(pq.read_table(path).to_pylist())]
     elif suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalInputError(f"{path}:{n}: not JSON ({err.msg})") from err
-            prompts.append(_pick_key(row, f"{path}:{n}") if isinstance(row, dict) else str(row))
+        try:
+            rows = read_jsonl(path)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from None
+        prompts = [_pick_key(row, f"{path}:{n}") if isinstance(row, dict) else str(row) for n, row in rows]
     else:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
@@ -179,9 +177,9 @@ def clip_config(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict) -> dict:
+def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, steps: int) -> dict:
     summary = {
-        "model": str(args.model), "steps": args.steps, "guidance": args.guidance, "shift": args.shift,
+        "model": str(args.model), "steps": steps, "guidance": args.guidance, "shift": args.shift,
         "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
     }
     if scores.get("adherence"):
@@ -246,12 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, help="image shards: their captions are the prompts (unless "
                    "--prompts is given) and their images the FID/KID reference")
     p.add_argument("--count", type=int, help="use the first COUNT prompts (default: all)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, nargs="+", default=[50], help="sampling steps; several: one evaluation each")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="output folder; with several --steps it names {steps}")
     p.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05 .pth or .safetensors)")
     p.add_argument("--kid-subset", type=int, default=1000, help="KID subset size (capped at the set sizes)")
     p.add_argument("--clip", help="open_clip folder for CLIP score (open_clip_config.json + weights)")
@@ -264,10 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.prompts is None and args.reference is None:
         p.error("give --prompts FILE or --reference SHARDS")
-    for name in ("steps", "batch_size", "kid_subset", "count"):
+    for name in ("batch_size", "kid_subset", "count"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if min(args.steps) < 1:
+        p.error(f"--steps must be >= 1 (got {min(args.steps)})")
+    if len(args.steps) > 1 and "{steps}" not in str(args.output):
+        p.error("with several --steps, --output must contain {steps} (e.g. runs/eval/teacher_{steps})")
     if args.clip is not None and args.clip_model is not None:
         p.error("give --clip FOLDER or --clip-model NAME, not both")
     if (args.clip_model is None) != (args.clip_checkpoint is None):
@@ -286,6 +288,21 @@ def load_inputs(args: argparse.Namespace) -> list[str]:
     return prompts[: args.count] if args.count else prompts
 
 
+def evaluate_steps(pipe: TextToImage, prompts: list[str], steps: int, args: argparse.Namespace, device: str) -> Path:
+    """Generate, score and write one evaluation at ``steps``; returns its folder."""
+    images, timing = generate_images(pipe, prompts, steps, args.guidance, args.shift, args.seed, args.batch_size)
+    scores = score(images, prompts, args, device)
+    summary = summarise(scores, args, len(prompts), timing, steps)
+    out = Path(str(args.output).replace("{steps}", str(steps)))
+    write_outputs(out, images, prompts, summary, scores)
+    for name, why in summary["skipped"].items():
+        print(f"{PROG}: {name} skipped: {why}")
+    shown = {k: round(v, 4) for k, v in summary.items() if k in ("adherence_all", "clip_score", "fid", "kid_mean")}
+    print(f"{PROG}: {len(images)} images at {steps} steps, {timing['seconds_per_image']:.4f} s/image "
+          f"(sampler {timing['sampler_seconds_per_image']:.4f}), {shown}; report in {out / 'report.md'}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -294,18 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device)
-        images, timing = generate_images(pipe, prompts, args.steps, args.guidance, args.shift, args.seed, args.batch_size)
-        scores = score(images, prompts, args, device)
+        for steps in args.steps:
+            evaluate_steps(pipe, prompts, steps, args, device)
     except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    summary = summarise(scores, args, len(prompts), timing)
-    write_outputs(args.output, images, prompts, summary, scores)
-    for name, why in summary["skipped"].items():
-        print(f"{PROG}: {name} skipped: {why}")
-    shown = {k: round(v, 4) for k, v in summary.items() if k in ("adherence_all", "clip_score", "fid", "kid_mean")}
-    print(f"{PROG}: {len(images)} images, {timing['seconds_per_image']:.4f} s/image "
-          f"(sampler {timing['sampler_seconds_per_image']:.4f}), {shown}; report in {args.output / 'report.md'}")
     return 0
 
 

@@ -34,6 +34,9 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
         assert picture in md and (tmp_path / "demo" / picture).is_file(), picture
     assert [s["stage"] for s in report["stages"]][-1] == "report"
     assert "latents_decoded.png" in md and (tmp_path / "demo/latents_decoded.png").is_file()
+    assert set(report["edits"]["runs"]) == {"teacher_50", "student_1", "student_2", "student_4"}
+    assert "edits/edit_sheet.png" in md and (tmp_path / "demo/edits/edit_sheet.png").is_file()
+    assert any(g["goal"].startswith("edit student_1: inpaint") for g in report["goals"])
 
 
 def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():

@@ -42,7 +42,7 @@ def test_every_command_is_a_console_script_with_help(capsys):
     scripts = console_scripts()
     modules = {target.split(":")[0] for target in scripts.values()}
     commands = {"pipeline.train", "pipeline.distill", "pipeline.train_autoencoder", "pipeline.sample", "pipeline.evaluate",
-                "pipeline.compare", "pipeline.demo_report", "data_tools.synth", "data_tools.shard", "data_tools.inspect",
+                "pipeline.compare", "pipeline.demo_report", "pipeline.edit", "pipeline.evaluate_edits", "data_tools.synth", "data_tools.shard", "data_tools.inspect",
                 "data_tools.make_encoders", "data_tools.encode", "data_tools.preview_latents"}
     assert commands <= modules, commands - modules
     for name, target in sorted(scripts.items()):

@@ -6,6 +6,9 @@
   Algorithm 1) for a student whose ``f(x, t) = x − t·v(x, t)``: ``x0 = f(ε, 1)``, then for each
   ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
 - Guidance: ``pipeline.diffusion.guidance``.
+- Editing: both samplers take an ``Edit`` (``pipeline.diffusion.editing``): they start at
+  ``t = strength`` from the noised image, walk only the grid's times below it, and keep the
+  image's unmasked region on its forward path after every step (SDEdit, RePaint).
 
 :func:`sample` picks the sampler a model folder names ("euler" for a teacher, "consistency" for a
 distilled student), so the inference pipeline and the training-time grids sample alike.
@@ -16,15 +19,21 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from pipeline.diffusion.editing import Edit, flow_edit, renoise
 from pipeline.diffusion.flow import Model, shift_time
 from pipeline.diffusion.guidance import guided_velocity
 
 
-def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
-    """``steps + 1`` times from 1 to 0 (uniform, then shifted)."""
+def time_grid(steps: int, shift: float = 1.0, device=None, strength: float = 1.0) -> torch.Tensor:
+    """``steps + 1`` times from 1 to 0 (uniform, then shifted); with ``strength < 1``, the
+    strength itself followed by the times of that grid below it (about ``steps·strength`` steps,
+    at least one), as diffusers' image-to-image pipelines do."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    if strength >= 1.0:
+        return grid
+    return torch.cat([torch.tensor([strength], device=device, dtype=grid.dtype), grid[grid < strength]])
 
 
 def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -34,17 +43,23 @@ def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -
 
 @torch.no_grad()
 def consistency(
-    model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: torch.Generator | None = None
+    model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: torch.Generator | None = None,
+    edit: Edit | None = None,
 ) -> torch.Tensor:
-    """Multistep consistency sampling from ``t = 1``; ``steps`` model evaluations."""
-    grid = time_grid(steps, shift, noise.device)  # 1 = t_0 > t_1 > … > t_steps = 0
+    """Multistep consistency sampling from ``t = 1`` (``steps`` model evaluations), or from
+    ``t = edit.strength`` (the grid's times below it); an edit's kept region is noised with each
+    step's fresh noise and is exactly the image at the end."""
+    grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)  # t_0 > t_1 > … > 0
     ones = torch.ones(noise.shape[0], device=noise.device)
-    x0 = consistency_fn(model, noise, ones, cond)
+    x = noise if edit is None else edit.start(noise)
+    x0 = consistency_fn(model, x, grid[0] * ones, cond)
     for t_k in grid[1:-1]:
         fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
         x = (1 - t_k) * x0 + t_k * fresh
+        if edit is not None:
+            x = edit.keep(x, t_k, fresh)
         x0 = consistency_fn(model, x, t_k * ones, cond)
-    return x0
+    return x0 if edit is None else edit.keep(x0, 0.0, noise)
 
 
 @torch.no_grad()
@@ -56,28 +71,72 @@ def euler(
     guidance: float = 1.0,
     shift: float = 1.0,
     progress: bool = False,
+    edit: Edit | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``."""
-    grid = time_grid(steps, shift, noise.device)
-    x = noise
-    for i in tqdm(range(steps), desc="euler", disable=not progress, leave=False):
+    """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``. With an
+    ``edit``: from the image noised to ``t = strength``, its kept region reset to the image on
+    the same noise's path after every step (and ``edit.resample`` RePaint jumps per step, their
+    noise from ``generator``)."""
+    grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)
+    x = noise if edit is None else edit.start(noise)
+    for i in tqdm(range(len(grid) - 1), desc="euler", disable=not progress, leave=False):
         t = grid[i].expand(x.shape[0])
-        x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance)
+        for jump in range(1 + (edit.resample if edit else 0)):
+            if jump:  # RePaint: back to t_i by the forward process, then the same step again
+                x = edit.keep(renoise(x, grid[i + 1], grid[i], generator), grid[i], noise)
+            x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance)
+            if edit is not None:
+                x = edit.keep(x, grid[i + 1], noise)
     return x
 
 
 SAMPLERS = ("euler", "consistency")
 
 
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
+
+
+def _student_cond(cond: dict, guidance: float, batch: int, device) -> dict:
+    """A student takes the guidance scale as an input (one evaluation per step)."""
+    return {**cond, "guidance": torch.full((batch,), float(guidance), device=device)}
+
+
 @torch.no_grad()
 def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
-           seed: int = 0) -> torch.Tensor:
+           seed: int = 0, edit: Edit | None = None) -> torch.Tensor:
     """Latents from ``noise`` with the named sampler: Euler with classifier-free guidance (a
     teacher), or consistency steps with the guidance scale given to the model as an input (a
-    student: one evaluation per step; its fresh noise comes from ``seed + 1``)."""
+    student: one evaluation per step). Fresh noise (a student's steps, RePaint's jumps) comes
+    from ``seed + 1``. ``edit``: start from an image and keep its unmasked part."""
+    _check_sampler(sampler)
+    generator = torch.Generator().manual_seed(seed + 1)
     if sampler == "euler":
-        return euler(model, noise, cond, steps, guidance, shift)
-    if sampler != "consistency":
-        raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
-    cond = {**cond, "guidance": torch.full((noise.shape[0],), float(guidance), device=noise.device)}
-    return consistency(model, noise, cond, steps, shift, torch.Generator().manual_seed(seed + 1))
+        return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator)
+    cond = _student_cond(cond, guidance, noise.shape[0], noise.device)
+    return consistency(model, noise, cond, steps, shift, generator, edit)
+
+
+def guided(model: Model, sampler: str, guidance: float) -> Model:
+    """The velocity a sampler follows: classifier-free guided for a teacher, the guidance scale as
+    an input for a student (whose ``v`` gives its ``x0`` prediction, ``x − t·v``)."""
+    _check_sampler(sampler)
+    if sampler == "euler":
+        return lambda x, t, cond: guided_velocity(model, x, t, cond, guidance)
+    return lambda x, t, cond: model(x, t, _student_cond(cond, guidance, x.shape[0], x.device))
+
+
+@torch.no_grad()
+def text_edit(model: Model, sampler: str, latents: torch.Tensor, source_cond: dict, target_cond: dict, steps: int,
+              strength: float, guidance: float, source_guidance: float = 1.5, shift: float = 1.0, seed: int = 0,
+              average: int = 1) -> torch.Tensor:
+    """FlowEdit (``pipeline.diffusion.editing.flow_edit``) from ``t = strength`` over the sampler's
+    grid: the source prompt's velocity at ``source_guidance``, the target's at ``guidance``."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    source_v, target_v = guided(model, sampler, source_guidance), guided(model, sampler, guidance)
+    grid = time_grid(steps, shift, latents.device, strength)
+    return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents, grid,
+                     torch.Generator().manual_seed(seed + 1), average)

@@ -70,17 +70,57 @@ def contact_sheet(samples: list[tuple[Image.Image, str]], path: Path, columns: i
     return sheet
 
 
+def strip(images: list[Image.Image], gap: int = 0) -> Image.Image:
+    """``images`` side by side on white, top-aligned, ``gap`` pixels apart."""
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    row = Image.new("RGB", (width, max(im.height for im in images)), "white")
+    x = 0
+    for image in images:
+        row.paste(image.convert("RGB"), (x, 0))
+        x += image.width + gap
+    return row
+
+
+def strips_sheet(rows: list[list[Image.Image]], captions: list[str], path: Path, columns: int = 4, gap: int = 0) -> Image.Image:
+    """Each row of images (e.g. input | mask | output) side by side as one captioned tile."""
+    return contact_sheet([(strip(row, gap), caption) for row, caption in zip(rows, captions)], path, columns)
+
+
 def pairs_sheet(lefts: list[Image.Image], rights: list[Image.Image], caption: str, path: Path, columns: int = 4) -> Image.Image:
     """``left | right`` pairs (e.g. original | reconstruction) side by side in one contact sheet."""
-    pairs = []
-    for left, right in zip(lefts, rights):
-        pair = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
-        pair.paste(left, (0, 0))
-        pair.paste(right, (left.width, 0))
-        pairs.append((pair, caption))
-    return contact_sheet(pairs, path, columns)
+    return strips_sheet([[left, right] for left, right in zip(lefts, rights)], [caption] * len(lefts), path, columns)
 
 
 def write_sheet(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> Path:
     contact_sheet(list(zip(images, captions)), path, columns)
+    return Path(path)
+
+
+def table_sheet(cells: list[list[Image.Image | None]], column_titles: list[str], row_titles: list[str], path: Path,
+                cell: int = 96) -> Path:
+    """A table of images: ``cells[r][c]`` scaled into ``cell``-pixel squares (None: left blank),
+    titles above the columns and (wrapped) beside the rows."""
+    font = ImageFont.load_default(size=12)
+    line_h = font.getbbox("Ag")[3] + 2
+    label_w = 2 * cell
+    wrapped = [wrap(title, font, label_w - PAD) for title in row_titles]
+    row_h = [max(cell, len(lines) * line_h) + PAD for lines in wrapped]
+    width, top = label_w + len(column_titles) * (cell + PAD) + PAD, line_h * 2 + PAD
+    sheet = Image.new("RGB", (width, top + sum(row_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(column_titles):
+        for n, line in enumerate(wrap(title, font, cell)[:2]):
+            draw.text((label_w + c * (cell + PAD), PAD // 2 + n * line_h), line, fill="black", font=font)
+    y = top
+    for row, lines, h in zip(cells, wrapped, row_h):
+        for n, line in enumerate(lines):
+            draw.text((PAD // 2, y + n * line_h), line, fill="black", font=font)
+        for c, image in enumerate(row):
+            if image is not None:
+                thumb, x = fit(image, cell), label_w + c * (cell + PAD)
+                sheet.paste(thumb, (x, y))
+                draw.rectangle((x - 1, y - 1, x + thumb.width, y + thumb.height), outline=(190, 190, 190))
+        y += h
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
     return Path(path)

@@ -3,7 +3,8 @@
 Collects what the demo's stages wrote into one ``report.md`` + ``report.json`` in the run folder:
 the autoencoder's held-out PSNR, the evaluation of the teacher (50 steps, guidance) and of the
 student at 1/2/4 steps (``pipeline.evaluate`` outputs under ``eval/``), seconds per image, loss
-curves, the stage timings of ``launch/demo.sh`` and the goals of the issues, met or not.
+curves, the editing evaluation (``pipeline.evaluate_edits`` under ``edits/``), the stage timings
+of ``launch/demo.sh`` and the goals of the issues, met or not.
 """
 
 from __future__ import annotations
@@ -62,7 +63,28 @@ def collect(run: Path) -> dict:
         "stages": read_stages(run / "stages.tsv"),
     }
     report["goals"] = goals(report)
+    edits = run / "edits/edit_report.json"
+    if edits.is_file():
+        report["edits"] = json.loads(edits.read_text()) | {"sheet": str(run / "edits/edit_sheet.png")}
+        report["goals"] += [{**g, "goal": f"edit {g['run']}: {g['goal']}"} for g in report["edits"]["goals"]]
     return report
+
+
+EDIT_COLUMNS = (("inpaint", "new_object", "inpaint: new object"), ("inpaint", "unmasked_psnr", "inpaint: unmasked PSNR"),
+                ("img2img", "background", "img2img: background"), ("img2img", "objects_kept", "img2img: objects kept"),
+                ("outpaint", "scene", "outpaint: caption"), ("outpaint", "psnr", "outpaint: PSNR"),
+                ("superres", "scene", "2× SR: caption"), ("superres", "psnr", "2× SR: PSNR"))
+
+
+def edit_section(edits: dict, rel) -> list[str]:
+    """The editing evaluation's headline table (``edits/edit_report.md`` has the rest)."""
+    columns = [c for c in EDIT_COLUMNS if c[0] in edits["tasks"]]
+    lines = ["## Editing without retraining", "",
+             f"{edits['count']} synthetic cases per task; details in `edits/edit_report.md`.", "",
+             "| model | " + " | ".join(title for _, _, title in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, run in edits["runs"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{run[task][key]:.3f}" for task, key, _ in columns) + " |")
+    return lines + ["", f"Input | mask | target | results: ![edits]({rel(edits['sheet'])})", ""]
 
 
 def read_stages(path: Path) -> list[dict]:
@@ -129,10 +151,12 @@ def markdown(report: dict, run: Path) -> str:
     for attr in t["adherence"]:
         lines.append(f"| {attr} | " + " | ".join(f"{m['adherence'][attr]:.3f}" for m in [t, *report["students"]]) + " |")
     lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
-    lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
+    lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']:.3g} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
     lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]
     lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
     lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]
+    if "edits" in report:
+        lines += edit_section(report["edits"], rel)
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
     lines += ["", f"Autoencoder reconstructions (each tile: original | reconstruction): ![ae]({rel(ae['reconstructions'])})"]
     if Path(ae["latents_decoded"]).exists():

@@ -1,0 +1,128 @@
+"""Editing test cases drawn from the synthetic grammar, each with the image it should become.
+
+Case ``k`` of a task depends only on (task, seed, k, resolution): a scene is rendered with
+``pipeline.evaluation.synthetic`` and changed in a way the analyser can check from pixels.
+
+- ``inpaint``: one object's box (plus ``MASK_MARGIN`` pixels) is masked and the prompt gives that
+  object another colour and shape (same size and place); everything outside the mask must stay.
+- ``img2img``: the prompt names another background; the objects must stay as they are.
+- ``flowedit``: the same change as ``img2img`` by FlowEdit, from the source caption to the target.
+- ``outpaint``: a strip of a quarter of the side is cut off one edge (the side drawn per case)
+  and grown back; the result should be the full render.
+- ``superres``: the render box-downsampled by ``SR_SCALE`` is the input; the result should be
+  the full-size render.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from pipeline.evaluation.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    caption_for,
+    render_sample,
+)
+
+TASKS = ("inpaint", "img2img", "flowedit", "outpaint", "superres")
+MASK_MARGIN = 2  # pixels around the object's box that the inpainting mask also covers
+SR_SCALE = 2
+OUTPAINT_FRACTION = 0.25  # of the side, cut off and grown back
+SIDES = ("left", "top", "right", "bottom")
+
+
+@dataclass
+class EditCase:
+    """One edit: the input (``image``, ``mask`` where the task has one), the ``prompt``, and what
+    the result should be: ``truth`` (scene for the analyser) and ``reference`` (the full render)."""
+
+    task: str
+    index: int
+    image: Image.Image
+    prompt: str
+    truth: dict
+    reference: Image.Image
+    mask: np.ndarray | None = None  # (H, W) float, 1 = redraw
+    original: dict | None = None  # the scene before the edit (img2img, inpaint)
+    new_object: dict | None = None  # inpaint: the object the prompt asks for
+    padding: tuple[int, int, int, int] | None = None  # outpaint: (left, top, right, bottom)
+    source_prompt: str | None = None  # flowedit: the caption of the input
+    notes: dict = field(default_factory=dict)
+
+
+def _scene(index: int, resolution: int, seed: int, second_object_prob: float) -> tuple[Image.Image, dict]:
+    image, truth = render_sample(index, resolution, seed, second_object_prob)
+    return image, {"background": truth["background"], "objects": truth["objects"]}
+
+
+def _other(rng: random.Random, names, current: str) -> str:
+    return rng.choice([name for name in names if name != current])
+
+
+def _render(scene: dict, resolution: int) -> Image.Image:
+    from pipeline.evaluation.adherence import render_caption
+
+    return render_caption(caption_for(scene["background"], scene["objects"]), resolution)
+
+
+def inpaint_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+    image, scene = _scene(index, resolution, seed, second_object_prob)
+    rng = random.Random(f"inpaint:{seed}:{index}")
+    k = rng.randrange(len(scene["objects"]))
+    old = scene["objects"][k]
+    new = {**old, "colour": _other(rng, COLOURS, old["colour"]), "shape": _other(rng, SHAPES, old["shape"])}
+    objects = [new if i == k else o for i, o in enumerate(scene["objects"])]
+    target = {"background": scene["background"], "objects": objects}
+    x0, y0, x1, y1 = old["bbox"]
+    mask = np.zeros((resolution, resolution), dtype=np.float32)
+    mask[max(0, y0 - MASK_MARGIN): y1 + MASK_MARGIN, max(0, x0 - MASK_MARGIN): x1 + MASK_MARGIN] = 1.0
+    return EditCase("inpaint", index, image, caption_for(scene["background"], objects), target, _render(target, resolution),
+                    mask=mask, original=scene, new_object=new)
+
+
+def img2img_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+    image, scene = _scene(index, resolution, seed, second_object_prob)
+    rng = random.Random(f"img2img:{seed}:{index}")
+    target = {**scene, "background": _other(rng, BACKGROUNDS, scene["background"])}
+    return EditCase("img2img", index, image, caption_for(target["background"], target["objects"]), target,
+                    _render(target, resolution), original=scene)
+
+
+def flowedit_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+    case = img2img_case(index, resolution, seed, second_object_prob)
+    source = caption_for(case.original["background"], case.original["objects"])
+    return EditCase("flowedit", index, case.image, case.prompt, case.truth, case.reference, original=case.original,
+                    source_prompt=source)
+
+
+def outpaint_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+    full, scene = _scene(index, resolution, seed, second_object_prob)
+    side = random.Random(f"outpaint:{seed}:{index}").choice(SIDES)
+    cut = round(resolution * OUTPAINT_FRACTION)
+    padding = tuple(cut if s == side else 0 for s in SIDES)
+    left, top, right, bottom = padding
+    image = full.crop((left, top, resolution - right, resolution - bottom))
+    return EditCase("outpaint", index, image, caption_for(scene["background"], scene["objects"]), scene, full,
+                    padding=padding, notes={"side": side})
+
+
+def superres_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+    full, scene = _scene(index, resolution, seed, second_object_prob)
+    small = full.resize((resolution // SR_SCALE,) * 2, Image.Resampling.BOX)
+    return EditCase("superres", index, small, caption_for(scene["background"], scene["objects"]), scene, full)
+
+
+BUILDERS = {"inpaint": inpaint_case, "img2img": img2img_case, "flowedit": flowedit_case, "outpaint": outpaint_case,
+            "superres": superres_case}
+
+
+def edit_cases(task: str, count: int, resolution: int, seed: int, second_object_prob: float = 0.25) -> list[EditCase]:
+    """``count`` cases of ``task``; case k from (task, seed, k) alone."""
+    if task not in BUILDERS:
+        raise ValueError(f"unknown edit task '{task}' ({', '.join(TASKS)})")
+    return [BUILDERS[task](k, resolution, seed, second_object_prob) for k in range(count)]

@@ -1,0 +1,219 @@
+"""``python -m pipeline.edit --model DIR --image IN.png [--mask M.png] [--strength S]
+[--prompt … | --source-prompt … --target-prompt …] [--outpaint L,T,R,B] [--scale 2] --output OUT.png``
+
+Edits images with an exported teacher or student (``pipeline.inference.editing``). The mode
+follows from the arguments: ``--source-prompt/--target-prompt`` FlowEdit; ``--outpaint`` grows
+the canvas; ``--scale`` super-resolves; ``--mask`` inpaints its white part; otherwise
+image-to-image. ``--image`` is a file, a folder of images (``--mask`` then a folder of masks
+with the same names; ``--output`` a folder) or a ``.jsonl`` manifest whose rows give ``image``
+and any of ``mask``, ``prompt``, ``source_prompt``, ``target_prompt``, ``strength``,
+``outpaint``, ``scale`` (relative paths from the manifest's folder; the command line gives the
+rest). Image k uses seed + k. A sheet of input | mask | output is written beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.images import IMAGE_EXTENSIONS, to_rgb
+from pipeline.data.jsonl import read_jsonl
+from pipeline.encoders.common import EncoderLoadError
+from pipeline.figures.sheets import strips_sheet
+from pipeline.inference.editing import (
+    EditInputError,
+    ImageEditor,
+    Sampling,
+    check_strength,
+    mask_tensor,
+    outpaint_canvas,
+    upscale,
+)
+from pipeline.inference.pipeline import TextToImage
+
+PROG = "pipeline.edit"
+DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0, "outpaint": 1.0, "superres": 0.4, "flowedit": 0.7}
+
+
+@dataclass
+class Item:
+    """One edit: its input, mode, prompts, strength and where its result goes."""
+
+    image: Path
+    output: Path
+    prompt: str = ""
+    mask: Path | None = None
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+    strength: float | None = None
+    outpaint: tuple[int, int, int, int] | None = None
+    scale: float | None = None
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        if self.source_prompt is not None or self.target_prompt is not None:
+            return "flowedit"
+        if self.outpaint is not None:
+            return "outpaint"
+        if self.scale is not None:
+            return "superres"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def check(self) -> Item:
+        if self.mode == "flowedit" and (self.source_prompt is None or self.target_prompt is None):
+            raise EditInputError(f"{self.image}: --source-prompt and --target-prompt go together")
+        if self.mode == "outpaint" and self.mask is not None:
+            raise EditInputError(f"{self.image}: --outpaint makes its own mask; do not give --mask")
+        strength = DEFAULT_STRENGTH[self.mode] if self.strength is None else self.strength
+        return replace(self, strength=check_strength(strength))
+
+
+def read_image(path: Path, what: str = "image") -> Image.Image:
+    """An image file, fully decoded; one clear error if it cannot be."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise EditInputError(f"{what} not found: '{path}'") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise EditInputError(f"{what} '{path}' cannot be read: {err}") from None
+
+
+def parse_padding(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise EditInputError(f"--outpaint takes L,T,R,B pixels (got '{text}')")
+    return values  # type: ignore[return-value]
+
+
+def items_from(args: argparse.Namespace) -> list[Item]:
+    """The edits the arguments describe, in order, image k with seed + k."""
+    base = {"prompt": args.prompt or "", "source_prompt": args.source_prompt, "target_prompt": args.target_prompt,
+            "strength": args.strength, "outpaint": parse_padding(args.outpaint) if args.outpaint else None,
+            "scale": args.scale}
+    source = args.image
+    if source.suffix == ".jsonl":
+        items = _manifest(source, args.output, base)
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        if not files:
+            raise EditInputError(f"no images in '{source}'")
+        masks = args.mask
+        items = [Item(f, args.output / f"{f.stem}.png", mask=(masks / f.name if masks else None), **base) for f in files]
+    else:
+        items = [Item(source, args.output, mask=args.mask, **base)]
+    return [replace(item, seed=args.seed + k).check() for k, item in enumerate(items)]
+
+
+def _manifest(path: Path, output: Path, base: dict) -> list[Item]:
+    if not path.is_file():
+        raise EditInputError(f"manifest not found: '{path}'")
+    try:
+        rows = read_jsonl(path)
+    except ValueError as err:
+        raise EditInputError(str(err)) from None
+    items = []
+    for n, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise EditInputError(f"{path}:{n}: a row needs an 'image' path")
+        unknown = set(row) - {"image", "mask", "prompt", "source_prompt", "target_prompt", "strength", "outpaint", "scale"}
+        if unknown:
+            raise EditInputError(f"{path}:{n}: unknown field(s) {', '.join(sorted(unknown))}")
+        fields = {**base, **{k: v for k, v in row.items() if k not in ("image", "mask")}}
+        if isinstance(fields.get("outpaint"), str):
+            fields["outpaint"] = parse_padding(fields["outpaint"])
+        elif fields.get("outpaint") is not None:
+            fields["outpaint"] = parse_padding(",".join(map(str, fields["outpaint"])))
+        image = path.parent / row["image"]
+        mask = path.parent / row["mask"] if row.get("mask") else None
+        items.append(Item(image, output / f"{n:05d}_{image.stem}.png", mask=mask, **fields))
+    if not items:
+        raise EditInputError(f"no rows in '{path}'")
+    return items
+
+
+def load_inputs(item: Item) -> tuple[Image.Image, Image.Image | None]:
+    """The item's image and mask, read and checked (before any model is loaded)."""
+    image = to_rgb(read_image(item.image))
+    mask = to_rgb(read_image(item.mask, "mask")).convert("L") if item.mask else None
+    if mask is not None:
+        mask_tensor(mask, image.size)  # the sizes agree
+    return image, mask
+
+
+def run_item(editor: ImageEditor, item: Item, image: Image.Image, mask: Image.Image | None, sampling: Sampling,
+             source_guidance: float) -> tuple[Image.Image, Image.Image | None, Image.Image]:
+    """(input as the model gets it, mask or None, result) for one edit."""
+    seeds, mode = [item.seed], item.mode
+    if mode == "flowedit":
+        out = editor.text_edit([image], [item.source_prompt], [item.target_prompt], item.strength, sampling, seeds, source_guidance)
+    elif mode == "outpaint":
+        canvas, border = outpaint_canvas(image, item.outpaint)
+        out = editor.edit([canvas], [item.prompt], item.strength, [border], sampling, seeds)
+        image, mask = canvas, Image.fromarray((border * 255).astype("uint8"))
+    elif mode == "superres":
+        image = upscale(image, item.scale)
+        out = editor.edit([image], [item.prompt], item.strength, None, sampling, seeds)
+    else:
+        out = editor.edit([image], [item.prompt], item.strength, [mask] if mask else None, sampling, seeds)
+    return image, mask, out[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--model", type=Path, required=True, help="exported teacher or student folder")
+    p.add_argument("--image", type=Path, required=True, help="an image, a folder of images or a .jsonl manifest")
+    p.add_argument("--mask", type=Path, help="white = redraw (a file, or a folder beside a folder of images)")
+    p.add_argument("--prompt", help="what the result should show")
+    p.add_argument("--source-prompt", help="FlowEdit: what the image shows")
+    p.add_argument("--target-prompt", help="FlowEdit: what it should show")
+    p.add_argument("--strength", type=float, help="start time in (0, 1]; default per mode: "
+                   + ", ".join(f"{m} {s}" for m, s in DEFAULT_STRENGTH.items()))
+    p.add_argument("--outpaint", help="grow the canvas by L,T,R,B pixels")
+    p.add_argument("--scale", type=float, help="super-resolution factor (e.g. 2)")
+    p.add_argument("--steps", type=int, default=50, help="steps of the full grid (only those below the strength run)")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--source-guidance", type=float, default=1.5, help="FlowEdit: guidance of the source prompt")
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--resample", type=int, default=0, help="RePaint jumps per step (teacher)")
+    p.add_argument("--paste-back", action="store_true", help="put the original pixels back outside the mask")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--output", type=Path, required=True, help="OUT.png, or a folder for a folder/manifest")
+    p.add_argument("--sheet", type=Path, help="input | mask | output sheet (default: beside the output)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        items = items_from(args)
+        sampling = Sampling(steps=args.steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
+                            paste_back=args.paste_back)
+        inputs = [load_inputs(item) for item in items]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        editor = ImageEditor(TextToImage.from_folder(args.model, device))
+        rows, captions = [], []
+        for item, (image, mask) in zip(items, inputs):
+            image, mask, out = run_item(editor, item, image, mask, sampling, args.source_guidance)
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            out.save(item.output)
+            rows.append([image, mask if mask is not None else Image.new("L", image.size, 0), out])
+            captions.append(f"{item.mode} {item.strength}: {item.target_prompt or item.prompt}")
+    except (EditInputError, EncoderLoadError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    single = len(items) == 1 and args.image.suffix != ".jsonl" and not args.image.is_dir()
+    sheet = args.sheet or (args.output.with_name(args.output.stem + "_sheet.png") if single else args.output / "sheet.png")
+    strips_sheet(rows, captions, sheet, columns=4, gap=4)
+    print(f"{PROG}: {len(items)} edit(s) -> {args.output}; sheet {sheet}")
+    return 0

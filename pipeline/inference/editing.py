@@ -1,0 +1,174 @@
+"""Editing with a trained teacher or student, without retraining: image-to-image, inpainting,
+outpainting, super-resolution and text-guided edits (``pipeline.diffusion.editing`` has the
+methods and their papers).
+
+``ImageEditor(pipe)`` wraps a :class:`~pipeline.inference.pipeline.TextToImage`. Images are PIL
+RGB; masks are PIL images or arrays, white (1) where the model redraws. Every call takes one
+seed per image: image k's starting noise depends only on its seed, as in ``pipeline.evaluate``.
+
+- ``edit(images, prompts, strength, masks)``: start at ``t = strength`` from the noised image
+  (SDEdit); with masks, the unmasked region is kept on its forward path after every step
+  (RePaint-style blending, optional resampling jumps). ``strength = 1`` with a mask is plain
+  inpainting; without a mask it is text-to-image.
+- ``outpaint(images, prompts, (left, top, right, bottom))``: the canvas grows by those pixels,
+  filled by repeating the edge, and the new border is inpainted.
+- ``super_resolve(images, prompts, scale)``: bicubic upsampling, encoded at the target size and
+  refined at a low strength. The model only saw its training resolution: a target grid it never
+  trained on gives weaker images (README, "Editing").
+- ``text_edit(images, source_prompts, target_prompts, strength)``: FlowEdit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
+from pipeline.diffusion.editing import Edit, latent_mask
+from pipeline.diffusion.samplers import sample, text_edit
+from pipeline.inference.pipeline import TextToImage
+
+Padding = tuple[int, int, int, int]  # (left, top, right, bottom) pixels
+
+
+class EditInputError(ValueError):
+    """An edit's input does not fit (sizes, strength, mask); the message names it."""
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    """How an edit samples: ``steps`` of the full grid (only those below the strength run),
+    ``guidance``, ``shift``, RePaint ``resample`` jumps per step, and ``paste_back`` (put the
+    original pixels back outside the mask after decoding, as diffusers' ``apply_overlay``)."""
+
+    steps: int = 50
+    guidance: float = 4.0
+    shift: float = 1.0
+    resample: int = 0
+    paste_back: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise EditInputError(f"steps must be >= 1 (got {self.steps})")
+        if self.resample < 0:
+            raise EditInputError(f"resample must be >= 0 (got {self.resample})")
+
+
+def check_strength(strength: float) -> float:
+    if not 0.0 < strength <= 1.0:
+        raise EditInputError(f"strength must be in (0, 1] (got {strength})")
+    return float(strength)
+
+
+def mask_tensor(mask: Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A mask as (1, 1, H, W) float in [0, 1] (white / 1 = redraw); ``size`` = (width, height) of
+    its image, which it must match."""
+    if isinstance(mask, Image.Image):
+        if mask.size != size:
+            raise EditInputError(f"mask is {mask.width}x{mask.height} but its image is {size[0]}x{size[1]}")
+        array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    else:
+        array = np.asarray(mask, dtype=np.float32)
+        if array.shape != (size[1], size[0]):
+            raise EditInputError(f"mask is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}")
+        if array.min() < 0 or array.max() > 1:
+            raise EditInputError("mask values must be in [0, 1]")
+    return torch.from_numpy(array.copy())[None, None]
+
+
+def outpaint_canvas(image: Image.Image, padding: Padding) -> tuple[Image.Image, np.ndarray]:
+    """``image`` on a canvas grown by ``padding`` (edge pixels repeated), and the mask of the new
+    border (1 = new)."""
+    if any(p < 0 for p in padding) or not any(padding):
+        raise EditInputError(f"outpaint padding must be >= 0 and not all zero (got {padding})")
+    left, top, right, bottom = padding
+    pixels = np.asarray(to_rgb(image))
+    canvas = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.ones(canvas.shape[:2], dtype=np.float32)
+    mask[top : top + pixels.shape[0], left : left + pixels.shape[1]] = 0.0
+    return Image.fromarray(canvas), mask
+
+
+def upscale(image: Image.Image, scale: float) -> Image.Image:
+    """Bicubic upsampling by ``scale`` (the starting point of super-resolution)."""
+    if scale <= 0:
+        raise EditInputError(f"scale must be > 0 (got {scale})")
+    size = (round(image.width * scale), round(image.height * scale))
+    return to_rgb(image).resize(size, Image.Resampling.BICUBIC)
+
+
+class ImageEditor:
+    """Image-to-image, inpainting, outpainting, super-resolution and FlowEdit over one pipeline."""
+
+    def __init__(self, pipe: TextToImage) -> None:
+        self.pipe = pipe
+        self.multiple = pipe.vae.downsample * getattr(pipe.transformer.config, "patch_size", 1)
+
+    @torch.no_grad()
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """Same-size RGB images -> normalised latents (B, C, h, w)."""
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise EditInputError(f"a batch of edits needs images of one size, got {sorted(sizes)}")
+        width, height = sizes.pop()
+        if width % self.multiple or height % self.multiple:
+            raise EditInputError(f"image size {width}x{height} is not a multiple of {self.multiple} "
+                                 f"(the VAE's downsampling times the transformer's patch size)")
+        pixels = torch.stack([image_to_tensor(to_rgb(im)) for im in images])  # (B, 3, H, W)
+        return self.pipe.vae.encode(pixels.to(self.pipe.vae.device))
+
+    def noise(self, seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, *shape): image k's noise from its seed alone."""
+        return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.pipe.vae.device)
+
+    @torch.no_grad()
+    def edit(self, images: list[Image.Image], prompts: list[str], strength: float, masks: list | None = None,
+             sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
+        """SDEdit from ``t = strength``; with ``masks``, RePaint-style inpainting of their white part."""
+        sampling = sampling or Sampling()
+        seeds = list(range(len(images))) if seeds is None else seeds
+        if not len(images) == len(prompts) == len(seeds) or (masks is not None and len(masks) != len(images)):
+            raise EditInputError(f"{len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds"
+                                 + (f", {len(masks)} masks" if masks is not None else ""))
+        latents = self.encode(images)  # (B, C, h, w)
+        pixel_masks = None if masks is None else torch.cat([mask_tensor(m, im.size) for m, im in zip(masks, images)])
+        mask = None if pixel_masks is None else latent_mask(pixel_masks, latents.shape[-2:])
+        edit = Edit(latents, check_strength(strength), mask, sampling.resample)
+        noise = self.noise(seeds, tuple(latents.shape[1:]))
+        cond = self.pipe.text.encode(prompts)
+        out = sample(self.pipe.transformer, self.pipe.sampler, cond, noise, sampling.steps, sampling.guidance,
+                     sampling.shift, seeds[0], edit)
+        decoded = self.pipe.vae.decode(out)  # (B, 3, H, W)
+        if sampling.paste_back and pixel_masks is not None:
+            original = torch.stack([image_to_tensor(to_rgb(im)) for im in images]).to(decoded.device)
+            weight = pixel_masks.to(decoded.device)
+            decoded = weight * decoded + (1 - weight) * original
+        return tensor_to_images(decoded)
+
+    def outpaint(self, images: list[Image.Image], prompts: list[str], padding: Padding, sampling: Sampling | None = None,
+                 seeds: list[int] | None = None) -> list[Image.Image]:
+        """The canvas grown by ``padding``; its new border inpainted from pure noise."""
+        canvases, masks = zip(*(outpaint_canvas(im, padding) for im in images))
+        return self.edit(list(canvases), prompts, 1.0, list(masks), sampling, seeds)
+
+    def super_resolve(self, images: list[Image.Image], prompts: list[str], scale: float, strength: float = 0.4,
+                      sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
+        """Bicubic ×``scale``, then refined from ``t = strength``."""
+        return self.edit([upscale(im, scale) for im in images], prompts, strength, None, sampling, seeds)
+
+    @torch.no_grad()
+    def text_edit(self, images: list[Image.Image], source_prompts: list[str], target_prompts: list[str], strength: float,
+                  sampling: Sampling | None = None, seeds: list[int] | None = None, source_guidance: float = 1.5) -> list[Image.Image]:
+        """FlowEdit from ``t = strength``: the images change as far as the prompts differ."""
+        sampling = sampling or Sampling()
+        seeds = list(range(len(images))) if seeds is None else seeds
+        if not len(images) == len(source_prompts) == len(target_prompts):
+            raise EditInputError(f"{len(images)} images, {len(source_prompts)} source and {len(target_prompts)} target prompts")
+        latents = self.encode(images)
+        source, target = self.pipe.text.encode(source_prompts), self.pipe.text.encode(target_prompts)
+        out = text_edit(self.pipe.transformer, self.pipe.sampler, latents, source, target, sampling.steps,
+                        check_strength(strength), sampling.guidance, source_guidance, sampling.shift, seeds[0])
+        return tensor_to_images(self.pipe.vae.decode(out))

@@ -29,6 +29,13 @@ from pipeline.diffusion.flow import interpolate
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x_t, t), guided, its condition bound
 
 
+def check_strength(strength: float) -> float:
+    """``strength`` when it is a start time in (0, 1]; ``ValueError`` otherwise."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (got {strength})")
+    return float(strength)
+
+
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A pixel mask (B, 1, H, W) in [0, 1] on the latent grid (B, 1, h, w): a latent cell is
     redrawn as much as its most-masked pixel (adaptive max pooling), so nothing the user masked
@@ -53,8 +60,7 @@ class Edit:
     resample: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        check_strength(self.strength)
         if self.resample < 0:
             raise ValueError(f"resample must be >= 0, got {self.resample}")
         self.latents = self.latents.contiguous()  # a VAE's output may be channels-last: keep the sampler's layout

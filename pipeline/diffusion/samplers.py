@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pipeline.diffusion.editing import Edit, flow_edit, renoise
+from pipeline.diffusion.editing import Edit, check_strength, flow_edit, renoise
 from pipeline.diffusion.flow import Model, shift_time
 from pipeline.diffusion.guidance import guided_velocity
 
@@ -134,8 +134,7 @@ def text_edit(model: Model, sampler: str, latents: torch.Tensor, source_cond: di
               average: int = 1) -> torch.Tensor:
     """FlowEdit (``pipeline.diffusion.editing.flow_edit``) from ``t = strength`` over the sampler's
     grid: the source prompt's velocity at ``source_guidance``, the target's at ``guidance``."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    check_strength(strength)
     source_v, target_v = guided(model, sampler, source_guidance), guided(model, sampler, guidance)
     grid = time_grid(steps, shift, latents.device, strength)
     return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents, grid,

@@ -24,7 +24,12 @@ from PIL import Image
 from pipeline.data.jsonl import read_jsonl
 from pipeline.evaluation.adherence import parse_caption
 from pipeline.evaluation.edit_cases import TASKS, EditCase, edit_cases
-from pipeline.evaluation.edit_eval import baseline_inputs, baseline_scores, evaluate_task, vae_ceiling
+from pipeline.evaluation.edit_eval import (
+    baseline_inputs,
+    baseline_scores,
+    evaluate_task,
+    vae_ceiling,
+)
 from pipeline.figures.sheets import table_sheet
 from pipeline.inference.editing import ImageEditor, Sampling
 from pipeline.inference.pipeline import TextToImage
@@ -153,7 +158,8 @@ def write_report(runs: list[tuple[str, Path, int]], args: argparse.Namespace, de
     """Evaluate each ``(label, model folder, steps)``; write the report files into ``args.output``."""
     pipes: dict[Path, TextToImage] = {}
     for _, folder, _ in runs:
-        pipes.setdefault(folder, TextToImage.from_folder(folder, device))
+        if folder not in pipes:
+            pipes[folder] = TextToImage.from_folder(folder, device)
     first = next(iter(pipes.values()))
     resolution = first.latent_shape[-1] * first.vae.downsample
     cases = {task: edit_cases(task, args.count, resolution, args.seed) for task in args.tasks}

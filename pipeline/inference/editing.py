@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.diffusion.editing import Edit, latent_mask
+from pipeline.diffusion.editing import check_strength as diffusion_check_strength
 from pipeline.diffusion.samplers import sample, text_edit
 from pipeline.inference.pipeline import TextToImage
 
@@ -58,9 +59,11 @@ class Sampling:
 
 
 def check_strength(strength: float) -> float:
-    if not 0.0 < strength <= 1.0:
-        raise EditInputError(f"strength must be in (0, 1] (got {strength})")
-    return float(strength)
+    """``pipeline.diffusion.editing.check_strength`` with this layer's input error."""
+    try:
+        return diffusion_check_strength(strength)
+    except ValueError as err:
+        raise EditInputError(str(err)) from None
 
 
 def mask_tensor(mask: Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -120,10 +123,6 @@ class ImageEditor:
         pixels = torch.stack([image_to_tensor(to_rgb(im)) for im in images])  # (B, 3, H, W)
         return self.pipe.vae.encode(pixels.to(self.pipe.vae.device))
 
-    def noise(self, seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-        """(B, *shape): image k's noise from its seed alone."""
-        return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.pipe.vae.device)
-
     @torch.no_grad()
     def edit(self, images: list[Image.Image], prompts: list[str], strength: float, masks: list | None = None,
              sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
@@ -137,7 +136,7 @@ class ImageEditor:
         pixel_masks = None if masks is None else torch.cat([mask_tensor(m, im.size) for m, im in zip(masks, images)])
         mask = None if pixel_masks is None else latent_mask(pixel_masks, latents.shape[-2:])
         edit = Edit(latents, check_strength(strength), mask, sampling.resample)
-        noise = self.noise(seeds, tuple(latents.shape[1:]))
+        noise = self.pipe.noise_per_image(seeds, list(latents.shape[1:]))
         cond = self.pipe.text.encode(prompts)
         out = sample(self.pipe.transformer, self.pipe.sampler, cond, noise, sampling.steps, sampling.guidance,
                      sampling.shift, seeds[0], edit)

@@ -60,14 +60,15 @@ class TextToImage:
         loaded = load_pipeline(folder, device)
         return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"))
 
-    def noise(self, count: int, seed: int) -> torch.Tensor:
-        """The same seed gives the same starting noise, batch after batch."""
+    def noise(self, count: int, seed: int, shape: list[int] | None = None) -> torch.Tensor:
+        """The same seed gives the same starting noise, batch after batch; ``shape`` [C, h, w]
+        (default: the model's latent shape)."""
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(count, *self.latent_shape, generator=g).to(self.vae.device)  # (B, C, h, w)
+        return torch.randn(count, *(shape or self.latent_shape), generator=g).to(self.vae.device)  # (B, C, h, w)
 
-    def noise_per_image(self, seeds: list[int]) -> torch.Tensor:
+    def noise_per_image(self, seeds: list[int], shape: list[int] | None = None) -> torch.Tensor:
         """One generator per image: image k's noise depends on its seed only, not on the batch."""
-        return torch.cat([self.noise(1, s) for s in seeds])  # (B, C, h, w)
+        return torch.cat([self.noise(1, s, shape) for s in seeds])  # (B, C, h, w)
 
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0,

@@ -313,3 +313,16 @@ def test_evaluate_edits_writes_its_report(teacher_dir, tmp_path):
     assert len(rows) == 5 * 3 and {r["task"] for r in rows} == {"inpaint", "img2img", "flowedit", "outpaint", "superres"}
     assert "| teacher_2 |" in (tmp_path / "edits" / "edit_report.md").read_text()
     assert Image.open(tmp_path / "edits" / "edit_sheet.png").height > 15 * 96  # 3 cases of each of the 5 tasks
+
+
+def test_edit_command_batches_a_folder_without_changing_the_results(teacher_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        _scene(10 + k)[0].save(tmp_path / "in" / f"{k}.png")
+    args = ["--image", tmp_path / "in", "--prompt", _scene(10)[1], "--strength", "0.7"]
+    assert _edit(teacher_dir, *args, "--batch-size", "1", "--output", tmp_path / "one") == 0
+    assert _edit(teacher_dir, *args, "--batch-size", "3", "--output", tmp_path / "three") == 0
+    for k in range(3):
+        one, three = (np.asarray(Image.open(tmp_path / d / f"{k}.png"), dtype=int) for d in ("one", "three"))
+        assert np.array_equal(one, three), k  # image k from seed k, whatever the batch
+    assert (tmp_path / "three" / "sheet.png").is_file()

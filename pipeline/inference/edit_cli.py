@@ -8,7 +8,8 @@ image-to-image. ``--image`` is a file, a folder of images (``--mask`` then a fol
 with the same names; ``--output`` a folder) or a ``.jsonl`` manifest whose rows give ``image``
 and any of ``mask``, ``prompt``, ``source_prompt``, ``target_prompt``, ``strength``,
 ``outpaint``, ``scale`` (relative paths from the manifest's folder; the command line gives the
-rest). Image k uses seed + k. A sheet of input | mask | output is written beside the results.
+rest). Image k uses seed + k; edits of one mode, size and settings run in batches of
+``--batch-size``. A sheet of input | mask | output is written beside the results.
 """
 
 from __future__ import annotations
@@ -151,22 +152,38 @@ def load_inputs(item: Item) -> tuple[Image.Image, Image.Image | None]:
     return image, mask
 
 
-def run_item(editor: ImageEditor, item: Item, image: Image.Image, mask: Image.Image | None, sampling: Sampling,
-             source_guidance: float) -> tuple[Image.Image, Image.Image | None, Image.Image]:
-    """(input as the model gets it, mask or None, result) for one edit."""
-    seeds, mode = [item.seed], item.mode
-    if mode == "flowedit":
-        out = editor.text_edit([image], [item.source_prompt], [item.target_prompt], item.strength, sampling, seeds, source_guidance)
-    elif mode == "outpaint":
-        canvas, border = outpaint_canvas(image, item.outpaint)
-        out = editor.edit([canvas], [item.prompt], item.strength, [border], sampling, seeds)
-        image, mask = canvas, Image.fromarray((border * 255).astype("uint8"))
-    elif mode == "superres":
-        image = upscale(image, item.scale)
-        out = editor.edit([image], [item.prompt], item.strength, None, sampling, seeds)
+def run_batch(editor: ImageEditor, items: list[Item], images: list[Image.Image], masks: list, sampling: Sampling,
+              source_guidance: float) -> tuple[list[Image.Image], list, list[Image.Image]]:
+    """(inputs as the model gets them, masks or None, results) for edits that share a mode, an
+    input size and their settings (``batch_key``); item k keeps its own seed."""
+    first, seeds = items[0], [item.seed for item in items]
+    prompts = [item.prompt for item in items]
+    if first.mode == "flowedit":
+        out = editor.text_edit(images, [i.source_prompt for i in items], [i.target_prompt for i in items], first.strength,
+                               sampling, seeds, source_guidance)
+    elif first.mode == "outpaint":
+        canvases, borders = zip(*(outpaint_canvas(image, first.outpaint) for image in images))
+        out = editor.edit(list(canvases), prompts, first.strength, list(borders), sampling, seeds)
+        images, masks = list(canvases), [Image.fromarray((b * 255).astype("uint8")) for b in borders]
+    elif first.mode == "superres":
+        images = [upscale(image, first.scale) for image in images]
+        out = editor.edit(images, prompts, first.strength, None, sampling, seeds)
     else:
-        out = editor.edit([image], [item.prompt], item.strength, [mask] if mask else None, sampling, seeds)
-    return image, mask, out[0]
+        out = editor.edit(images, prompts, first.strength, masks if first.mode == "inpaint" else None, sampling, seeds)
+    return images, masks, out
+
+
+def batch_key(item: Item, image: Image.Image) -> tuple:
+    """Edits with equal keys run in one batch."""
+    return item.mode, image.size, item.strength, item.outpaint, item.scale
+
+
+def batches(items: list[Item], inputs: list[tuple], size: int) -> list[list[int]]:
+    """Indices of ``items`` grouped by ``batch_key`` (first appearance first), at most ``size`` each."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (item, (image, _)) in enumerate(zip(items, inputs)):
+        groups.setdefault(batch_key(item, image), []).append(k)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,13 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", type=int, default=0, help="RePaint jumps per step (teacher)")
     p.add_argument("--paste-back", action="store_true", help="put the original pixels back outside the mask")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
+    p.add_argument("--batch-size", type=int, default=8, help="edits of one mode, size and settings run together")
     p.add_argument("--output", type=Path, required=True, help="OUT.png, or a folder for a folder/manifest")
     p.add_argument("--sheet", type=Path, help="input | mask | output sheet (default: beside the output)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1 (got {args.batch_size})")
     try:
         items = items_from(args)
         sampling = Sampling(steps=args.steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
@@ -202,13 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [load_inputs(item) for item in items]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         editor = ImageEditor(TextToImage.from_folder(args.model, device))
-        rows, captions = [], []
-        for item, (image, mask) in zip(items, inputs):
-            image, mask, out = run_item(editor, item, image, mask, sampling, args.source_guidance)
-            item.output.parent.mkdir(parents=True, exist_ok=True)
-            out.save(item.output)
-            rows.append([image, mask if mask is not None else Image.new("L", image.size, 0), out])
-            captions.append(f"{item.mode} {item.strength}: {item.target_prompt or item.prompt}")
+        rows: list = [None] * len(items)
+        for batch in batches(items, inputs, args.batch_size):
+            shown, masks, outs = run_batch(editor, [items[k] for k in batch], [inputs[k][0] for k in batch],
+                                           [inputs[k][1] for k in batch], sampling, args.source_guidance)
+            for k, image, mask, out in zip(batch, shown, masks, outs):
+                items[k].output.parent.mkdir(parents=True, exist_ok=True)
+                out.save(items[k].output)
+                rows[k] = [image, mask if mask is not None else Image.new("L", image.size, 0), out]
+        captions = [f"{item.mode} {item.strength}: {item.target_prompt or item.prompt}" for item in items]
     except (EditInputError, EncoderLoadError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pipeline.evaluation.adherence import render_caption
 from pipeline.evaluation.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -65,8 +66,6 @@ def _other(rng: random.Random, names, current: str) -> str:
 
 
 def _render(scene: dict, resolution: int) -> Image.Image:
-    from pipeline.evaluation.adherence import render_caption
-
     return render_caption(caption_for(scene["background"], scene["objects"]), resolution)
 
 

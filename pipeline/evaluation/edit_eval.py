@@ -25,7 +25,7 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from pipeline.data.images import image_to_tensor, to_rgb
+from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.data.quality import psnr, ssim
 from pipeline.evaluation.adherence import ATTRIBUTES, analyse, score
 from pipeline.evaluation.edit_cases import SR_SCALE, EditCase
@@ -135,8 +135,6 @@ def baseline_inputs(cases: list[EditCase]) -> list:
 @torch.no_grad()
 def vae_round_trip(editor: ImageEditor, images: list, batch_size: int = 64) -> list:
     """Each image encoded and decoded by the pipeline's VAE: what a latent edit can reproduce at best."""
-    from pipeline.data.images import tensor_to_images
-
     out = []
     for start in range(0, len(images), batch_size):
         out += tensor_to_images(editor.pipe.vae.decode(editor.encode(images[start:start + batch_size])))

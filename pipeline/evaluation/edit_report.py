@@ -31,7 +31,7 @@ from pipeline.evaluation.edit_eval import (
     vae_ceiling,
 )
 from pipeline.figures.sheets import table_sheet
-from pipeline.inference.editing import ImageEditor, Sampling
+from pipeline.inference.editing import ImageEditor, Sampling, outpaint_canvas
 from pipeline.inference.pipeline import TextToImage
 from pipeline.timing import clock
 
@@ -149,8 +149,6 @@ def sheet(cases: dict[str, list[EditCase]], outputs: dict[str, dict[str, list]],
 
 
 def _outpaint_mask(case: EditCase):
-    from pipeline.inference.editing import outpaint_canvas
-
     return outpaint_canvas(case.image, case.padding)[1]
 
 

@@ -8,6 +8,18 @@ img2dataset's): ``{name}-NNNNNN.tar`` with ``KEY.{jpg|png|webp}``, ``KEY.txt``, 
 Shards are cut from the *input* order (shard i holds candidates i·N … i·N+N−1, minus the
 skipped ones), so each shard depends only on its own slice: a rerun after an interruption
 redoes exactly the missing shards and ends with the same files and counts as a clean run.
+
+The same cut splits the work across machines (``--rank R --world-size N``, or a SLURM job array,
+``launch/preprocess.sbatch``): worker R writes shards ``i % N == R`` into the one output folder,
+every worker computes the same plan, and the worker that finds every shard complete when it is
+done writes ``dataset.json`` (``--merge`` does that step alone; ``data_tools/split.py``).
+
+``--dedup`` keeps the first copy of each image (by the sha256 of its bytes) in input order, in two
+steps so that no worker needs another's shards: while writing, a repeat within the same shard is
+skipped; once every shard is complete, the step that writes ``dataset.json`` removes from each
+shard the samples whose bytes an earlier shard holds (rewriting those tars, counting them as
+``duplicate`` in their stats). The result depends only on the plan: one process, N workers and an
+interrupted-then-resumed run give byte-identical tars.
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ from tqdm import tqdm
 
 from data_tools.images import ImageOptions, Skipped, prepare_image
 from data_tools.sources import CAPTION_KEYS, Candidate, Discovery, SourceError, discover
+from data_tools.split import claim, missing, progress_line, require_complete, write_json_shared
 from pipeline.config import ConfigError, exit_on_config_error, from_dict
-from pipeline.data.shards import complete_shards, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.training.distributed import work_split
+from pipeline.data.shards import complete_shards, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.shard"
 PLAN_FILE = "shard_plan.json"
@@ -178,20 +192,32 @@ def plan_fingerprint(cfg: ShardConfig, candidates: list[Candidate]) -> str:
     return digest.hexdigest()
 
 
-def check_plan(cfg: ShardConfig, fingerprint: str, total: int) -> None:
-    """Record the plan in a fresh output folder, or refuse to mix with a different one."""
+def _read_plan(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_plan(cfg: ShardConfig, fingerprint: str, total: int, record: bool = True) -> None:
+    """Record the plan in a fresh output folder (``record``), or refuse to mix with a different one.
+
+    Workers starting together each write the same plan, whole; each writes it before its first
+    shard, so shards found without a plan were made by something else (look again first: another
+    worker may have recorded the plan and written a shard since this one's first look).
+    """
     path = cfg.output / PLAN_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") != fingerprint:
-            raise ConfigError(
-                f"{cfg.output} holds shards made from other input or options; "
-                "rerun with the same command to resume, or choose an empty --output"
-            )
-        return
-    if complete_shards(cfg.output):
-        raise ConfigError(f"{cfg.output} already holds shards not made by this command; choose an empty --output")
-    write_json_atomic(path, {"fingerprint": fingerprint, "candidates": total, "created_by": PROG})
+    old = _read_plan(path)
+    if old is None and complete_shards(cfg.output):
+        old = _read_plan(path)
+        if old is None:
+            raise ConfigError(f"{cfg.output} already holds shards not made by this command; choose an empty --output")
+    if old is None and not record:
+        raise ConfigError(f"{cfg.output} holds no shards of this command (no {PLAN_FILE}): run the workers first")
+    if old is None:
+        write_json_shared(path, {"fingerprint": fingerprint, "candidates": total, "created_by": PROG})
+    elif old.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{cfg.output} holds shards made from other input or options; "
+            "rerun with the same command to resume, or choose an empty --output"
+        )
 
 
 def order_candidates(candidates: list[Candidate], seed: int | None) -> list[Candidate]:
@@ -201,35 +227,33 @@ def order_candidates(candidates: list[Candidate], seed: int | None) -> list[Cand
     return ordered
 
 
-def hashes_in_shard(tar_path: Path) -> list[str]:
-    """Content hashes recorded in a finished shard's ``KEY.json`` members (for --dedup on resume)."""
-    hashes = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                hashes.append(json.load(tar.extractfile(member))["sha256"])
-    return hashes
+def planned(cfg: ShardConfig) -> tuple[Discovery, list[Candidate], list[Path]]:
+    """What discovery found, the candidates in shard order, and the tar of every planned shard;
+    the same on every worker."""
+    found = discover(cfg.input, cfg.image_column, cfg.caption_column)
+    plan = order_candidates(found.candidates, cfg.seed)
+    n_shards = math.ceil(len(plan) / cfg.samples_per_shard)
+    return found, plan, [cfg.output / shard_name(cfg.name, i) for i in range(n_shards)]
 
 
 # ---------------------------------------------------------------------------- writing
 
 
 class ShardWriter:
-    """Collects ordered results into shards: dedup, KEY.json, stats, atomic tar."""
+    """Collects ordered results into shards: dedup within the shard, KEY.json, stats, atomic tar."""
 
-    def __init__(self, cfg: ShardConfig, seen: set[str]) -> None:
+    def __init__(self, cfg: ShardConfig) -> None:
         self.cfg = cfg
-        self.seen = seen
 
     def write(self, index: int, results: list[SampleResult], started: float) -> Counter:
-        samples, failures = [], Counter()
+        samples, failures, seen = [], Counter(), set()
         for position, result in enumerate(results):
-            if result.reason is None and self.cfg.dedup and result.sha256 in self.seen:
+            if result.reason is None and self.cfg.dedup and result.sha256 in seen:
                 result = SampleResult(reason="duplicate")
             if result.reason is not None:
                 failures[result.reason] += 1
                 continue
-            self.seen.add(result.sha256)
+            seen.add(result.sha256)
             key = f"{index:06d}{position:06d}"
             meta = {"key": key, **result.meta}
             samples.append((key, {**result.members, "json": json.dumps(meta, ensure_ascii=False).encode()}))
@@ -240,6 +264,7 @@ class ShardWriter:
             "successes": len(samples),
             "failed": sum(failures.values()),
             "failures": dict(sorted(failures.items())),
+            **img2dataset_counts(len(samples), failures),
             "start_time": started,
             "end_time": time.time(),
             "duration": time.time() - started,
@@ -247,6 +272,18 @@ class ShardWriter:
         write_json_atomic(stats_path(tar_path), stats)  # stats first: the tar is the commit mark
         write_tar_atomic(tar_path, samples)
         return failures
+
+
+FETCH_FAILURES = ("missing_file", "unreadable_file", "empty_file")  # img2dataset's "failed_to_download"
+
+
+def img2dataset_counts(successes: int, failures: Counter) -> dict:
+    """The fields img2dataset's ``_stats.json`` readers need: ``failed_to_download`` (the source
+    could not be read), ``failed_to_resize`` (every other skip: decoding, size, caption,
+    duplicate) and ``status_dict``."""
+    download = sum(failures[r] for r in FETCH_FAILURES)
+    return {"failed_to_download": download, "failed_to_resize": sum(failures.values()) - download,
+            "status_dict": {"success": successes, **dict(sorted(failures.items()))}}
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -267,12 +304,12 @@ def processed(tasks: list[Candidate], opts: ImageOptions, workers: int) -> Itera
         yield pool.imap(work, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
 
 
-def write_shards(cfg: ShardConfig, plan: list[Candidate], todo: list[int], seen: set[str]) -> int:
+def write_shards(cfg: ShardConfig, plan: list[Candidate], todo: list[int]) -> int:
     """Process the candidates of shards ``todo`` and write those shards; returns images handled."""
     sps = cfg.samples_per_shard
     slices = [(i, plan[i * sps : (i + 1) * sps]) for i in todo]
     tasks = [c for _, part in slices for c in part]
-    writer = ShardWriter(cfg, seen)
+    writer = ShardWriter(cfg)
     # the pool starts before the progress bar, whose monitor thread would rule out fork
     with processed(tasks, cfg.image_options(), cfg.workers) as results, tqdm(
         total=len(tasks), unit="img", desc=PROG, mininterval=0.5
@@ -286,6 +323,61 @@ def write_shards(cfg: ShardConfig, plan: list[Candidate], todo: list[int], seen:
                     break
             writer.write(index, done, started)
     return len(tasks)
+
+
+# ---------------------------------------------------------------------------- dedup across shards
+
+
+def keyed_hashes(tar_path: Path) -> list[tuple[str, str]]:
+    """``(key, sha256)`` of each sample of a finished shard, from its ``KEY.json`` members."""
+    pairs = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                meta = json.load(tar.extractfile(member))
+                pairs.append((meta["key"], meta["sha256"]))
+    return pairs
+
+
+def read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """A shard's samples ``(key, {ext: bytes})`` in file order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return list(samples.items())
+
+
+def drop_samples(tar_path: Path, keys: set[str]) -> None:
+    """Rewrite a finished shard without ``keys``, counted as ``duplicate`` in its stats. The stats
+    record the keys first, so a rerun after a crash between the two writes counts them once."""
+    stats = json.loads(stats_path(tar_path).read_text())
+    recorded = set(stats.get("duplicates_removed", []))
+    new = len(keys - recorded)
+    if new:
+        failures = Counter(stats["failures"]) + Counter(duplicate=new)
+        stats.update(successes=stats["successes"] - new, failed=stats["failed"] + new, failures=dict(sorted(failures.items())),
+                     duplicates_removed=sorted(recorded | keys))
+        stats.update(img2dataset_counts(stats["successes"], failures))
+        write_json_atomic(stats_path(tar_path), stats)
+    write_tar_atomic(tar_path, [(key, members) for key, members in read_samples(tar_path) if key not in keys])
+
+
+def drop_repeats(tars: list[Path]) -> int:
+    """``--dedup`` across shards, once every shard is complete: remove each sample whose image
+    bytes an earlier shard holds (only tars with such samples are rewritten); returns how many.
+    Idempotent, and the same whichever worker (or ``--merge``) runs it."""
+    seen: set[str] = set()
+    dropped = 0
+    for tar_path in tars:
+        pairs = keyed_hashes(tar_path)
+        repeats = {key for key, sha in pairs if sha in seen}
+        seen.update(sha for _, sha in pairs)
+        if repeats:
+            drop_samples(tar_path, repeats)
+            dropped += len(repeats)
+    return dropped
 
 
 # ---------------------------------------------------------------------------- the folder summary
@@ -326,28 +418,45 @@ def summary_line(summary: dict, handled: int, duration: float) -> str:
     )
 
 
-def run(cfg: ShardConfig) -> dict | None:
-    """Shard ``cfg.input`` into ``cfg.output``; returns dataset.json's content when complete."""
+def run(cfg: ShardConfig, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Shard ``cfg.input`` into ``cfg.output`` as worker ``rank`` of ``world_size`` (the shards
+    ``i % world_size == rank``); returns dataset.json's content when every shard is complete."""
     start = time.time()
-    found = discover(cfg.input, cfg.image_column, cfg.caption_column)
-    plan = order_candidates(found.candidates, cfg.seed)
-    n_shards = math.ceil(len(plan) / cfg.samples_per_shard)
+    found, plan, tars = planned(cfg)
     cfg.output.mkdir(parents=True, exist_ok=True)
     check_plan(cfg, plan_fingerprint(cfg, plan), len(plan))
-    remove_partials(cfg.output)
-    finished = {int(p.stem.rsplit("-", 1)[1]) for p in complete_shards(cfg.output, cfg.name)}
-    todo = [i for i in range(n_shards) if i not in finished]
-    seen = {h for i in finished for h in hashes_in_shard(cfg.output / shard_name(cfg.name, i))} if cfg.dedup else set()
-    handled = write_shards(cfg, plan, todo[: cfg.max_shards], seen)
-    duration = time.time() - start
-    remaining = len(todo) - len(todo[: cfg.max_shards])
-    if remaining:
-        print(f"{PROG}: {remaining} of {n_shards} shards remain; rerun the same command to continue")
+    todo = claim(cfg.output, tars, rank, world_size)
+    now = todo[: cfg.max_shards]
+    handled = write_shards(cfg, plan, now)
+    if len(now) < len(todo):
+        whose = f" (worker {rank}/{world_size})" if world_size > 1 else ""
+        print(f"{PROG}: {len(todo) - len(now)} of {len(tars)} shards remain{whose}; rerun the same command to continue")
         return None
-    summary = summarize(cfg, found, n_shards, duration)
-    write_json_atomic(cfg.output / "dataset.json", summary)
+    absent = len(missing(tars))
+    if absent:
+        print(progress_line(PROG, rank, world_size, len(todo), absent, len(tars)))
+        return None
+    return finish(cfg, found, tars, start, handled)
+
+
+def finish(cfg: ShardConfig, found: Discovery, tars: list[Path], start: float, handled: int) -> dict:
+    """Every shard is complete: dedup across shards (``--dedup``), then write dataset.json."""
+    if cfg.dedup:
+        drop_repeats(tars)
+    duration = time.time() - start
+    summary = summarize(cfg, found, len(tars), duration)
+    write_json_shared(cfg.output / "dataset.json", summary)
     print(summary_line(summary, handled, duration))
     return summary
+
+
+def merge(cfg: ShardConfig) -> dict:
+    """``--merge``: no processing; check that every planned shard is complete, then :func:`finish`."""
+    start = time.time()
+    found, plan, tars = planned(cfg)
+    check_plan(cfg, plan_fingerprint(cfg, plan), len(plan), record=False)
+    require_complete(tars, cfg.output)
+    return finish(cfg, found, tars, start, 0)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -373,15 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default=None, help="manifest column with image paths (default: image, path, file_name, ...)")
     p.add_argument("--caption-column", default=None, help="manifest column with captions (default: caption, text, prompt)")
     p.add_argument("--max-shards", type=int, default=None, help="write at most this many shards now (rerun to continue)")
+    p.add_argument("--rank", type=int, default=None, help="this worker's index (default: a SLURM array task's, else 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of workers, each writing shards i %% N == rank")
+    p.add_argument("--merge", action="store_true", help="write dataset.json once every worker is done (no processing)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
+    rank, world_size, merging = args.pop("rank"), args.pop("world_size"), args.pop("merge")
     with exit_on_config_error(PROG):
-        cfg = from_dict(ShardConfig, vars(args))
+        cfg = from_dict(ShardConfig, args)
         try:
-            summary = run(cfg)
+            summary = merge(cfg) if merging else run(cfg, *work_split(rank, world_size))
         except SourceError as e:
             raise ConfigError(str(e)) from None
     if summary is not None and summary["samples"] == 0:

@@ -144,7 +144,7 @@ def reports(folder: Path) -> list[dict]:
 
 
 def test_launch_scripts_parse():
-    for script in ("slurm.sbatch", "torchrun.sh"):
+    for script in ("slurm.sbatch", "torchrun.sh", "preprocess.sbatch"):  # preprocess.sbatch runs in tests/test_split.py
         result = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 

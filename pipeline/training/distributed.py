@@ -6,6 +6,9 @@ set ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (+ ``MASTER_ADDR`` / ``MASTER_POR
 ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; Open MPI sets ``OMPI_COMM_WORLD_*``.
 :func:`dist_env` reads them once into an immutable :class:`DistEnv`; nothing else in the
 project reads those variables (open_clip's ``world_info_from_env``, returned as a value).
+
+Preprocessing runs as *independent* workers instead (no process group; a SLURM job array, or
+several plain processes): :func:`work_split` says which share of the work this worker takes.
 """
 
 from __future__ import annotations
@@ -59,6 +62,49 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
                 master_port=int(port) if port else None,
             )
     return DistEnv()
+
+
+_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")
+
+
+def slurm_array(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``(rank, world size)`` of this SLURM job-array task; None outside an array.
+
+    sbatch sets ``SLURM_ARRAY_TASK_ID`` with the array's ``_MIN``, ``_MAX``, ``_STEP`` and ``_COUNT``:
+    ``--array=0-7`` gives ranks 0..7 of 8, and ``--array=1-16`` or ``--array=0-14:2`` work too (the
+    rank is the task's position in the range). A list (``--array=1,5,9``) has no such position and
+    is refused. A ``%`` limit (``--array=0-63%8``) only delays tasks: workers never wait for each other.
+    """
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    task, low, high, step, count = (env.get(name) for name in _ARRAY)
+    task = int(task)
+    low, step = int(low or 0), int(step or 1)
+    count = int(count) if count else (int(high if high else task) - low) // step + 1
+    high = int(high) if high else low + (count - 1) * step
+    if step < 1 or (task - low) % step or (high - low) // step + 1 != count:
+        raise ConfigError(f"SLURM array task {task} of {count} (indices {low}-{high}:{step}) is not in a plain range: "
+                          "submit with --array=A-B[:STEP], or pass --rank and --world-size")
+    return (task - low) // step, count
+
+
+def work_split(rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world size)`` of an independent worker: each value from the flags when given, else
+    from a SLURM job array, else from torchrun / SLURM task variables (:func:`dist_env`), else
+    ``(0, 1)``. Raises ``ConfigError`` (one line) unless ``0 <= rank < world size``."""
+    if rank is None or world_size is None:
+        found = slurm_array(env)
+        if found is None:
+            launch = dist_env(env)
+            found = (launch.rank, launch.world_size)
+        rank = found[0] if rank is None else rank
+        world_size = found[1] if world_size is None else world_size
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1 (got {world_size}): check --world-size")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size}): check --rank and --world-size")
+    return rank, world_size
 
 
 def create_accelerator(**kwargs):

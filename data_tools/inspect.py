@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.figures.sheets import contact_sheet
-from pipeline.data.shards import complete_shards, iter_samples, stats_path
+from pipeline.data.remote import SourceNotFound, dataset_meta, is_url, list_shards, read_json, read_shard
+from pipeline.data.shards import complete_shards
 
 PROG = "data_tools.inspect"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -135,46 +136,50 @@ class Tally:
             self.examples.offer((images[0], caption))
 
 
-def read_all(shards: list[Path], tally: Tally, expected: int | None) -> list[str]:
+def read_all(shards: list[Path | str], tally: Tally, expected: int | None) -> list[str]:
     """Feed every sample into ``tally``; returns problems found at shard level."""
     problems = []
     with tqdm(total=expected, desc=PROG, unit="sample", mininterval=0.5) as bar:
         for path in shards:
             before = tally.samples
             try:
-                for sample in iter_samples([path]):
+                for sample in read_shard(path):  # strict: an unreadable shard raises (remote: after retries)
                     tally.add(sample)
                     bar.update()
             except (tarfile.TarError, OSError, ValueError, EOFError) as e:
                 message = e.args[0] if e.args else e  # webdataset appends the stream and url to args
-                problems.append(f"{path.name}: unreadable after {tally.samples - before} samples ({message})")
+                problems.append(f"{_name(path)}: unreadable after {tally.samples - before} samples ({message})")
             else:
                 problems += check_stats(path, tally.samples - before)
     return problems
 
 
-def check_stats(tar_path: Path, count: int) -> list[str]:
-    """A problem when the shard's ``_stats.json`` records a different number of successes."""
-    path = stats_path(tar_path)
-    if not path.exists():
-        return []
+def _name(shard: Path | str) -> str:
+    """A shard's file name, for a path or a URL."""
+    return str(shard).rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_stats(tar_path: Path | str, count: int) -> list[str]:
+    """A problem when the shard's ``_stats.json`` (local or remote) records a different number of successes."""
+    path = str(tar_path)[: -len(".tar")] + "_stats.json"
     try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
+        stats = read_json(path)
+    except SourceNotFound:
+        return []
     except (OSError, ValueError) as e:
-        return [f"{path.name}: unreadable ({e})"]
+        return [f"{_name(path)}: unreadable ({e})"]
     successes = stats.get("successes") if isinstance(stats, dict) else None
     if isinstance(successes, int) and successes != count:
-        return [f"{path.name}: records {successes} successes but {tar_path.name} holds {count} samples"]
+        return [f"{_name(path)}: records {successes} successes but {_name(tar_path)} holds {count} samples"]
     return []
 
 
-def expected_samples(directory: Path) -> tuple[int | None, list[str]]:
+def expected_samples(directory: Path | str) -> tuple[int | None, list[str]]:
     """``dataset.json``'s sample count, or None with a warning saying why it is unknown."""
-    path = directory / "dataset.json"
-    if not path.exists():
-        return None, ["no dataset.json: total not cross-checked"]
     try:
-        dataset = json.loads(path.read_text(encoding="utf-8"))
+        dataset = dataset_meta(directory)
+    except SourceNotFound:
+        return None, ["no dataset.json: total not cross-checked"]
     except (OSError, ValueError) as e:
         return None, [f"dataset.json unreadable ({e}): total not cross-checked"]
     samples = dataset.get("samples") if isinstance(dataset, dict) else None
@@ -184,7 +189,7 @@ def expected_samples(directory: Path) -> tuple[int | None, list[str]]:
 
 
 def inspect_shards(
-    directory: Path,
+    directory: Path | str,
     sheet_path: Path | None = None,
     samples: int = 16,
     columns: int = 4,
@@ -194,13 +199,21 @@ def inspect_shards(
 
     Also writes ``directory/inspect.json`` (the summary) and, unless ``samples`` is 0, a
     contact sheet of ``samples`` valid samples (the first ones, or drawn with ``seed``)
-    to ``sheet_path`` (default ``directory/contact_sheet.png``).
+    to ``sheet_path`` (default ``directory/contact_sheet.png``). ``directory`` may be a folder
+    URL or a shard URL pattern (``pipeline.data.remote``): nothing is written there, and the
+    sheet only to a given ``sheet_path``.
     """
-    directory = Path(directory)
-    shards = complete_shards(directory)
+    remote = is_url(str(directory))
+    directory = str(directory) if remote else Path(directory)
+    try:
+        shards = list_shards(directory) if remote else complete_shards(directory)
+    except ValueError as e:  # a URL whose listing cannot be read
+        shards, listing = [], [str(e)]
+    else:
+        listing = [] if shards else [f"no shard tars found in {directory}"]
     expected, warnings = expected_samples(directory)
     tally = Tally(samples, seed)
-    problems = [] if shards else [f"no shard tars found in {directory}"]
+    problems = listing
     problems += read_all(shards, tally, expected)
     if expected is not None and expected != tally.samples:
         problems.append(f"dataset.json says {expected} samples but the shards hold {tally.samples}")
@@ -226,11 +239,12 @@ def inspect_shards(
         "ok": not problems,
     }
     chosen = tally.examples.sample()
-    if chosen:
+    if chosen and (sheet_path or not remote):
         sheet_path = Path(sheet_path) if sheet_path else directory / "contact_sheet.png"
         contact_sheet([(decode_image(data), caption) for data, caption in chosen], sheet_path, columns)
         summary["contact_sheet"] = str(sheet_path)
-    (directory / "inspect.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not remote:
+        (directory / "inspect.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 
 
@@ -266,7 +280,7 @@ def report(summary: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
-    p.add_argument("directory", type=Path, help="folder with NAME-NNNNNN.tar shards and dataset.json")
+    p.add_argument("directory", help="folder with NAME-NNNNNN.tar shards and dataset.json, its URL, or a shard URL pattern")
     p.add_argument("--contact-sheet", type=Path, default=None, help="PNG to write (default DIR/contact_sheet.png)")
     p.add_argument("--samples", type=int, default=16, help="samples on the contact sheet (0: no sheet)")
     p.add_argument("--columns", type=int, default=4, help="contact sheet columns")
@@ -278,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.directory.is_dir():
-        parser.error(f"{args.directory} is not a directory")
+    if not is_url(args.directory) and not Path(args.directory).is_dir():
+        parser.error(f"{args.directory} is not a directory (nor a URL)")
     if args.samples < 0 or args.columns < 1:
         parser.error("--samples must be >= 0 and --columns >= 1")
     summary = inspect_shards(args.directory, args.contact_sheet, args.samples, args.columns, args.seed)

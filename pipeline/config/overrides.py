@@ -63,7 +63,7 @@ def _keeps_raw_text(tp: Any) -> bool:
     """True for str, Path, string Literals, and optional / union forms of only those."""
     members = [arg for arg in get_args(tp) if arg is not _NONE] if _is_union(tp) else [tp]
     return all(
-        m is str or _is_path_type(m)
+        (isinstance(m, type) and issubclass(m, str)) or _is_path_type(m)
         or (get_origin(m) is Literal and all(isinstance(a, str) for a in get_args(m)))
         for m in members
     )

@@ -237,6 +237,11 @@ def _convert_scalar(value: Any, tp: Any, path: str) -> Any:
             return value
         hint = " (quote it in YAML)" if isinstance(value, (bool, int, float)) else ""
         raise _wrong_type(path, tp, value, hint)
+    if isinstance(tp, type) and issubclass(tp, str):  # a checked text type (config.source.URL): its constructor checks
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return tp(value)
+        raise _wrong_type(path, tp, value)
     if _is_path_type(tp):
         if isinstance(value, (str, os.PathLike)) and os.fspath(value):
             return tp(value)
@@ -261,8 +266,8 @@ def to_dict(cfg: Any) -> dict:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, PurePath):
-        return str(value)
+    if isinstance(value, (PurePath, str)):
+        return str(value)  # Paths and str subclasses (config.source.URL) as plain str
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

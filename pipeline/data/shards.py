@@ -5,11 +5,13 @@ One place for the rules of DESIGN.md §4 and §6 that every shard-writing stage 
 - shards are named ``{name}-{index:06d}.tar``; beside each, ``{name}-{index:06d}_stats.json``;
 - a tar appears under its final name only when complete (written to ``*.tmp-PID``,
   flushed, then renamed), so a folder never shows a half-written shard;
-- a shard counts as *complete* when its tar exists; its stats file is written first;
+- a shard counts as *complete* when its tar exists; its stats file is written first
+  (``complete_shards``, defined with the other sources in ``pipeline.data.remote``);
 - tar members carry fixed metadata (mtime, owner, mode), so the same samples give
   byte-identical tars and a resumed run equals an uninterrupted one.
 
-Readers need nothing from here: the tars are plain tar files that ``webdataset`` reads.
+The tars are plain tar files that ``webdataset`` reads; :func:`iter_samples` streams them from any
+source (``pipeline.data.remote``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.data.remote import complete_shards, iter_shard  # noqa: F401  (complete_shards re-exported: listing a folder is a source's job)
 
 FIXED_MTIME = 1_700_000_000  # 2023-11-14; any constant works, 0 makes `tar` complain
 _TMP_MARK = ".tmp-"
@@ -93,26 +97,13 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
     return count
 
 
-def complete_shards(directory: Path, name: str | None = None) -> list[Path]:
-    """The complete ``{name}-NNNNNN.tar`` files in ``directory``, sorted by name.
-
-    Without ``name``, any ``PREFIX-NNNN.tar`` or img2dataset's ``NNNNN.tar``; temporaries never match.
-    """
-    prefix = rf"{re.escape(name)}-" if name else r"(?:.+-)?"
-    pattern = re.compile(rf"^{prefix}\d+\.tar$")
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.is_file() and pattern.match(p.name))
-
-
-def iter_samples(shards: Iterable[str | Path]) -> Iterator[dict]:
-    """Raw samples ``{"__key__", ext: bytes}`` of the shards in file order, via webdataset
-    (so ``pipe:`` URLs work). webdataset's node/worker splitting is off: callers split."""
-    import webdataset as wds
-
-    urls = [str(s) for s in shards]
-    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+def iter_samples(shards: Iterable[str | Path], skipped: Counter | None = None) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of the shards in order, streamed from any
+    source (local, ``http(s)://``, ``pipe:``, fsspec URLs: ``pipeline.data.remote.iter_shard``). An
+    unreadable shard is cut short with a warning and counted in ``skipped["unreadable_shard"]``.
+    No node/worker splitting: callers split."""
+    for shard in shards:
+        yield from iter_shard(shard, skipped)
 
 
 def remove_partials(directory: Path) -> int:

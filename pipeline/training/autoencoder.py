@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.config.source import Source
 from pipeline.data.images import collate_images, decode_image_sample, image_loader, tensor_to_images
 from pipeline.data.latents import shard_list
 from pipeline.data.shards import iter_samples
@@ -50,7 +51,7 @@ PROG = "pipeline.train_autoencoder"
 
 @dataclass(kw_only=True)
 class AEDataConfig:
-    shards: Path = Path("runs/demo/shards")
+    shards: Source = Path("runs/demo/shards")  # an image-shard folder, or its URL / a URL pattern (pipeline.data.remote)
     resolution: int = 32
     held_out: int = 256  # first samples of the last shard, never trained on
     loader: LoaderConfig = field(default_factory=LoaderConfig)

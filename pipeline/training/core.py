@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, save_config, to_dict
+from pipeline.data.remote import SourceError
 from pipeline.training.checkpoint import Checkpoints, load_tensors, read_train_state, save_tensors, write_train_state
 from pipeline.training.distributed import shutdown
 from pipeline.training.preflight import PlanError
@@ -192,6 +193,9 @@ def run_training(trainer_cls: type[TrainerCore], cfg, prog: str) -> int:
     except PlanError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, SourceError) as e:  # a data folder or URL that is not there or not readable
+        print(f"{prog}: data error: {e}", file=sys.stderr)
+        return 2
     try:
         trainer.fit()
     except FloatingPointError as e:

@@ -1,0 +1,495 @@
+"""Where shards come from: the one place that knows about sources (DESIGN.md §10).
+
+A *source* is anything a stage accepts where a shard folder is accepted (``data.latents``,
+``data.shards``, ``--input``):
+
+- a local folder: its complete shards (:func:`complete_shards`);
+- a folder URL (``https://host/latents/``, ``s3://bucket/latents``: ends in ``/`` or names no
+  ``.tar``): the shards its ``dataset.json`` lists (``"shards"``, names relative to the folder);
+- a WebDataset brace pattern or ``::`` list (``https://host/latents/latents-{000000..000099}.tar``,
+  ``a.tar::b.tar``), expanded with ``braceexpand`` as webdataset does;
+- ``pipe:CMD``: the command's standard output (``pipe:aws s3 cp s3://b/x.tar -``);
+- one ``.tar`` (a path, ``file://``, or URL), or a list of any of these shards, taken as given.
+
+Reading (:func:`open_stream`): local files and ``file://`` directly; ``http(s)://`` through urllib
+with retries and exponential backoff, where a connection that dies mid-way is *resumed*: reopened
+with ``Range: bytes=N-`` (a server that ignores Range answers 200 and its first N bytes are
+skipped), so a flaky link costs a reconnect, not the shard; ``pipe:`` as a subprocess; any other
+scheme through ``fsspec.open`` when fsspec (and its backend, e.g. s3fs) is installed.
+
+Shards are streamed (memory flat in the shard size) through webdataset's own tar grouping, so keys
+and extensions are those ``webdataset.WebDataset`` gives. A shard that cannot be read after the
+retries (or is truncated or corrupt) is cut short: :func:`iter_shard` counts it in
+``skipped["unreadable_shard"]``, prints one warning line and returns; the reader counts the
+samples it did not get.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import braceexpand
+from webdataset.tariterators import group_by_keys
+
+from pipeline.config.source import is_url
+
+__all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "is_url", "iter_shard", "list_shards",
+           "open_stream", "read_bytes", "read_json", "read_shard", "shard_sizes"]
+
+PROG = "pipeline.data.remote"
+BACKOFF_S = 0.5  # the first retry waits this long, each next one twice as long
+_CHUNK = 1 << 20  # read buffer (bytes)
+_BRACES = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
+_LIST_SEP = re.compile(r"::(?![^\[\]]*\])")  # WebDataset's "a.tar::b.tar" ("::" inside [IPv6] excluded)
+_RETRIED_STATUS = {408, 425, 429}  # and every 5xx; other 4xx answers are final
+_NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts and resets are OSErrors
+_SIZE_THREADS = 16  # parallel *_stats.json requests of shard_sizes
+
+
+class SourceError(OSError):
+    """A source that cannot be read (after its retries); the message is one line naming it."""
+
+
+class SourceNotFound(SourceError, FileNotFoundError):
+    """The source does not exist (no such file, HTTP 404/410): never retried."""
+
+
+# ---------------------------------------------------------------------------- opening one source
+
+
+def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S) -> BinaryIO:
+    """A readable binary stream of one file-like source (a local path, ``file://``, ``http(s)://``,
+    ``pipe:CMD``, or an fsspec URL); :class:`SourceError` when it cannot be opened.
+
+    HTTP: up to ``retries`` reconnections in a row without progress, waiting ``backoff``·2^k
+    seconds; ``timeout`` is per connection attempt and socket read."""
+    text = str(source)
+    if text.startswith("pipe:"):
+        return io.BufferedReader(_PipeStream(text), _CHUNK)
+    if not is_url(text) or text.startswith("file://"):
+        return _open_local(text)
+    if urlsplit(text).scheme.lower() in ("http", "https"):
+        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff), _CHUNK)
+    return _open_fsspec(text, retries, backoff)
+
+
+def read_bytes(source: str | Path, retries: int = 3, timeout: float = 60.0) -> bytes:
+    """The whole content of a small source (``dataset.json``, ``*_stats.json``)."""
+    with open_stream(source, retries, timeout) as stream:
+        try:
+            return stream.read()
+        except SourceError:
+            raise
+        except _NETWORK_ERRORS as err:
+            raise SourceError(f"{source}: {_reason(err)}") from err
+
+
+def read_json(source: str | Path, retries: int = 3, timeout: float = 60.0) -> dict:
+    """A JSON source parsed; :class:`SourceError` (one line) when it is not JSON."""
+    data = read_bytes(source, retries, timeout)
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise SourceError(f"{source}: not valid JSON ({err})") from None
+
+
+def _open_local(source: str) -> BinaryIO:
+    path = urllib.request.url2pathname(urlsplit(source).path) if source.startswith("file://") else source
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise SourceNotFound(f"{source}: no such file") from None
+    except OSError as err:
+        raise SourceError(f"{source}: {_reason(err)}") from None
+
+
+def _open_fsspec(source: str, retries: int, backoff: float) -> BinaryIO:
+    """Any other scheme (``s3://``, ``gs://``, ``hf://``…) through fsspec, an optional package."""
+    scheme = urlsplit(source).scheme
+    try:
+        import fsspec  # optional (not a declared dependency): only these schemes need it
+    except ImportError:
+        raise SourceError(f"{source}: reading {scheme}:// URLs needs the fsspec package "
+                          f"(pip install fsspec, plus its {scheme} backend, e.g. s3fs for s3://)") from None
+    failures = 0
+    while True:  # the backends retry reads themselves; here only the opening is retried
+        try:
+            return fsspec.open(source, "rb").open()
+        except FileNotFoundError:
+            raise SourceNotFound(f"{source}: not found") from None
+        except (ImportError, ValueError) as err:  # no backend for the scheme, an unknown protocol
+            raise SourceError(f"{source}: {_reason(err)}") from None
+        except OSError as err:
+            failures += 1
+            if failures > retries:
+                raise SourceError(f"{source}: {_reason(err)} (after {retries} retries)") from err
+            time.sleep(backoff * 2 ** (failures - 1))
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short line (webdataset appends ``@ <stream>`` to tar errors)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError) and isinstance(err.reason, BaseException):
+        err = err.reason
+    if isinstance(err, OSError) or len(err.args) < 2:
+        text = str(err)
+    else:  # webdataset appends (stream, url) to the args of tar errors
+        text = str(err.args[0])
+    text = text.split(" @ ")[0]
+    return " ".join(f"{type(err).__name__}: {text}".split()) if text else type(err).__name__
+
+
+class _HTTPStream(io.RawIOBase):
+    """One HTTP GET that survives dropped connections: each failure reopens it at the byte reached.
+
+    ``retries`` counts failures in a row without a byte of progress; any progress resets it, so
+    a link that drops every few megabytes still delivers the whole file."""
+
+    def __init__(self, url: str, retries: int, timeout: float, backoff: float) -> None:
+        super().__init__()
+        self.url, self.retries, self.timeout, self.backoff = url, retries, timeout, backoff
+        self.pos, self.length, self.version, self.failures = 0, None, None, 0
+        self.response: http.client.HTTPResponse | None = None
+        while self.response is None:
+            self._reopen()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            if self.response is None:
+                self._reopen()
+                continue
+            try:
+                n = self.response.readinto(buffer)
+                if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
+                    raise ConnectionError(f"connection closed before the end (of {self.length} bytes)")
+            except _NETWORK_ERRORS as err:
+                self._drop()
+                self._failed(err)
+                continue
+            if n:
+                self.pos, self.failures = self.pos + n, 0
+            return n
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+    def _drop(self) -> None:
+        if self.response is not None:
+            self.response.close()
+            self.response = None
+
+    def _failed(self, err: BaseException) -> None:
+        """Wait before the next attempt, or give up after ``retries`` failures without progress."""
+        self.failures += 1
+        if self.failures > self.retries:
+            where = f" at byte {self.pos}" if self.pos else ""
+            raise SourceError(f"{self.url}: {_reason(err)}{where} (after {self.retries} retries)") from err
+        time.sleep(self.backoff * 2 ** (self.failures - 1))
+
+    def _reopen(self) -> None:
+        try:
+            self.response = self._request()
+        except SourceError:
+            raise
+        except _NETWORK_ERRORS as err:
+            self._failed(err)
+
+    def _request(self) -> http.client.HTTPResponse:
+        """GET from ``self.pos``; a final HTTP error is a :class:`SourceError`, others are retried."""
+        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
+        except urllib.error.HTTPError as err:
+            err.close()
+            if err.code in (404, 410):
+                raise SourceNotFound(f"{self.url}: {_reason(err)}") from None
+            if err.code < 500 and err.code not in _RETRIED_STATUS:
+                raise SourceError(f"{self.url}: {_reason(err)}") from None
+            raise
+        try:
+            self._check_resumed(response)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    def _check_resumed(self, response: http.client.HTTPResponse) -> None:
+        """Position ``response`` at ``self.pos``: a 206 must start there; a 200 is skipped to it."""
+        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if self.pos == 0:
+            size = response.headers.get("Content-Length")
+            self.length, self.version = (int(size) if size is not None else None), version
+            return
+        if version is not None and self.version is not None and version != self.version:
+            raise SourceError(f"{self.url}: changed while being read ({self.version} -> {version})")
+        if response.status == 206:
+            found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
+            if not found or int(found.group(1)) != self.pos:
+                raise SourceError(f"{self.url}: asked for bytes from {self.pos}, got Content-Range "
+                                  f"{response.headers.get('Content-Range')!r}")
+            return
+        left = self.pos  # 200: the server ignores Range (python -m http.server does)
+        while left:
+            chunk = response.read(min(left, _CHUNK))
+            if not chunk:
+                raise ConnectionError(f"connection closed while skipping to byte {self.pos}")
+            left -= len(chunk)
+
+
+class _PipeStream(io.RawIOBase):
+    """``pipe:CMD``: the shell command's standard output; a non-zero exit status is an error at its end."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        command = source[len("pipe:"):]  # a shell command, as in webdataset: a trusted source only
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # noqa: S602
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.process.stdout.readinto(buffer)
+        if n == 0 and len(buffer):
+            status = self.process.wait()
+            if status != 0:
+                raise SourceError(f"{self.source}: the command exited with status {status}")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.process.poll() is None:  # stopped early: the rest is not wanted
+                self.process.kill()
+            self.process.stdout.close()
+            self.process.wait()
+        super().close()
+
+
+# ---------------------------------------------------------------------------- listing a source
+
+
+def complete_shards(directory: Path, name: str | None = None) -> list[Path]:
+    """The complete ``{name}-NNNNNN.tar`` files in a local ``directory``, sorted by name (a tar
+    appears under its final name only when complete: ``pipeline.data.shards``).
+
+    Without ``name``, any ``PREFIX-NNNN.tar`` or img2dataset's ``NNNNN.tar``; temporaries never match.
+    """
+    prefix = rf"{re.escape(name)}-" if name else r"(?:.+-)?"
+    pattern = re.compile(rf"^{prefix}\d+\.tar$")
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and pattern.match(p.name))
+
+
+def list_shards(source: str | Path | list[str]) -> list[str]:
+    """The shards of a source (see the module docstring), in order; ``ValueError`` (one line) when
+    there are none or the listing cannot be read."""
+    if isinstance(source, (list, tuple)):
+        shards = [str(s) for s in source]
+    elif _is_pattern(text := str(source)):
+        shards = _expand(text)
+    elif text.startswith("pipe:"):
+        shards = [text]
+    elif is_url(text):
+        shards = _listed_shards(text) if _is_folder_url(text) else [text]
+    elif Path(text).is_dir():
+        shards = [str(p) for p in complete_shards(Path(text))]
+    elif Path(text).is_file():
+        shards = [text]
+    else:
+        raise ValueError(f"no shards at {text}: no such folder or file")
+    if not shards:
+        raise ValueError(f"no shards in {source}")
+    return shards
+
+
+def dataset_meta(source: str | Path | list[str]) -> dict:
+    """The ``dataset.json`` of a source: a local folder's, a folder URL's, or that of the folder
+    holding a shard, a pattern's or a list's first shard. :class:`SourceNotFound` without one."""
+    return read_json(dataset_json_of(source))
+
+
+def dataset_json_of(source: str | Path | list[str]) -> str:
+    """Where the ``dataset.json`` of a source is (a path or a URL)."""
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("an empty shard list has no dataset.json")
+        first = str(source[0])
+    else:
+        text = str(source)
+        if _is_pattern(text):
+            first = _expand(text)[0]
+        elif is_url(text) and not text.startswith("pipe:") and _is_folder_url(text):
+            return text.rstrip("/") + "/dataset.json"
+        elif not is_url(text) and Path(text).is_dir():
+            return str(Path(text) / "dataset.json")
+        else:
+            first = text
+    if first.startswith("pipe:"):
+        raise ValueError(f"{first}: a pipe: source has no folder to read dataset.json from")
+    return first.rsplit("/", 1)[0] + "/dataset.json" if is_url(first) else str(Path(first).parent / "dataset.json")
+
+
+def _is_pattern(text: str) -> bool:
+    return bool(_BRACES.search(text)) or bool(_LIST_SEP.search(text))
+
+
+def _expand(text: str) -> list[str]:
+    """WebDataset's URL list: ``::``-separated parts, each brace-expanded."""
+    return [url for part in _LIST_SEP.split(text) if part for url in braceexpand.braceexpand(part)]
+
+
+def _is_folder_url(url: str) -> bool:
+    """A URL that ends in ``/`` or whose last path part names no tar file."""
+    path = urlsplit(url).path
+    return path.endswith("/") or not re.search(r"\.(?:tar|tgz)", path.rsplit("/", 1)[-1])
+
+
+def _listed_shards(folder: str) -> list[str]:
+    """A folder URL -> the full URLs of the shards its ``dataset.json`` lists."""
+    base = folder if folder.endswith("/") else folder + "/"
+    try:
+        meta = read_json(base + "dataset.json")
+    except SourceError as err:
+        raise ValueError(f"cannot list the shards of {folder}: {err}") from None
+    names = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(names, list):
+        raise ValueError(f"{base}dataset.json lists no 'shards': give the shards as a brace pattern "
+                         f"({base}NAME-{{000000..000099}}.tar) instead")
+    return [base + str(name) for name in names]
+
+
+# ---------------------------------------------------------------------------- reading shards
+
+
+def shard_sizes(shards: list[str]) -> list[int]:
+    """Samples per shard: each shard's ``{stem}_stats.json`` ``"successes"`` (local or remote, read
+    in parallel); without one, a local tar's headers are listed and a remote one is streamed once."""
+    shards = [str(s) for s in shards]
+    if not any(is_url(s) for s in shards):
+        return [_shard_size(s) for s in shards]
+    with ThreadPoolExecutor(max_workers=max(1, min(_SIZE_THREADS, len(shards)))) as pool:
+        return list(pool.map(_shard_size, shards))
+
+
+def _shard_size(shard: str) -> int:
+    if shard.endswith(".tar") and not shard.startswith("pipe:"):
+        try:
+            stats = read_json(shard[: -len(".tar")] + "_stats.json")
+            if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
+                return stats["successes"]
+        except SourceNotFound:
+            pass
+    if not is_url(shard):
+        with tarfile.open(shard) as tar:  # headers only: no sample data is read
+            return len({m.name.split(".", 1)[0] for m in tar if m.isfile()})
+    return sum(1 for _ in read_shard(shard))
+
+
+_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members such as __meta__
+
+
+def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a tar stream as ``(name, bytes)``, in order, filtered as webdataset's
+    ``tar_file_iterator`` filters them (``__meta__`` names skipped).
+
+    Headers are parsed by ``tarfile.TarInfo.frombuf`` (ustar, GNU; pax ``path`` and GNU long names
+    applied to the next member); each file's bytes are one ``read`` from the stream. This is 1.8×
+    the speed of ``tarfile``'s stream mode, which reassembles every member from small buffers: it
+    was the largest cost left in the latent loader (``benchmarks/loader_throughput.py``).
+    Truncation raises ``EOFError``, a damaged header ``tarfile.TarError``."""
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):  # the end-of-archive blocks (or none)
+            if header and len(header) < _BLOCK:
+                raise EOFError("unexpected end of data in a tar header")
+            return
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        data = _read_exact(stream, info.size)
+        _read_exact(stream, -info.size % _BLOCK)
+        if info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            long_name = _pax_path(data) or long_name
+        elif info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif info.type == tarfile.XGLTYPE:
+            continue
+        else:
+            name, long_name = long_name or info.name, None
+            if info.isreg() and not _META.match(name):
+                yield name, data
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size) if size else b""
+    while len(data) < size:  # a network stream may return less than asked
+        more = stream.read(size - len(data))
+        if not more:
+            raise EOFError(f"unexpected end of data: {len(data)} of {size} bytes")
+        data += more
+    return data
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header (records ``"LEN key=value\n"``), if any."""
+    position = 0
+    while position < len(records):
+        length = int(records[position : records.index(b" ", position)])
+        key, _, value = records[records.index(b" ", position) + 1 : position + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        position += length
+    return None
+
+
+def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, streamed, grouped as
+    ``webdataset.WebDataset`` groups them; :class:`SourceError` (one line) when the shard cannot
+    be read to its end. The samples before the error have been yielded, whole."""
+    url = str(source)
+    try:
+        with open_stream(url, retries, timeout, backoff) as stream:
+            files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_files(stream))
+            yield from group_by_keys(files)
+    except SourceError:
+        raise
+    except (_NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:  # truncated, corrupt, duplicate member
+        raise SourceError(f"{url}: {_reason(err)}") from err
+
+
+def iter_shard(source: str | Path, skipped: Counter | None = None, *, retries: int = 3, timeout: float = 60.0,
+               backoff: float = BACKOFF_S) -> Iterator[dict]:
+    """:func:`read_shard` that stops a shard it cannot read: one warning line on stderr, one more
+    ``skipped["unreadable_shard"]``, and a normal return (the caller counts what it did not get)."""
+    count = 0
+    try:
+        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff):
+            count += 1
+            yield sample
+    except SourceError as err:
+        if skipped is not None:
+            skipped["unreadable_shard"] += 1
+        print(f"{PROG}: warning: skipped the rest of an unreadable shard after {count} sample(s): {err}",
+              file=sys.stderr, flush=True)

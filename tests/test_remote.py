@@ -1,0 +1,356 @@
+"""pipeline.data.remote against a real HTTP server on loopback (no mock of the HTTP layer).
+
+The server is ``http.server`` (which, like ``python -m http.server``, ignores ``Range``) serving a
+copy of the ``latent_shards`` fixture, with faults injected per file: a connection that drops after
+N bytes (on the first requests, or always), an HTTP 503, or a server variant that honours Range.
+Checked: folder URLs, brace patterns, ``::`` lists and ``pipe:`` give the same samples, byte for
+byte, as the local folder; a dropped connection is resumed; an unreadable shard is skipped, counted
+and named in one warning line; a bad source is one clear line; and ``pipeline.train`` on
+``http://…/latents/`` (and on a URL pattern) gives the same losses as on the local folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import re
+import shutil
+import socket
+import sys
+import tarfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pipeline import train
+from pipeline.config import load_config, save_config
+from pipeline.config.source import URL
+from pipeline.data import remote
+from pipeline.data.latents import latent_loader, latent_meta, shard_list
+from pipeline.data.paths import map_paths, resolved_from
+from pipeline.data.shards import complete_shards, iter_samples
+from pipeline.data.stream import LoaderConfig
+from pipeline.training.dit_config import TrainConfig
+from tests.helpers import free_port
+
+CUT = 10_000  # bytes a faulty connection delivers before it drops (the shards are ~10x larger)
+NO_STATS = "latents-000001"  # the served copy has no _stats.json for this shard: sizes come from the stream
+
+
+class ShardServer(ThreadingHTTPServer):
+    """``http.server`` on 127.0.0.1 (a free port) over ``root``, with faults by file name.
+
+    ``cuts``: name -> (bytes, times): the first ``times`` GETs (all when -1) send the full
+    Content-Length but only ``bytes`` of the body, then drop the connection. ``unavailable``:
+    names answered with 503. ``ranges``: honour ``Range: bytes=N-`` (206) instead of ignoring it."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, *, ranges: bool = False, cuts: dict | None = None, unavailable: tuple = ()) -> None:
+        super().__init__(("127.0.0.1", 0), functools.partial(FaultyHandler, directory=str(root)))
+        self.ranges, self.cuts, self.unavailable = ranges, dict(cuts or {}), set(unavailable)
+        self.requests: list[tuple[str, str | None]] = []  # (file name, Range header) of every GET
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def handle_error(self, request, client_address) -> None:  # the connections dropped on purpose
+        pass
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self.requests if n == name)
+
+
+class FaultyHandler(SimpleHTTPRequestHandler):
+    server: ShardServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = Path(self.translate_path(self.path))
+        with self.server.lock:
+            self.server.requests.append((path.name, self.headers.get("Range")))
+            nth = self.server.count(path.name)
+        if not path.is_file():
+            return super().do_GET()  # 404, directory listings
+        if path.name in self.server.unavailable:
+            return self.send_error(503)
+        data = path.read_bytes()
+        asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(asked.group(1)) if asked and self.server.ranges else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        cut, times = self.server.cuts.get(path.name, (None, 0))
+        if cut is not None and (times < 0 or nth <= times):
+            self.wfile.write(data[start : start + cut])
+            self.connection.shutdown(socket.SHUT_RDWR)  # mid-body: the client sees the stream end early
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+
+@contextlib.contextmanager
+def serving(root: Path, **faults) -> Iterator[ShardServer]:
+    server = ShardServer(root, **faults)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def served(latent_shards: Path, tmp_path_factory) -> Path:
+    """``ROOT/latents``: a copy of the latent folder whose dataset.json holds absolute encoder paths
+    (a remote folder's relative paths are not resolved), one shard without its _stats.json, and
+    ``ROOT/no_list/dataset.json`` without a shard list."""
+    root = tmp_path_factory.mktemp("served")
+    folder = root / "latents"
+    shutil.copytree(latent_shards, folder)
+    meta = map_paths(json.loads((latent_shards / "dataset.json").read_text()), resolved_from(latent_shards))
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (folder / f"{NO_STATS}_stats.json").unlink()
+    (root / "no_list").mkdir()
+    (root / "no_list/dataset.json").write_text(json.dumps({"kind": "latent_shards"}))
+    return root
+
+
+def local_shards(root: Path) -> list[str]:
+    return [str(p) for p in complete_shards(root / "latents")]
+
+
+def without_url(samples: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in samples]
+
+
+def read_local(shards: list[str]) -> list[dict]:
+    return without_url(list(iter_samples(shards)))
+
+
+def test_a_folder_url_lists_streams_and_sizes_its_shards_like_the_local_folder(served):
+    local = local_shards(served)
+    with serving(served) as server:
+        base = server.url + "latents/"
+        urls = shard_list(base)
+        assert urls == [base + Path(p).name for p in local] and len(urls) == 4
+        for url, path in zip(urls, local):
+            samples = list(remote.read_shard(url))
+            assert {s["__url__"] for s in samples} == {url}
+            assert without_url(samples) == read_local([path])  # every key, extension and byte
+        assert remote.shard_sizes(urls) == remote.shard_sizes(local) == [12, 12, 12, 12]
+        assert server.count(f"{NO_STATS}.tar") == 2  # no stats: counted by streaming (and read once above)
+        assert latent_meta(base) == json.loads((served / "latents/dataset.json").read_text())
+        assert latent_meta(base + "latents-{000000..000003}.tar") == latent_meta(base)
+
+
+@pytest.mark.parametrize("ranges", [False, True], ids=["server-ignores-range", "server-honours-range"])
+def test_a_connection_dropped_mid_shard_is_resumed(served, ranges, capsys):
+    local = local_shards(served)
+    name = Path(local[1]).name
+    with serving(served, ranges=ranges, cuts={name: (CUT, 2)}) as server:
+        skipped = Counter()
+        samples = without_url(list(iter_samples(shard_list(server.url + "latents/"), skipped)))
+        asked = [rng for n, rng in server.requests if n == name]
+    assert samples == read_local(local) and len(samples) == 48
+    assert not skipped and "warning" not in capsys.readouterr().err
+    # two drops, two resumes: from the byte reached (206), or from 0 with the first bytes skipped (200)
+    assert asked == [None, f"bytes={CUT}-", f"bytes={2 * CUT if ranges else CUT}-"]
+
+
+@pytest.mark.parametrize("fault", ["always-drops", "503"])
+def test_an_unreadable_shard_is_skipped_counted_and_named(served, fault, capsys):
+    local = local_shards(served)
+    name = Path(local[2]).name
+    faults = {"cuts": {name: (4 * CUT, -1)}} if fault == "always-drops" else {"unavailable": (name,)}
+    with serving(served, **faults) as server:
+        urls, skipped, got = shard_list(server.url + "latents/"), Counter(), []
+        for url in urls:
+            got += list(remote.iter_shard(url, skipped, retries=3, backoff=0.01))
+        tries = server.count(name)
+    assert skipped == Counter(unreadable_shard=1) and tries == 4  # the first request and 3 retries
+    expected = read_local(local[:2]) + read_local(local[3:])
+    partial = [s for s in without_url(got) if s not in expected]
+    assert [s for s in without_url(got) if s in expected] == expected
+    assert partial == read_local([local[2]])[: len(partial)] and len(partial) < 12  # whole samples, then the cut
+    assert len(partial) > 0 if fault == "always-drops" else len(partial) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and urls[2] in warnings[0] and "after 3 retries" in warnings[0]
+
+
+def test_brace_patterns_lists_and_pipes(served):
+    local = local_shards(served)
+    with serving(served) as server:
+        base = server.url + "latents/"
+        pattern = base + "latents-{000000..000003}.tar"
+        assert remote.list_shards(pattern) == [base + Path(p).name for p in local]
+        assert remote.list_shards(f"{base}latents-000003.tar::{base}latents-000000.tar") == [
+            base + "latents-000003.tar", base + "latents-000000.tar"]
+        assert server.requests == []  # a pattern or a list is not fetched to be listed
+        assert remote.dataset_meta(pattern)["kind"] == "latent_shards"
+    assert remote.list_shards(Path(local[0]).parent / "latents-{000002..000003}.tar") == local[2:]
+    pipe = f"pipe:cat '{local[0]}'"
+    assert remote.list_shards(pipe) == [pipe] and remote.list_shards([pipe, local[1]]) == [pipe, local[1]]
+    assert without_url(list(remote.read_shard(pipe))) == read_local(local[:1])
+    assert remote.shard_sizes([pipe]) == [12]
+
+
+def test_a_bad_source_is_one_clear_line(served, tmp_path, monkeypatch):
+    def message(error: type, call, *args) -> str:
+        with pytest.raises(error) as caught:
+            call(*args)
+        text = str(caught.value)
+        assert "\n" not in text
+        return text
+
+    with serving(served) as server:
+        assert "404" in message(ValueError, remote.list_shards, server.url + "nowhere/")
+        assert "brace pattern" in message(ValueError, remote.list_shards, server.url + "no_list/")
+        assert "has no dataset.json" in message(FileNotFoundError, latent_meta, server.url + "nowhere/")
+        missing = message(remote.SourceNotFound, lambda: list(remote.read_shard(server.url + "latents/latents-000009.tar")))
+        assert "404" in missing and server.count("latents-000009.tar") == 1  # not found: no retry
+    assert message(ValueError, remote.list_shards, tmp_path) == f"no shards in {tmp_path}"
+    assert "no such folder or file" in message(ValueError, remote.list_shards, tmp_path / "nope")
+    closed = f"http://127.0.0.1:{free_port()}/x.tar"
+    assert "after 2 retries" in message(remote.SourceError, lambda: remote.open_stream(closed, retries=2, backoff=0.01))
+    failed = message(remote.SourceError, lambda: list(remote.read_shard("pipe:exit 3")))
+    assert "status 3" in failed
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if fsspec were not installed
+    assert "needs the fsspec package" in message(remote.SourceError, remote.open_stream, "s3://bucket/latents/x.tar")
+    assert "fsspec" in message(ValueError, remote.list_shards, "s3://bucket/latents/")
+
+
+def test_the_loader_splits_and_resumes_a_url_as_it_does_the_local_folder(served):
+    cfg = LoaderConfig(batch_size=4, seed=3)
+    with serving(served) as server:
+        url = server.url + "latents/"
+        for rank in (0, 1):
+            local, streamed = latent_loader(served / "latents", cfg, rank, 2), latent_loader(url, cfg, rank, 2)
+            assert keys(itertools.islice(streamed, 3)) == keys(itertools.islice(local, 3))
+            resumed = latent_loader(url, cfg, rank, 2)
+            resumed.load_state_dict(json.loads(json.dumps(streamed.state_dict())))
+            assert keys(itertools.islice(resumed, 4)) == keys(itertools.islice(local, 4))
+
+
+def test_encode_reads_its_input_shards_over_http(image_shards, latent_shards, tmp_path):
+    from data_tools import encode
+
+    config = latent_shards.parent / "encode.yaml"  # the latent_shards fixture's own
+    with serving(image_shards.parent) as server:
+        url = server.url + image_shards.name + "/"
+        assert encode.main(["--input", url, "--output", str(tmp_path / "lat"), "--config", str(config)]) == 0
+    written = complete_shards(tmp_path / "lat")
+    assert [p.name for p in written] == [p.name for p in complete_shards(latent_shards)]
+    assert all(p.read_bytes() == (latent_shards / p.name).read_bytes() for p in written)  # as from the local folder
+    assert json.loads((tmp_path / "lat/dataset.json").read_text())["input"] == url
+
+
+def keys(batches) -> list[str]:
+    return [k for batch in batches for k in batch["key"]]
+
+
+def test_config_fields_keep_urls_as_text_and_local_folders_as_paths(tmp_path):
+    url = "http://127.0.0.1:8000/latents/"
+    cfg = load_config(TrainConfig, None, [f"data.latents={url}"])
+    assert isinstance(cfg.data.latents, URL) and cfg.data.latents == url  # Path() would collapse the //
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(TrainConfig, tmp_path / "config.yaml").data.latents == url
+    assert load_config(TrainConfig, None, ["data.latents=runs/x"]).data.latents / "dataset.json" == Path("runs/x/dataset.json")
+    pattern = "pipe:curl -s http://h/latents-{000000..000009}.tar"
+    assert load_config(TrainConfig, None, [f"data.latents={pattern}"]).data.latents == pattern
+
+
+TINY = ["deepspeed.enabled=false", "model.overrides={depth: 2}", "data.loader.batch_size=8", "optim.lr=2e-3",
+        "optim.warmup_steps=2", "logging.every=1", "sampling.steps=2", "steps=3", "run=t"]
+
+
+def losses(latents: str | Path, out: Path) -> list[float]:
+    assert train.main([f"data.latents={latents}", f"output_dir={out}", *TINY]) == 0
+    return [json.loads(line)["loss"] for line in (out / "t/metrics.jsonl").read_text().splitlines() if "loss" in line]
+
+
+@pytest.mark.slow
+def test_training_streams_from_http_with_the_same_losses_as_from_the_local_folder(served, tmp_path):
+    local = losses(served / "latents", tmp_path / "local")
+    names = [Path(p).name for p in local_shards(served)]
+    with serving(served, cuts={name: (CUT, 1) for name in names}) as server:  # each shard's first connection drops
+        folder = losses(server.url + "latents/", tmp_path / "folder")
+        pattern = losses(server.url + "latents/latents-{000000..000003}.tar", tmp_path / "pattern")
+        assert any(server.count(name) >= 2 for name in names)  # a shard was read, dropped and resumed
+    assert len(local) == 3 and folder == local and pattern == local
+
+
+def autoencoder_losses(shards: str | Path, out: Path) -> list[dict]:
+    from pipeline import train_autoencoder
+
+    tiny = ["model.block_out_channels=[32, 32]", "data.held_out=8", "factor_samples=32", "data.loader.batch_size=8"]
+    assert train_autoencoder.main([f"data.shards={shards}", f"output_dir={out}", "run=ae", "eval_every=2", "logging.every=1",
+                                   "steps=2", *tiny]) == 0
+    rows = [json.loads(line) for line in (out / "ae/metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("time", "lr")} for row in rows]  # losses, held-out PSNR
+
+
+@pytest.mark.slow
+def test_the_autoencoder_trains_on_image_shards_over_http(image_shards, tmp_path):
+    local = autoencoder_losses(image_shards, tmp_path / "local")
+    with serving(image_shards.parent) as server:
+        streamed = autoencoder_losses(f"{server.url}{image_shards.name}/", tmp_path / "url")
+    assert len(local) == 2 and "psnr_held_out_64" in local[-1] and streamed == local  # held-out shard too
+
+
+def test_training_on_a_missing_or_unreachable_source_is_one_line(tmp_path, capsys):
+    from pipeline import train
+    from tests.helpers import free_port
+
+    for source in (tmp_path / "nowhere", f"http://127.0.0.1:{free_port()}/latents/"):
+        assert train.main([f"data.latents={source}", "deepspeed.enabled=false", f"output_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pipeline.train: data error:") and str(source).rstrip("/") in err[0]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_files_reads_what_tarfile_reads(tmp_path, fmt):
+    """The loader's tar reader on long (pax / GNU) and non-ASCII names, a directory, a link, an
+    empty file, a metadata member (skipped as webdataset skips it); truncation is an EOFError."""
+    import io as _io
+
+    from pipeline.data.remote import tar_files
+
+    long = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
+    files = {f"{long}/k1.latent.npy": b"x" * 1000, "k1.txt": "é caption".encode(), "k2.empty": b"", "__meta__": b"m",
+             "ké2.json": b"{}"}
+    buffer = _io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        tar.addfile(_dir_info())
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _io.BytesIO(data))
+        link = tarfile.TarInfo("k3.link")
+        link.type, link.linkname = tarfile.SYMTYPE, "k1.txt"
+        tar.addfile(link)
+    data = buffer.getvalue()
+    got = list(tar_files(_io.BytesIO(data)))
+    assert got == [(name, body) for name, body in files.items() if name != "__meta__"]
+    with pytest.raises(EOFError):
+        list(tar_files(_io.BytesIO(data[:1500])))
+
+
+def _dir_info() -> tarfile.TarInfo:
+    info = tarfile.TarInfo("folder")
+    info.type = tarfile.DIRTYPE
+    return info

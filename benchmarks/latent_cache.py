@@ -33,6 +33,7 @@ from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.config import from_dict
 from pipeline.diffusion.flow import flow_loss, sample_timesteps, TimestepConfig
 from pipeline.models.dit import build_dit
+from pipeline.training.dit import to_device
 
 BATCH = 64
 
@@ -55,6 +56,7 @@ def step_fn(model, optimizer):
     timesteps = TimestepConfig()
 
     def step(x0: torch.Tensor, cond: dict) -> None:
+        x0, cond = to_device(x0, x0.device), {k: to_device(v, v.device) for k, v in cond.items()}  # as the trainer: float32
         t = sample_timesteps(x0.shape[0], timesteps)
         loss = flow_loss(model, x0, cond, t, torch.randn_like(x0)).mean()
         loss.backward()

@@ -9,6 +9,16 @@ encoders, so the next stage needs no flags this one knew.
 Input shard ``i`` becomes ``latents-i.tar`` and rank ``r`` of ``N`` encodes the shards with
 ``i % N == r``: the result is the same set of keys for any number of processes. A shard is
 committed atomically; a rerun skips finished shards.
+
+Aspect-ratio buckets (``--buckets BASE`` or ``buckets: BASE``; ``pipeline.data.buckets``): each image
+is cropped to the bucket of about BASE² pixels nearest its aspect, its latent stored at that shape
+and ``KEY.json`` names the bucket; a batch of the encoders holds one bucket; ``dataset.json`` has
+the histogram.
+
+Across machines without a process group (a SLURM job array, ``launch/preprocess.sbatch``):
+``python -m data_tools.encode ... --rank R --world-size N`` (or the array task's own numbers) is one
+independent worker with the same split; the worker that finds every latent shard complete when
+it is done writes ``dataset.json``, and ``--merge`` does that step alone (``data_tools/split.py``).
 """
 
 from __future__ import annotations
@@ -29,12 +39,16 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, exit_on_config_error, load_config, to_dict
+from pipeline.config.source import Source
+from pipeline.data.buckets import Bucketing, bucket_name, nearest_bucket, parse_bucket
 from pipeline.data.images import decode_image_sample
-from pipeline.training.distributed import create_accelerator, dist_env, shutdown
+from pipeline.training.distributed import create_accelerator, dist_env, shutdown, slurm_array, work_split
+from data_tools.shard import PLAN_FILE
+from data_tools.split import claim, missing, owned, progress_line, require_complete, write_json_shared
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.data.paths import map_paths, relative_to
-from pipeline.data.stream import shard_sizes
+from pipeline.data.remote import SourceNotFound, dataset_meta, is_url, list_shards, shard_sizes
 from pipeline.planning.dry_run import DryRunOptions, spread
 from pipeline.data.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
@@ -46,7 +60,7 @@ NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 class EncodeConfig:
     """What ``data_tools.encode`` reads, runs and writes."""
 
-    input: Path | None = None  # image-shard folder (or --input)
+    input: Source | None = None  # image-shard folder, its URL or a URL pattern (or --input; pipeline.data.remote)
     output: Path | None = None  # latent-shard folder (or --output)
     vae: VAEConfig
     text: TextEncodersConfig
@@ -54,6 +68,9 @@ class EncodeConfig:
     batch_size: int = 64
     store_dtype: Literal["fp16", "fp32"] = "fp16"
     name: str = "latents"
+    buckets: int | None = None  # aspect-ratio buckets of about buckets² pixels (pipeline.data.buckets); None: one square size
+    bucket_table: Path | None = None  # or a YAML list of [width, height] buckets (PixArt/SDXL tables)
+    bucket_step: int | None = None  # bucket sides are multiples of this; None: max(VAE factor × 2, buckets / 16)
 
     def __post_init__(self) -> None:
         if self.input is None or self.output is None:
@@ -62,6 +79,17 @@ class EncodeConfig:
             raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        if self.buckets is not None and self.buckets < 8:
+            raise ValueError(f"buckets must be >= 8 pixels (got {self.buckets})")
+        if (self.buckets or self.bucket_table) and self.resolution is not None:
+            raise ValueError("resolution and buckets/bucket_table exclude each other: buckets set each image's size")
+
+    def bucketing(self, vae_factor: int) -> Bucketing | None:
+        """The bucket table, or None for one square size; sides are whole DiT patches (2) of latents."""
+        step = self.bucket_step or max(vae_factor * 2, (self.buckets or 0) // 16)
+        if step % vae_factor:
+            raise ConfigError(f"bucket_step {step} must be a multiple of the VAE factor {vae_factor}")
+        return Bucketing.build(self.buckets, self.bucket_table, step)
 
 
 @dataclass
@@ -82,28 +110,49 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def input_resolution(cfg: EncodeConfig) -> int | None:
     if cfg.resolution is not None:
         return cfg.resolution
-    meta = cfg.input / "dataset.json"
-    return json.loads(meta.read_text()).get("resolution") if meta.exists() else None
+    try:
+        return dataset_meta(cfg.input).get("resolution")
+    except SourceNotFound:  # img2dataset's folders have no dataset.json
+        return None
 
 
-def batches(shard: Path, size: int, resolution: int | None, skipped: Counter) -> Iterator[list[dict]]:
-    """Decoded samples of one image shard in batches; undecodable ones are counted and dropped."""
-    pending = []
-    for raw in iter_samples([shard]):
-        sample = decode_image_sample(raw, resolution)
+def input_shards(cfg: EncodeConfig) -> list[Path | str]:
+    """The input image shards: a local folder's complete ones, or those a URL or pattern names."""
+    if not is_url(cfg.input):
+        return complete_shards(cfg.input)
+    try:
+        return list_shards(cfg.input)
+    except ValueError as err:
+        raise ConfigError(f"input: {err}") from None
+
+
+def batches(shard: Path, size: int, resolution: int | None, bucketing: Bucketing | None, skipped: Counter) -> Iterator[list[dict]]:
+    """Decoded samples of one image shard in batches of one image size; undecodable ones are
+    counted and dropped. A size's batch is yielded when full, the partial ones at the end."""
+    pending: dict[tuple[int, ...], list[dict]] = {}
+    for raw in iter_samples([shard], skipped):  # an unreadable shard counts as "unreadable_shard"
+        sample = decode_image_sample(raw, resolution, bucketing.assign if bucketing else None)
         if sample is None:
             skipped["undecodable_image"] += 1
             continue
         if not sample["caption"].strip():
             skipped["empty_caption"] += 1
             continue
-        sample["json"] = raw.get("json", b"{}")
-        pending.append(sample)
-        if len(pending) == size:
-            yield pending
-            pending = []
-    if pending:
-        yield pending
+        sample["json"] = sample_json(raw.get("json", b"{}"), sample["image"].shape, bucketing)
+        group = pending.setdefault(tuple(sample["image"].shape), [])
+        group.append(sample)
+        if len(group) == size:
+            yield pending.pop(tuple(sample["image"].shape))
+    yield from pending.values()  # first-seen order: deterministic
+
+
+def sample_json(source: bytes, shape: torch.Size, bucketing: Bucketing | None) -> bytes:
+    """The image shard's ``KEY.json``, plus ``"bucket": "WxH"`` when bucketing (else unchanged)."""
+    if bucketing is None:
+        return source
+    meta = json.loads(source or b"{}")
+    meta["bucket"] = bucket_name((shape[2], shape[1]))
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
 @torch.no_grad()
@@ -127,17 +176,20 @@ def encode_batch(samples: list[dict], encoders: Encoders, device: torch.device) 
 
 def encode_shard(src: Path, dst: Path, cfg: EncodeConfig, encoders: Encoders, device: torch.device, bar: tqdm) -> dict:
     """Encode one image shard into ``dst`` atomically; returns its stats."""
-    start, skipped, written = time.time(), Counter(), []
-    for samples in batches(src, cfg.batch_size, input_resolution(cfg), skipped):
+    start, skipped, written, sizes = time.time(), Counter(), [], Counter()
+    bucketing = cfg.bucketing(encoders.vae.downsample)
+    for samples in batches(src, cfg.batch_size, None if bucketing else input_resolution(cfg), bucketing, skipped):
         written += encode_batch(samples, encoders, device)
+        sizes[bucket_name((samples[0]["image"].shape[2], samples[0]["image"].shape[1]))] += len(samples)
         bar.update(len(samples))
     stats = {
         "shard": dst.name,
-        "source": src.name,
+        "source": Path(src).name,  # src may be a URL
         "count": len(written) + sum(skipped.values()),
         "successes": len(written),
         "failed": sum(skipped.values()),
         "failures": dict(sorted(skipped.items())),
+        "buckets": dict(sorted(sizes.items())),  # image size "WxH" -> samples
         "duration": time.time() - start,
     }
     write_json_atomic(stats_path(dst), stats)
@@ -147,13 +199,20 @@ def encode_shard(src: Path, dst: Path, cfg: EncodeConfig, encoders: Encoders, de
 
 def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
     """dataset.json of the latent folder, from every shard's stats and the encoders."""
-    samples, skipped = 0, Counter()
+    samples, skipped, sizes = 0, Counter(), Counter()
     for shard in shards:
         stats = json.loads(stats_path(shard).read_text())
         samples += stats["successes"]
         skipped.update(stats["failures"])
-    resolution = input_resolution(cfg)
-    down = encoders.vae.downsample
+        sizes.update(stats.get("buckets", {}))
+    resolution, down, channels = input_resolution(cfg), encoders.vae.downsample, encoders.vae.latent_channels
+    bucketing = cfg.bucketing(down)
+    if bucketing is not None:  # the model's default (square) size: the table's bucket nearest 1:1
+        resolution = nearest_bucket(1, 1, list(bucketing.table))[0]
+    latent_shape = [channels, resolution // down, resolution // down] if resolution else None
+    if latent_shape is None and sizes:  # no resolution known (img2dataset's folders): the most common size encoded
+        latent_shape = bucket_histogram(Counter(dict(sizes.most_common(1))), channels, down).popitem()[1]["latent_shape"]
+    several = bucketing is not None or len(sizes) > 1  # images kept at several sizes are buckets too
     summary = {
         "kind": "latent_shards",
         "created_by": PROG,
@@ -162,13 +221,21 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         "skipped": dict(sorted(skipped.items())),
         "shards": [s.name for s in shards],
         "resolution": resolution,
-        "latent_shape": [encoders.vae.latent_channels, resolution // down, resolution // down] if resolution else None,
+        "latent_shape": latent_shape,
         "latent_dtype": cfg.store_dtype,
+        "buckets": bucket_histogram(sizes, channels, down) if several else None,
         "vae": encoders.vae.describe(),
         "text_encoders": encoders.text.describe(),
         "config": to_dict(cfg),
     }
     return map_paths(summary, relative_to(cfg.output))  # local paths relative to the folder
+
+
+def bucket_histogram(sizes: Counter, channels: int, down: int) -> dict:
+    """``{"WxH": {"samples": n, "latent_shape": [C, h, w]}}``, portrait to landscape."""
+    ordered = sorted(sizes, key=lambda name: (parse_bucket(name)[0] / parse_bucket(name)[1], name))
+    return {name: {"samples": sizes[name], "latent_shape": [channels, parse_bucket(name)[1] // down, parse_bucket(name)[0] // down]}
+            for name in ordered}
 
 
 def run(cfg: EncodeConfig) -> dict | None:
@@ -183,29 +250,89 @@ def run(cfg: EncodeConfig) -> dict | None:
 def encode(cfg: EncodeConfig, accelerator) -> dict | None:
     """:func:`run` on a given ``Accelerator`` (left running)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    sources = complete_shards(cfg.input)
-    if not sources:
-        raise ConfigError(f"no image shards in {cfg.input}")
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    targets = [cfg.output / shard_name(cfg.name, i) for i in range(len(sources))]
+    sources, targets = shard_pairs(cfg)
     if accelerator.is_main_process:
         remove_partials(cfg.output)
     accelerator.wait_for_everyone()
-    mine = [i for i in range(len(sources)) if i % world == rank and not targets[i].exists()]
-    encoders = Encoders(FrozenVAE(cfg.vae, accelerator.device), TextEncoders(cfg.text, accelerator.device), NUMPY_DTYPES[cfg.store_dtype])
-    start, done = time.time(), 0
-    with tqdm(desc=f"{PROG} rank {rank}", unit="img", position=rank, mininterval=0.5) as bar:
-        for i in mine:
-            done += encode_shard(sources[i], targets[i], cfg, encoders, accelerator.device, bar)["count"]
-    rate = done / max(time.time() - start, 1e-9)
-    print(f"{PROG}: rank {rank}/{world} encoded {len(mine)} shard(s), {done} samples, {rate:.1f} samples/s")
+    mine = [i for i in owned(len(sources), rank, world) if not targets[i].exists()]
+    encoders = build_encoders(cfg, accelerator.device)
+    encode_shards(cfg, [(sources[i], targets[i]) for i in mine], encoders, accelerator.device, rank, world)
     accelerator.wait_for_everyone()
-    summary = None
-    if accelerator.is_main_process:
-        summary = describe(cfg, encoders, targets)
-        write_json_atomic(cfg.output / "dataset.json", summary)
-        skipped = summary["skipped"] or "none"
-        print(f"{PROG}: {summary['samples']} samples in {len(targets)} latent shard(s) at {cfg.output}, skipped {skipped}")
+    return write_summary(cfg, encoders, targets) if accelerator.is_main_process else None
+
+
+def encode_worker(cfg: EncodeConfig, rank: int, world_size: int) -> dict | None:
+    """Independent worker ``rank`` of ``world_size`` (a SLURM array task; no process group, no
+    waiting): encodes input shards ``i % world_size == rank`` on this machine's GPU (else the CPU).
+    The worker that finds every latent shard complete when it is done writes dataset.json."""
+    launch = dist_env()
+    if launch.launcher == "torchrun" and launch.world_size > 1:  # its processes would all do this worker's share
+        raise ConfigError(f"an independent worker (--rank/--world-size, a SLURM array task) is one process, but this launch "
+                          f"started {launch.world_size}: start one process per worker, or drop --rank/--world-size")
+    sources, targets = shard_pairs(cfg)
+    todo = claim(cfg.output, targets, rank, world_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = build_encoders(cfg, device) if todo else None
+    encode_shards(cfg, [(sources[i], targets[i]) for i in todo], encoders, device, rank, world_size, position=0)
+    absent = len(missing(targets))
+    if absent:
+        print(progress_line(PROG, rank, world_size, len(todo), absent, len(targets)))
+        return None
+    return write_summary(cfg, encoders or build_encoders(cfg, device), targets)
+
+
+def merge(cfg: EncodeConfig) -> dict:
+    """``--merge``: no encoding; once every latent shard is complete, write dataset.json (the
+    encoders are loaded, on this machine's GPU else the CPU, for what it records about them)."""
+    sources, targets = shard_pairs(cfg)
+    require_complete(targets, cfg.output)
+    return write_summary(cfg, build_encoders(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")), targets)
+
+
+def shard_pairs(cfg: EncodeConfig) -> tuple[list[Path], list[Path]]:
+    """The input image shards and the latent shard each becomes (input shard ``i`` -> ``latents-i``).
+
+    Shards are numbered by their place in the input folder, so every process must see the same
+    list: an image folder that ``data_tools.shard`` has not finished (a plan without dataset.json,
+    or a dataset.json naming shards that are not there) is refused, with one line.
+    """
+    sources = input_shards(cfg)
+    if not sources:
+        raise ConfigError(f"no image shards in {cfg.input}")
+    if not is_url(cfg.input):  # a URL names finished shards only: its dataset.json's list, or a pattern
+        meta = cfg.input / "dataset.json"
+        listed = json.loads(meta.read_text()).get("shards", []) if meta.exists() else []
+        absent = sorted(set(listed) - {s.name for s in sources})
+        if absent or ((cfg.input / PLAN_FILE).exists() and not meta.exists()):
+            what = f"{len(absent)} shard(s) its dataset.json lists are missing" if absent else "no dataset.json yet"
+            raise ConfigError(f"the image shards in {cfg.input} are not finished ({what}): let every data_tools.shard worker "
+                              "finish, or run it with --merge, before encoding")
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    return sources, [cfg.output / shard_name(cfg.name, i) for i in range(len(sources))]
+
+
+def build_encoders(cfg: EncodeConfig, device: torch.device) -> Encoders:
+    """The frozen VAE and text encoders on ``device``, storing in ``cfg.store_dtype``."""
+    return Encoders(FrozenVAE(cfg.vae, device), TextEncoders(cfg.text, device), NUMPY_DTYPES[cfg.store_dtype])
+
+
+def encode_shards(cfg: EncodeConfig, pairs: list[tuple[Path, Path]], encoders: Encoders | None, device: torch.device,
+                  rank: int, world_size: int, position: int | None = None) -> None:
+    """Encode each ``(image shard, latent shard)`` pair, with a progress bar and a rate line."""
+    start, done = time.time(), 0
+    with tqdm(desc=f"{PROG} rank {rank}", unit="img", position=rank if position is None else position, mininterval=0.5) as bar:
+        for src, dst in pairs:
+            done += encode_shard(src, dst, cfg, encoders, device, bar)["count"]
+    rate = done / max(time.time() - start, 1e-9)
+    print(f"{PROG}: rank {rank}/{world_size} encoded {len(pairs)} shard(s), {done} samples, {rate:.1f} samples/s")
+
+
+def write_summary(cfg: EncodeConfig, encoders: Encoders, targets: list[Path]) -> dict:
+    """Write dataset.json (:func:`describe`; whole, as any worker may) and say what the folder holds."""
+    summary = describe(cfg, encoders, targets)
+    write_json_shared(cfg.output / "dataset.json", summary)
+    skipped = summary["skipped"] or "none"
+    print(f"{PROG}: {summary['samples']} samples in {len(targets)} latent shard(s) at {cfg.output}, skipped {skipped}")
     return summary
 
 
@@ -217,15 +344,18 @@ def plan(cfg: EncodeConfig, options: DryRunOptions, out: TextIO | None = None) -
     world = options.world_size or env.world_size
     if options.world_size is None and not env.is_main:
         return 0
-    sources = complete_shards(cfg.input)
+    try:
+        sources = input_shards(cfg)
+    except ConfigError as err:  # a URL whose shard listing cannot be read
+        print(f"{prog}: dry run: {err}", file=sys.stderr)
+        return 1
     if not sources:
         print(f"{prog}: dry run: no image shards in {cfg.input}", file=sys.stderr)
         return 1
     sizes = shard_sizes([str(s) for s in sources])
     todo = [i for i in range(len(sources)) if not (Path(cfg.output) / shard_name(cfg.name, i)).exists()]
     per_rank = [[i for i in todo if i % world == r] for r in range(world)]
-    meta_path = Path(cfg.input) / "dataset.json"
-    resolution = cfg.resolution or (json.loads(meta_path.read_text()).get("resolution") if meta_path.exists() else None)
+    resolution = input_resolution(cfg)
     lines = [f"{prog} dry run (no encoder built, no image decoded)"]
     kv = lambda k, v: lines.append(f"  {k:<24}{v}")  # noqa: E731
     kv("world size", f"{world} ({f'--world-size {world}' if options.world_size else f'launcher: {env.launcher}'})")
@@ -265,20 +395,30 @@ def _text_sources(cfg) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", type=Path, help="image-shard folder")
+    p.add_argument("--input", help="image-shard folder, its URL, or a shard URL pattern (…/images-{000000..000099}.tar)")
     p.add_argument("--output", type=Path, help="latent-shard folder (resumes when rerun)")
     p.add_argument("--config", type=Path, help="YAML with vae:, text:, batch_size, ...")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--dry-run", action="store_true", help="print each rank's share of the shards and exit")
-    p.add_argument("--world-size", type=int, help="with --dry-run: plan for N processes (default: this launch's)")
+    p.add_argument("--world-size", type=int, help="N independent workers, this one encoding shards i %% N == --rank (no "
+                   "process group); with --dry-run: plan for N processes (default: this launch's)")
+    p.add_argument("--rank", type=int, help="this independent worker's index (default: a SLURM array task's)")
+    p.add_argument("--merge", action="store_true", help="write dataset.json once every worker is done (no encoding)")
+    p.add_argument("--buckets", type=int, metavar="BASE", help="aspect-ratio buckets of about BASE² pixels (= buckets=BASE)")
     args = p.parse_args(argv)
-    paths = [f"{k}={v}" for k, v in (("input", args.input), ("output", args.output)) if v is not None]
+    given = (("input", args.input), ("output", args.output), ("buckets", args.buckets))
+    paths = [f"{k}={v}" for k, v in given if v is not None]
     with exit_on_config_error(PROG):
         cfg = load_config(EncodeConfig, args.config, [*args.overrides, *paths])
     if args.dry_run:
         return plan(cfg, DryRunOptions(args.world_size))
     with exit_on_config_error(PROG):
-        run(cfg)
+        if args.merge:
+            merge(cfg)
+        elif args.rank is not None or args.world_size is not None or slurm_array() is not None:
+            encode_worker(cfg, *work_split(args.rank, args.world_size))
+        else:
+            run(cfg)  # one accelerate launch: its processes split the shards and wait for each other
     return 0
 
 

@@ -14,12 +14,16 @@ RES=32
 if [ "${1:-}" = "--quick" ]; then
     OUT=${DEMO_OUT:-runs/demo-quick}
     COUNT=400 EVAL_COUNT=16 EDIT_COUNT=4 PER_SHARD=100
+    # Non-square scenes through aspect-ratio buckets of about 32² px (24x48, 32x32, 48x24):
+    # shards keep each image's size, encode crops to the nearest bucket, batches hold one bucket.
+    ASPECT=0.5,1,2 SHARD_SIZE=(--resize none) BUCKETS=(buckets=32)
     AE=(steps=150 eval_every=150 factor_samples=200 data.held_out=64 checkpoint.every=150)
     TEACHER=(steps=200 sampling.every=0 checkpoint.every=200 data.loader.batch_size=32 optim.warmup_steps=20)
     STUDENT=(steps=40 checkpoint.every=40 data.loader.batch_size=32 optim.warmup_steps=10)
 else
     OUT=${DEMO_OUT:-runs/demo}
     COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=512 EDIT_COUNT=256 PER_SHARD=500
+    ASPECT=1 SHARD_SIZE=(--resolution "$RES") BUCKETS=()
     AE=() TEACHER=() STUDENT=()
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -33,9 +37,9 @@ stage() {
 }
 
 stage "synth"
-"$PY" -m data_tools.synth --output "$OUT/synth" --count "$COUNT" --resolution "$RES" --seed 0
+"$PY" -m data_tools.synth --output "$OUT/synth" --count "$COUNT" --resolution "$RES" --seed 0 --aspect "$ASPECT"
 stage "shard"
-"$PY" -m data_tools.shard --input "$OUT/synth" --output "$OUT/shards" --resolution "$RES" \
+"$PY" -m data_tools.shard --input "$OUT/synth" --output "$OUT/shards" "${SHARD_SIZE[@]}" \
     --format png --samples-per-shard "$PER_SHARD" --workers 2 --seed 0
 stage "inspect"
 "$PY" -m data_tools.inspect "$OUT/shards" --contact-sheet "$OUT/contact_sheet.png" --samples 24
@@ -46,7 +50,7 @@ stage "text-encoders"
 [ -f "$OUT/encoders/encoders.yaml" ] || "$PY" -m data_tools.make_encoders --output "$OUT/encoders"
 stage "encode"
 "$PY" -m data_tools.encode --input "$OUT/shards" --output "$OUT/latents" --config configs/encode_demo.yaml \
-    vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip"
+    vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip" ${BUCKETS[@]+"${BUCKETS[@]}"}
 "$PY" -m data_tools.preview_latents "$OUT/latents" --output "$OUT/latents_decoded.png"
 stage "teacher"
 "$PY" -m pipeline.train --config configs/dit_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \

@@ -1,5 +1,9 @@
 """``python -m pipeline.sample --model DIR --prompt "…" [--prompt …] --steps 50 --guidance 4 --seed 0 --output grid.png``
 
+``--width/--height`` sample another size than the model's default (an aspect-ratio bucket it
+trained on, or any multiple of the VAE factor × patch size); ``--shift auto`` takes SD3's
+resolution shift for that size.
+
 Encodes the prompts with the run's text encoders, samples latents — Euler with classifier-free
 guidance for a teacher, multistep consistency sampling for a distilled student (as its
 ``pipeline.json`` says) — decodes them with the run's VAE and writes a captioned PNG grid.
@@ -13,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config.cli import add_size_args, image_size, shift_arg
 from pipeline.figures.sheets import write_sheet
 from pipeline.inference.pipeline import TextToImage
 
 PROG = "pipeline.sample"
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (1 = none); a student takes it as an input")
-    p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
+    p.add_argument("--shift", type=shift_arg, default=1.0, help="time-grid shift: a number, or auto (SD3's, from the image's tokens)")
+    add_size_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--output", type=Path, default=Path("grid.png"))
@@ -34,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps must be >= 1 (got {args.steps})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = TextToImage.from_folder(args.model, device)
-    images, per_image = pipe.generate(args.prompt, args.steps, args.guidance, args.shift, args.seed)
+    size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
+    try:
+        pipe.latent_shape_for(size)
+    except ValueError as err:
+        p.error(str(err))
+    images, per_image = pipe.generate(args.prompt, args.steps, args.guidance, args.shift, args.seed, size)
     write_sheet(images, args.prompt, args.output, args.columns)
     print(f"{PROG}: wrote {args.output} ({len(images)} images, {per_image:.3f} s/image)")
     return 0

@@ -78,6 +78,25 @@ def latent_shards(tmp_path_factory, image_shards: Path, tiny_vae_dir: Path, tiny
 
 
 @pytest.fixture(scope="session")
+def bucketed_latents(tmp_path_factory, tiny_vae_dir, tiny_text_encoders_dir) -> Path:
+    """36 non-square synthetic scenes (aspects 0.5, 1, 2) -> image shards kept at their size ->
+    latents in buckets of about 32² px (``data_tools.encode buckets=32``)."""
+    import yaml
+
+    from data_tools import encode, shard, synth
+
+    root = tmp_path_factory.mktemp("bucketed")
+    synth.generate(root / "synth", count=36, resolution=32, seed=0, aspects=(0.5, 1.0, 2.0))
+    assert shard.main(["--input", str(root / "synth"), "--output", str(root / "shards"), "--resize", "none",
+                       "--format", "png", "--samples-per-shard", "9"]) == 0
+    text = yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())
+    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(tiny_vae_dir)}, "text": text, "batch_size": 4}))
+    args = ["--input", str(root / "shards"), "--output", str(root / "latents"), "--config", str(root / "encode.yaml"), "--buckets", "32"]
+    assert encode.main(args) == 0
+    return root / "latents"
+
+
+@pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, latent_shards: Path) -> Path:
     """A tiny DiT teacher trained for a few steps on ``latent_shards`` and exported."""
     from pipeline import train
@@ -90,7 +109,8 @@ def teacher_dir(tmp_path_factory, latent_shards: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, tiny_text_encoders_dir, teacher_dir) -> Path:
+def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, tiny_text_encoders_dir, teacher_dir,
+                  bucketed_latents) -> Path:
     """Every multi-process training job of the suite in one 2-process gloo launch (``tests.jobs``):
     the DDP / ZeRO-2 / ZeRO-3 × fp32 / bf16 × accumulation 1 / 2 cells (each run and resumed),
     distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, and every
@@ -111,6 +131,7 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
              for spec in jobs.cell_jobs(mode, precision, accum, latent_shards, out)]
     specs += jobs.distill_jobs(teacher_dir, latent_shards, out) + jobs.autoencoder_jobs(image_shards, out)
     specs.append(jobs.ema_copy_job(latent_shards, out))
+    specs += jobs.bucket_jobs(bucketed_latents, out)
     inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]

@@ -177,10 +177,10 @@ def cell_name(mode: str, precision: str, accum: int) -> str:
     return f"{mode}-{precision}-accum{accum}"
 
 
-def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path) -> list[dict]:
+def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path, prefix: str = "", extra: tuple[str, ...] = ()) -> list[dict]:
     """A 4-step run that checkpoints at 2 and 4, and a copy of it resumed from step 2."""
-    name = cell_name(mode, precision, accum)
-    common = [f"data.latents={latents}", f"output_dir={out}", "model.overrides={depth: 2}", "data.loader.batch_size=4",
+    name = prefix + cell_name(mode, precision, accum)
+    common = [f"data.latents={latents}", f"output_dir={out}", "model.overrides={depth: 2}", "data.loader.batch_size=4", *extra,
               f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={CELL_STEPS}",
               f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2", "ema.decay=0.9"]
     ddp = mode == "ddp"
@@ -188,6 +188,16 @@ def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path) -
     resumed = job(f"{name}-resumed", "train", [*common, f"run={name}-resumed"],
                   resume_from={"run": str(out / name), "step": CELL_RESUME_AT}, count_allreduce=ddp)
     return [full, resumed]
+
+
+BUCKET_CELL = ("zero2", "bf16", 2)
+
+
+def bucket_jobs(latents: Path, out: Path) -> list[dict]:
+    """A cell on aspect-ratio buckets (``buckets-zero2-bf16-accum2``): ranks step together on
+    batches of different shapes, 2 data workers each, a small shuffle buffer, shift auto."""
+    extra = ("data.loader.num_workers=2", "data.loader.shuffle_buffer=4", "timesteps.shift=auto", "timesteps.shift_base_tokens=16")
+    return cell_jobs(*BUCKET_CELL, latents, out, prefix="buckets-", extra=extra)
 
 
 def ema_copy_job(latents: Path, out: Path) -> dict:

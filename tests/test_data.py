@@ -52,13 +52,21 @@ def test_pad_sequences_and_mask():
 def test_batches_pad_text_and_keep_values(tmp_path):
     loader = latent_loader(write_latent_shards(tmp_path, 2, 10), LoaderConfig(batch_size=5))
     batch = next(iter(loader))
-    assert batch["latent"].shape == (5, 4, 2, 2) and batch["latent"].dtype == torch.float32
+    assert batch["latent"].shape == (5, 4, 2, 2) and batch["latent"].dtype == torch.float16  # as stored: cast on the device
     lengths = batch["t5_mask"].sum(1)
     for i, key in enumerate(batch["key"]):
         k = int(key[1:])
         assert lengths[i] == 1 + k % 5 and (batch["t5"][i, : lengths[i]] == k).all()
         assert (batch["t5"][i, lengths[i] :] == 0).all() and batch["caption"][i] == f"caption {k}"
     assert set(batch) >= {"latent", "t5", "t5_mask", "clip", "caption", "key"}
+
+
+def test_a_worker_builds_batches_in_shared_memory(tmp_path):
+    """Handing a batch from a data worker to the trainer moves no bytes: it was built in shared memory."""
+    batch = next(iter(latent_loader(write_latent_shards(tmp_path, 2, 10), LoaderConfig(batch_size=5, num_workers=1))))
+    assert batch["latent"].is_shared() and batch["t5"].is_shared() and batch["clip"].is_shared()
+    reference = next(iter(latent_loader(sorted(str(p) for p in tmp_path.glob("*.tar")), LoaderConfig(batch_size=5))))
+    assert torch.equal(batch["t5"], reference["t5"]) and batch["key"] == reference["key"]
 
 
 def test_order_is_seeded_and_changes_with_epoch(tmp_path):

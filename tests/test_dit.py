@@ -261,3 +261,15 @@ def test_flops_per_sample():
         assert small > 0 and 4.0 <= large / small <= 5.0  # ~4× tokens, plus a little quadratic attention
     model = tiny()
     assert flops_per_sample(model, 16) == flops_per_sample(dict(model.config), 16) > flops_per_sample(model, 0)
+
+
+def test_pos_interpolation_spans_the_base_grid_at_any_size():
+    """PixArt-α: positions scaled by base / grid on each axis; the default grid is unchanged."""
+    plain = dit_layers.sincos_pos_embed_2d(32, 4, 4)
+    assert torch.equal(dit_layers.sincos_pos_embed_2d(32, 4, 4, base=4), plain)
+    wide = dit_layers.sincos_pos_embed_2d(32, 2, 8, base=4)  # (16, 32): rows at 0, 2; columns at 0, 0.5, ..., 3.5
+    assert torch.allclose(wide.view(2, 8, 32)[1, 2], plain.view(4, 4, 32)[2, 1])  # row 1 -> 2, column 2 -> 1
+    model = DiT(sample_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, pos_interpolation=True)
+    assert model._pos_embed(2, 8, torch.float32, torch.device("cpu")).shape == (1, 16, 32)
+    x = torch.randn(2, 4, 4, 16)
+    assert torch.equal(model(x, torch.rand(2)), torch.zeros_like(x))  # a fresh model still outputs zero

@@ -125,10 +125,10 @@ def test_preview_decodes_latents_with_the_recorded_vae(image_shards, encode_conf
     run_encode(image_shards, tmp_path / "lat", encode_config)
     meta, samples, pixels = preview_latents.decode_first(tmp_path / "lat", 3)
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
-    raw = torch.stack([s["latent"] for s in samples]) / 0.5 + 0.1  # the recorded scale 0.5 and shift 0.1 undone
+    raw = torch.stack([s["latent"] for s in samples]).float() / 0.5 + 0.1  # the recorded scale 0.5 and shift 0.1 undone
     with torch.no_grad():
         expected = vae.decode(raw).sample.clamp(-1, 1)
-    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(pixels), expected, atol=1e-5, rtol=1e-5)
 
     assert preview_latents.main([str(tmp_path / "lat"), "--count", "4"]) == 0
     paired = Image.open(tmp_path / "lat/preview.png")

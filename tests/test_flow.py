@@ -101,3 +101,21 @@ def test_guidance_follows_the_diffusers_convention():
     euler(model, x, {}, steps=5, guidance=1.0)
     assert model.calls == 1 + 5  # g = 1: no unconditional pass
     assert math.isclose(euler(Counting(), x, {}, steps=5, guidance=2.0)[0, 0].item(), -2.0)  # ∫ dt·2 from 1 to 0
+
+
+def test_auto_shift_is_sd3s_resolution_shift():
+    from pipeline.diffusion.flow import resolution_shift, resolve_shift
+
+    # SD3 §5.3.2: alpha = sqrt(m / n); 1024 px (64x64 latent, 2x2 patches: 1024 tokens) over the 256 px base (256 tokens) = 2
+    assert resolution_shift(1024) == 2.0 and resolution_shift(256) == 1.0 and resolution_shift(4096, 1024) == 2.0
+    assert resolve_shift(3.0, 10) == 3.0 and resolve_shift("auto", 64, 16) == 2.0
+    cfg = TimestepConfig(kind="uniform", shift="auto", shift_base_tokens=16)
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4096, cfg, generator=g, tokens=64)
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(t, 2 * u / (1 + u))  # t' = a·t / (1 + (a − 1)·t), a = 2
+    assert t.mean() > 0.6  # more time near noise for the larger grid
+    with pytest.raises(ValueError, match="token count"):
+        sample_timesteps(2, cfg)
+    with pytest.raises(ValueError, match="shift_base_tokens"):
+        TimestepConfig(shift="auto", shift_base_tokens=0)

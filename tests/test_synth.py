@@ -147,3 +147,19 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     assert result.stdout.strip().splitlines()[-1] == f"wrote 5 samples to {tmp_path}"
     assert len(list(tmp_path.glob("*.png"))) == 5
     assert len(json.loads((tmp_path / "000004.json").read_text())["objects"]) == 2
+
+
+def test_aspects_draw_non_square_scenes_without_changing_the_scene(tmp_path):
+    sizes = set()
+    for index in range(30):
+        image, wide = render_sample(index, 32, 9, 0.5, aspects=(0.5, 1.0, 2.0))
+        assert image.size == tuple(wide["size"]) and image.size[0] % 8 == 0 and image.size[1] % 8 == 0
+        assert wide["caption"] == render_sample(index, 32, 9, 0.5)[1]["caption"]
+        for obj in wide["objects"]:  # square objects, inside the image
+            x0, y0, x1, y1 = obj["bbox"]
+            assert x1 - x0 == y1 - y0 and x0 >= 0 and y0 >= 0 and x1 <= image.size[0] and y1 <= image.size[1]
+        sizes.add(image.size)
+    assert sizes == {(24, 48), (32, 32), (48, 24)}
+    assert main(["--output", str(tmp_path), "--count", "2", "--aspect", "0.5,2"]) == 0
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path), "--count", "2", "--aspect", "0.5,9"])

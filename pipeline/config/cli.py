@@ -25,6 +25,32 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
     return from_dict(cls, apply_overrides(cls, data, overrides))
 
 
+def shift_arg(text: str) -> float | str:
+    """An argparse type for ``--shift``: a positive number, or ``auto`` (SD3's resolution shift)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive number or auto (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """``--width/--height`` in pixels (default: the model's resolution; one alone keeps the other)."""
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's resolution)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's resolution)")
+
+
+def image_size(args: argparse.Namespace, resolution: int) -> tuple[int, int] | None:
+    """(width, height) from ``--width/--height``; None when neither is given."""
+    if args.width is None and args.height is None:
+        return None
+    return args.width or resolution, args.height or resolution
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``to_dict(cfg)`` as YAML, atomically (temporary file in the same folder + rename)."""
     target = Path(path)

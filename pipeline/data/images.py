@@ -8,9 +8,10 @@ Images become float (3, H, W) in [-1, 1] (DESIGN.md §3); one of another size is
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from pipeline.data.stream import LoaderConfig, ShardLoader
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ResizeMode = Literal["center_crop", "keep_ratio", "none"]
+Fit = Callable[[Image.Image], tuple[Image.Image, Any]]  # image -> (resized image, what it was fitted to)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -85,13 +87,18 @@ def decode_image(raw: dict) -> tuple[Image.Image, str] | None:
     return image, raw.get("txt", b"").decode("utf-8", "replace")
 
 
-def decode_image_sample(raw: dict, resolution: int | None = None) -> dict | None:
-    """Raw tar members -> {"image", "caption", "key"}; ``None`` (skipped) when undecodable."""
+def decode_image_sample(raw: dict, resolution: int | None = None, fit: Fit | None = None) -> dict | None:
+    """Raw tar members -> {"image", "caption", "key"}; ``None`` (skipped) when undecodable.
+
+    The image is centre-cropped to ``resolution``², or brought to a size by ``fit`` (e.g. an
+    aspect-ratio bucket: ``pipeline.data.buckets.Bucketing.assign``), or kept as it is."""
     decoded = decode_image(raw)
     if decoded is None:
         return None
     image, caption = decoded
-    if resolution is not None and image.size != (resolution, resolution):
+    if fit is not None:
+        image = fit(image)[0]
+    elif resolution is not None and image.size != (resolution, resolution):
         image = resize(image, resolution, "center_crop")
     return {"image": image_to_tensor(image), "caption": caption, "key": raw["__key__"]}
 
@@ -109,4 +116,9 @@ def image_loader(
 ) -> ShardLoader:
     """Endless, resumable batches of images from an image-shard folder (or a shard list)."""
     decode = partial(decode_image_sample, resolution=resolution)
-    return ShardLoader(shard_list(shards), cfg, decode, collate_images, rank, world_size)
+    return ShardLoader(shard_list(shards), cfg, decode, collate_images, rank, world_size, image_size)
+
+
+def image_size(sample: dict) -> tuple[int, ...]:
+    """An image sample's bucket: its shape (3, H, W); a batch holds one (unless ``resolution`` crops all to one)."""
+    return tuple(sample["image"].shape)

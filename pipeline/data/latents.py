@@ -3,74 +3,101 @@
 A latent sample holds ``KEY.latent.npy`` (C, h, w), ``KEY.t5.npy`` (L, D) unpadded,
 ``KEY.clip.npy`` (D,), optionally ``KEY.clip_tokens.npy`` (L', D'), ``KEY.txt`` and
 ``KEY.json``. The collate pads the variable-length token sequences and returns their masks.
+
+Batches keep the stored dtype (fp16 as ``data_tools.encode`` writes by default): half the bytes
+to decode, pad and hand from a data worker to the trainer, which casts on the device (the model
+casts its inputs; the loss's latents are made float32 there). In a data worker the batch is
+built straight in shared memory, as torch's ``default_collate`` does, so handing it over copies
+nothing.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
+from torch.utils.data import get_worker_info
 
 from pipeline.data.stream import LoaderConfig, ShardLoader, npy
 from pipeline.data.paths import map_paths, resolved_from
-from pipeline.data.shards import complete_shards
+from pipeline.data.remote import SourceNotFound, dataset_json_of, is_url, list_shards, read_json
 
 SEQUENCES = ("t5", "clip_tokens")  # variable length: padded in a batch, with a mask
 VECTORS = ("latent", "clip")  # fixed shape: stacked
 
 
 def decode_latent_sample(raw: dict) -> dict | None:
-    """Raw tar members -> float32 tensors; ``None`` (skipped) without a latent."""
+    """Raw tar members -> tensors in their stored dtype; ``None`` (skipped) without a latent."""
     if "latent.npy" not in raw:
         return None
     sample = {"key": raw["__key__"], "caption": raw.get("txt", b"").decode("utf-8")}
     for name in VECTORS + SEQUENCES:
         if f"{name}.npy" in raw:
-            sample[name] = torch.from_numpy(npy(raw[f"{name}.npy"]).astype("float32"))
+            sample[name] = torch.from_numpy(npy(raw[f"{name}.npy"]))
     return sample
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch: in shared memory inside a data worker (handing it to
+    the main process then moves no bytes), ordinary memory otherwise."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def pad_sequences(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[(L_i, D)] -> padded (B, L_max, D) with zeros, mask (B, L_max) True on real tokens."""
     longest = max(s.shape[0] for s in sequences)
-    padded = sequences[0].new_zeros(len(sequences), longest, sequences[0].shape[1])
+    padded = batch_tensor((len(sequences), longest, sequences[0].shape[1]), sequences[0].dtype)
     mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
     for i, s in enumerate(sequences):
         padded[i, : s.shape[0]] = s
+        padded[i, s.shape[0] :] = 0
         mask[i, : s.shape[0]] = True
     return padded, mask
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` into a :func:`batch_tensor`."""
+    return torch.stack(tensors, out=batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
 
 
 def collate_latents(samples: list[dict]) -> dict:
     batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
     for name in VECTORS:
         if name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])  # (B, ...)
+            batch[name] = stack([s[name] for s in samples])  # (B, ...)
     for name in SEQUENCES:
         if name in samples[0]:
             batch[name], batch[f"{name}_mask"] = pad_sequences([s[name] for s in samples])
     return batch
 
 
+def latent_bucket(sample: dict) -> tuple[int, ...]:
+    """A latent sample's bucket: its shape (C, h, w); a batch holds one."""
+    return tuple(sample["latent"].shape)
+
+
 def latent_loader(shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:
-    """Endless, resumable batches over a latent-shard folder (or an explicit shard list)."""
-    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size)
+    """Endless, resumable batches over a latent-shard folder (or an explicit shard list); each
+    batch holds latents of one shape (aspect-ratio buckets, ``pipeline.data.buckets``)."""
+    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size, latent_bucket)
 
 
 def shard_list(shards: str | Path | list[str]) -> list[str]:
-    """A folder -> its complete shards; a list is taken as given."""
-    if isinstance(shards, (str, Path)) and Path(shards).is_dir():
-        found = [str(p) for p in complete_shards(Path(shards))]
-        if not found:
-            raise ValueError(f"no shards in {shards}")
-        return found
-    return [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
+    """The shards of a source: a folder (local or URL), a URL pattern, ``pipe:``, a shard, or a list
+    (``pipeline.data.remote.list_shards``); ``ValueError`` when there are none."""
+    return list_shards(shards)
 
 
-def latent_meta(folder: Path) -> dict:
-    """The latent folder's dataset.json, its local paths resolved (``pipeline.data.paths``)."""
-    path = Path(folder) / "dataset.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?")
-    return map_paths(json.loads(path.read_text()), resolved_from(folder))
+def latent_meta(folder: str | Path | list[str]) -> dict:
+    """The dataset.json of a latent folder (local or URL, or of a pattern's / shard list's folder);
+    paths in it are resolved (``pipeline.data.paths``) when it is local, kept as written when remote."""
+    where = dataset_json_of(folder)
+    try:
+        meta = read_json(where)
+    except SourceNotFound:
+        raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?") from None
+    return meta if is_url(where) else map_paths(meta, resolved_from(Path(where).parent))

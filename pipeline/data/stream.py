@@ -1,41 +1,51 @@
-"""A deterministic, resumable, distributed batch stream over WebDataset shards.
+"""A deterministic, resumable, distributed batch stream over WebDataset shards, read as a stream.
 
 How samples are ordered (everything follows from ``seed``, so a run can stop and resume):
 
 - Epoch ``e`` permutes the shards with ``rng(seed, e)`` and cuts the order into *groups* of
   ``shards_per_group`` shards. There are ``G = world_size × max(1, num_workers)`` *streams*;
   stream ``g = rank × W + w`` reads groups ``g, g + G, g + 2G, …`` of every epoch, so ranks and
-  workers see disjoint data. Within a group the samples are permuted with ``rng(seed, e, group)``.
+  workers see disjoint data.
+- A group's samples are read in file order and shuffled through a buffer of ``shuffle_buffer``
+  samples (webdataset's scheme: each new sample takes the place of a random one, which is
+  emitted). Which sample leaves at each step depends only on ``rng(seed, e, group)`` and the
+  group's size (known from ``*_stats.json``), so the *emission order* is computed without
+  reading (:func:`buffer_order`) and memory stays at ``shuffle_buffer`` samples, flat in shard
+  size. With a buffer at least the group's size it is a full permutation of the group.
 - Each stream is endless (epoch after epoch) and batches its own samples, so every rank yields
   batches forever and no rank runs out before another (a hang under DDP).
+- Buckets: with ``bucket`` (a sample -> its shape), every batch holds samples of one bucket. A
+  bucket's partial batch waits, across groups and epochs, until it fills: nothing is dropped,
+  and a rare bucket's samples wait longer (the loader reports how many are waiting). Batches of
+  different buckets may meet in one step on different ranks; that is fine for DDP and DeepSpeed.
 - With fewer groups than streams, ``on_too_few_shards="error"`` stops with a clear message;
   ``"resample"`` lets each stream draw groups with replacement from ``rng(seed, e, g)``.
 
-Resume: each batch carries its stream and the stream's raw-sample offset after it. The loader
-records, per stream, where the last consumed batch ended, plus the number of batches consumed;
-a restored loader seeks each stream to its offset (arithmetic over the shard sizes: no
-re-reading) and rotates the DataLoader's round-robin so the next batches are the ones an
-uninterrupted run would have produced. Exact when ``num_workers`` and ``world_size`` match.
+Resume: each batch carries its stream, the number of samples the stream had emitted after it and
+the emission offsets of the samples left waiting in partial buckets. The loader records these per
+stream, plus the batches consumed; a restored loader seeks each stream to its offset (arithmetic
+over the shard sizes), re-reads just the waiting samples from their shards, and rotates the
+DataLoader's round-robin so the next batches are the ones an uninterrupted run would have
+produced. Exact when ``num_workers`` and ``world_size`` match.
 """
-
 from __future__ import annotations
 
 import io
-import json
-import tarfile
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import iter_samples, stats_path
+from pipeline.data.remote import shard_sizes  # noqa: F401  (re-exported: the readers' shard sizes)
+from pipeline.data.shards import iter_samples
 
 Decode = Callable[[dict], dict | None]  # raw tar sample (bytes by extension) -> sample, or None to skip
 Collate = Callable[[list[dict]], dict]  # samples -> batch
+Bucket = Callable[[dict], Hashable]  # decoded sample -> its bucket (e.g. the latent's shape)
 
 
 @dataclass(kw_only=True)
@@ -48,26 +58,14 @@ class LoaderConfig:
     shards_per_group: int = 1  # samples of this many shards are shuffled together
     on_too_few_shards: Literal["error", "resample"] = "error"
     prefetch_factor: int = 4
+    shuffle_buffer: int = 1024  # samples a data worker holds to shuffle a group: its memory bound (~1 GB at T5-XXL width)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "shards_per_group", "prefetch_factor"):
+        for key in ("batch_size", "shards_per_group", "prefetch_factor", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (got {self.num_workers})")
-
-
-def shard_sizes(shards: list[str]) -> list[int]:
-    """Samples per shard, from ``*_stats.json`` when present, else by listing the tar."""
-    sizes = []
-    for shard in shards:
-        stats = stats_path(Path(shard))
-        if stats.exists():
-            sizes.append(int(json.loads(stats.read_text())["successes"]))
-            continue
-        with tarfile.open(shard) as tar:
-            sizes.append(len({m.name.split(".", 1)[0] for m in tar if m.isfile()}))
-    return sizes
 
 
 class StreamSchedule:
@@ -93,6 +91,34 @@ class StreamSchedule:
         rng = np.random.default_rng([self.cfg.seed, epoch, stream, 1])
         return [all_groups[i] for i in rng.integers(0, len(all_groups), max(1, self.n_groups))]
 
+    def order(self, epoch: int, stream: int, position: int) -> np.ndarray:
+        """Emission order (raw indices in file order) of the stream's ``position``-th group of ``epoch``."""
+        size = sum(self.sizes[i] for i in self.groups(epoch, stream)[position])
+        gid = stream + position * self.n_streams
+        return buffer_order(size, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, epoch, gid]))
+
+    def raw_samples(self, group: list[int], skipped: Counter | None = None) -> Iterator[tuple[int, dict]]:
+        """``(raw index, raw sample)`` of a group's shards in file order; a shard that ends early
+        (unreadable: counted in ``skipped``) leaves its remaining indices out, one with extra
+        samples is cut to its size."""
+        base = 0
+        for shard in group:
+            for index, raw in enumerate(iter_samples([self.shards[shard]], skipped)):
+                if index >= self.sizes[shard]:
+                    break
+                yield base + index, raw
+            base += self.sizes[shard]
+
+    def locate(self, stream: int, offset: int) -> tuple[int, int]:
+        """Emission ``offset`` of a stream -> (shard index, sample index in that shard)."""
+        epoch, position, k = self.seek(stream, offset)
+        raw = int(self.order(epoch, stream, position)[k])
+        for shard in self.groups(epoch, stream)[position]:
+            if raw < self.sizes[shard]:
+                return shard, raw
+            raw -= self.sizes[shard]
+        raise AssertionError("offset beyond its group")
+
     def seek(self, stream: int, offset: int) -> tuple[int, int, int]:
         """Raw-sample ``offset`` of a stream -> (epoch, group position in epoch, offset in group)."""
         epoch = 0
@@ -108,64 +134,140 @@ class StreamSchedule:
             epoch += 1
 
 
+def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a shuffle buffer of ``buffer`` slots emits ``n`` samples read in order
+    0, 1, …: position ``k`` emits a sample read before ``buffer + k`` (so a reader holds at most
+    ``buffer`` samples). ``buffer >= n`` is a uniform permutation."""
+    slots = np.arange(min(buffer, n))
+    picks = rng.integers(0, len(slots), n - len(slots)) if n > len(slots) else np.empty(0, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    for k, j in enumerate(picks):  # sample len(slots) + k arrives, a random slot leaves
+        order[k] = slots[j]
+        slots[j] = len(slots) + k
+    order[len(picks):] = slots[rng.permutation(len(slots))]
+    return order
+
+
+@dataclass
+class Emitted:
+    """One sample leaving a stream: its emission offset, raw tar members (None: missing)."""
+
+    offset: int
+    raw: dict | None
+
+
 class ShardStream(IterableDataset):
-    """Yields ``(stream, end_offset, batch)``; one stream per data worker."""
+    """Yields ``(stream, end_offset, waiting_offsets, skipped, batch)``; one stream per data worker."""
 
-    def __init__(self, schedule: StreamSchedule, decode: Decode, collate: Collate, rank: int, start: dict) -> None:
-        self.schedule, self.decode, self.collate, self.rank = schedule, decode, collate, rank
-        self.start = start  # {"offsets": {stream: raw offset}, "rotation": int}
+    def __init__(self, schedule: StreamSchedule, decode: Decode, collate: Collate, rank: int, start: dict, bucket: Bucket | None) -> None:
+        self.schedule, self.decode, self.collate, self.rank, self.bucket = schedule, decode, collate, rank, bucket
+        self.start = start  # {"offsets": {stream: raw offset}, "waiting": {stream: [offsets]}, "rotation": int}
+        self.unreadable: Counter = Counter()  # shards cut short since the last batch
 
-    def __iter__(self) -> Iterator[tuple[int, int, dict]]:
+    def __iter__(self) -> Iterator[tuple[int, int, list[int], dict, dict]]:
         info = get_worker_info()
         workers = max(1, info.num_workers if info else 1)
         local = ((info.id if info else 0) + self.start["rotation"]) % workers
         stream = self.rank * workers + local
-        yield from self._batches(stream, int(self.start["offsets"].get(str(stream), 0)))
+        offset = int(self.start["offsets"].get(str(stream), 0))
+        waiting = [int(o) for o in self.start.get("waiting", {}).get(str(stream), [])]
+        yield from self._batches(stream, offset, waiting)
 
-    def _batches(self, stream: int, offset: int) -> Iterator[tuple[int, int, dict]]:
+    def _batches(self, stream: int, offset: int, waiting: list[int]) -> Iterator[tuple[int, int, list[int], dict, dict]]:
+        buckets: dict[Any, list[tuple[int, dict]]] = {}  # bucket -> [(offset, decoded sample)]
+        skipped: Counter = Counter()
+        for item in self._rewind(stream, waiting):
+            self._add(buckets, item, skipped)
+        for item in self._emitted(stream, offset):
+            full = self._add(buckets, item, skipped)
+            if full is not None:
+                left = sorted(o for samples in buckets.values() for o, _ in samples)
+                skipped.update(self.unreadable)
+                yield stream, item.offset + 1, left, dict(skipped), self.collate([s for _, s in full])
+                skipped, self.unreadable = Counter(), Counter()
+
+    def _add(self, buckets: dict, item: Emitted, skipped: Counter) -> list | None:
+        """Decode ``item`` into its bucket; the bucket's batch when it is full (then removed)."""
+        sample = self.decode(item.raw) if item.raw is not None else None
+        if sample is None:
+            skipped["missing" if item.raw is None else "undecodable"] += 1
+            return None
+        key = self.bucket(sample) if self.bucket else None
+        samples = buckets.setdefault(key, [])
+        samples.append((item.offset, sample))
+        return buckets.pop(key) if len(samples) == self.schedule.cfg.batch_size else None
+
+    def _emitted(self, stream: int, offset: int) -> Iterator[Emitted]:
+        """The stream's samples from emission ``offset`` on, forever."""
         epoch, position, skip = self.schedule.seek(stream, offset)
-        pending: list[dict] = []
         while True:
             groups = self.schedule.groups(epoch, stream)
-            for group_index in range(position, len(groups)):
-                group = groups[group_index]
-                raw = list(iter_samples(self.schedule.shards[i] for i in group))
-                gid = stream + group_index * self.schedule.n_streams
-                order = np.random.default_rng([self.schedule.cfg.seed, epoch, gid]).permutation(len(raw))
-                for i in order[skip:]:
-                    offset += 1
-                    sample = self.decode(raw[i])
-                    if sample is not None:
-                        pending.append(sample)
-                    if len(pending) == self.schedule.cfg.batch_size:
-                        yield stream, offset, self.collate(pending)
-                        pending = []
+            for index in range(position, len(groups)):
+                order = self.schedule.order(epoch, stream, index)
+                yield from self._group(groups[index], order, skip, offset - skip)
+                offset += len(order) - skip
                 skip = 0
             epoch, position = epoch + 1, 0
+
+    def _group(self, group: list[int], order: np.ndarray, skip: int, base: int) -> Iterator[Emitted]:
+        """Emit a group's samples ``order[skip:]``, reading its shards once, in file order; a
+        reader holds at most ``shuffle_buffer`` samples. ``base`` is the group's first offset."""
+        wanted = np.zeros(len(order), dtype=bool)
+        wanted[order[skip:]] = True
+        reader, held, read = self.schedule.raw_samples(group, self.unreadable), {}, -1
+        for k in range(skip, len(order)):
+            want = int(order[k])
+            while want not in held and read < want:
+                read, raw = next(reader, (len(order), None))
+                if raw is not None and wanted[read]:
+                    held[read] = raw
+            yield Emitted(base + k, held.pop(want, None))
+
+    def _rewind(self, stream: int, waiting: list[int]) -> Iterator[Emitted]:
+        """The samples that were waiting in partial buckets when the state was saved, re-read
+        from their shards (each shard once), in offset order."""
+        located: dict[int, list[tuple[int, int]]] = {}  # shard -> [(index in shard, offset)]
+        for offset in waiting:
+            shard, index = self.schedule.locate(stream, offset)
+            located.setdefault(shard, []).append((index, offset))
+        found: dict[int, dict | None] = dict.fromkeys(waiting)
+        for shard, entries in located.items():
+            by_index = dict(entries)
+            for index, raw in enumerate(iter_samples([self.schedule.shards[shard]], self.unreadable)):
+                if index in by_index:
+                    found[by_index[index]] = raw
+        for offset in sorted(found):
+            yield Emitted(offset, found[offset])
 
 
 class ShardLoader:
     """Endless batches from a ``ShardStream`` through a ``DataLoader``, with exact resume."""
 
-    def __init__(self, shards: list[str], cfg: LoaderConfig, decode: Decode, collate: Collate, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, shards: list[str], cfg: LoaderConfig, decode: Decode, collate: Collate, rank: int = 0, world_size: int = 1,
+        bucket: Bucket | None = None,
+    ) -> None:
         if not shards:
             raise ValueError("no shards to read")
-        self.shards, self.cfg, self.decode, self.collate = list(shards), cfg, decode, collate
+        self.shards, self.cfg, self.decode, self.collate, self.bucket = list(shards), cfg, decode, collate, bucket
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, cfg.num_workers)
         self.schedule = StreamSchedule(self.shards, shard_sizes(self.shards), cfg, world_size * self.workers)
         self.batches = 0  # consumed by this rank
-        self.offsets: dict[str, int] = {}  # stream -> raw samples consumed
+        self.offsets: dict[str, int] = {}  # stream -> samples emitted up to the last consumed batch
+        self.waiting: dict[str, list[int]] = {}  # stream -> emission offsets waiting in partial buckets
+        self.skipped: Counter = Counter()  # samples that could not be read or decoded, by reason
 
     def __iter__(self) -> Iterator[dict]:
-        start = {"offsets": dict(self.offsets), "rotation": self.batches % self.workers}
-        dataset = ShardStream(self.schedule, self.decode, self.collate, self.rank, start)
+        start = {"offsets": dict(self.offsets), "waiting": dict(self.waiting), "rotation": self.batches % self.workers}
+        dataset = ShardStream(self.schedule, self.decode, self.collate, self.rank, start, self.bucket)
         extra = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False} if self.cfg.num_workers else {}
         # its own generator: creating the iterator must not draw from the global RNG (exact resume)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator, **extra)
-        for stream, offset, batch in loader:
-            self.offsets[str(stream)] = int(offset)
+        for stream, offset, waiting, skipped, batch in loader:
+            self.offsets[str(stream)], self.waiting[str(stream)] = int(offset), [int(o) for o in waiting]
+            self.skipped.update(skipped)
             self.batches += 1
             yield batch
 
@@ -174,11 +276,14 @@ class ShardLoader:
         return {
             "batches": self.batches,
             "offsets": dict(self.offsets),
+            "waiting": {k: list(v) for k, v in self.waiting.items() if v},
+            "skipped": dict(self.skipped),
             "num_workers": self.cfg.num_workers,
             "world_size": self.world_size,
             "seed": self.cfg.seed,
             "samples_seen": self.batches * self.cfg.batch_size,
             "epoch": self.epoch(),
+            "samples_waiting": sum(len(v) for v in self.waiting.values()),  # in partial buckets
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,6 +292,13 @@ class ShardLoader:
             if state.get(key) != mine:
                 raise ValueError(f"data position was saved with {key}={state.get(key)}, this run has {mine}: resume would not be exact")
         self.batches, self.offsets = int(state["batches"]), {str(k): int(v) for k, v in state["offsets"].items()}
+        self.waiting = {str(k): [int(o) for o in v] for k, v in state.get("waiting", {}).items()}
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def report(self) -> dict[str, int]:
+        """For the metrics: the epoch, samples waiting in partial buckets, samples skipped so far."""
+        return {"epoch": self.epoch(), "samples_waiting": sum(len(v) for v in self.waiting.values()),
+                "samples_skipped": sum(self.skipped.values())}
 
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is in (for logging)."""

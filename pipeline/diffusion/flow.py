@@ -39,6 +39,20 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+SHIFT_BASE_TOKENS = 256  # SD3's base: 256² px, a 32×32 latent in 2×2 patches
+
+
+def resolution_shift(tokens: int, base_tokens: int = SHIFT_BASE_TOKENS) -> float:
+    """SD3 §5.3.2: a resolution with ``m`` image tokens keeps the base's signal-to-noise at
+    ``t_m = α·t_n / (1 + (α − 1)·t_n)`` with ``α = sqrt(m / n)``, ``n`` the base's tokens."""
+    return math.sqrt(tokens / base_tokens)
+
+
+def resolve_shift(shift: float | str, tokens: int, base_tokens: int = SHIFT_BASE_TOKENS) -> float:
+    """A configured shift: a number as given, ``"auto"`` from the image's token count."""
+    return resolution_shift(tokens, base_tokens) if shift == "auto" else float(shift)
+
+
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Resolution shift ``t' = a·t / (1 + (a − 1)·t)``: ``a > 1`` spends more time near noise."""
     if shift == 1.0:
@@ -49,21 +63,28 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 @dataclass(kw_only=True)
 class TimestepConfig:
     """How training draws ``t``: ``uniform``, ``logit_normal(mean, std)`` or ``mode(mode_scale)``,
-    each followed by the resolution shift."""
+    each followed by the resolution shift: a number, or ``"auto"`` (SD3's ``sqrt(tokens /
+    shift_base_tokens)`` from each batch's image tokens, so every bucket gets its own)."""
 
     kind: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
     mean: float = 0.0
     std: float = 1.0
     mode_scale: float = 1.29
-    shift: float = 1.0
+    shift: float | Literal["auto"] = 1.0
+    shift_base_tokens: int = SHIFT_BASE_TOKENS
 
     def __post_init__(self) -> None:
-        if self.std <= 0 or self.shift <= 0:
+        if self.std <= 0 or (self.shift != "auto" and self.shift <= 0):
             raise ValueError(f"std and shift must be > 0 (got std={self.std}, shift={self.shift})")
+        if self.shift_base_tokens < 1:
+            raise ValueError(f"shift_base_tokens must be >= 1 (got {self.shift_base_tokens})")
 
 
-def sample_timesteps(n: int, cfg: TimestepConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """``n`` training times in (0, 1), float32 (SD3 §3.1)."""
+def sample_timesteps(
+    n: int, cfg: TimestepConfig, generator: torch.Generator | None = None, device=None, tokens: int | None = None
+) -> torch.Tensor:
+    """``n`` training times in (0, 1), float32 (SD3 §3.1); ``tokens`` (image tokens of the batch)
+    is needed for ``shift: auto``."""
     if cfg.kind == "logit_normal":
         t = torch.sigmoid(cfg.mean + cfg.std * torch.randn(n, generator=generator, device=device))
     else:
@@ -71,7 +92,9 @@ def sample_timesteps(n: int, cfg: TimestepConfig, generator: torch.Generator | N
         if cfg.kind == "mode":  # f_mode(u) = 1 − u − s·(cos²(πu/2) − 1 + u)
             u = 1 - u - cfg.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
         t = u
-    return shift_time(t.clamp(0.0, 1.0), cfg.shift)
+    if cfg.shift == "auto" and tokens is None:
+        raise ValueError("shift: auto needs the batch's image token count")
+    return shift_time(t.clamp(0.0, 1.0), resolve_shift(cfg.shift, tokens or 0, cfg.shift_base_tokens))
 
 
 def flow_loss(model: Model, x0: torch.Tensor, cond: dict, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.config.cli import add_size_args, image_size, shift_arg
+from pipeline.config.source import is_url
 from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.evaluation.metrics import MetricError
@@ -74,17 +76,18 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], list[str]]:
-    """The first ``count`` decodable (image, caption) pairs of image shards (ours or img2dataset's)."""
+def read_reference(shards: str | Path, count: int | None) -> tuple[list[Image.Image], list[str]]:
+    """The first ``count`` decodable (image, caption) pairs of image shards (ours or img2dataset's):
+    a folder, its URL or a URL pattern (``pipeline.data.remote``)."""
     from pipeline.data.images import decode_image
     from pipeline.data.latents import shard_list
     from pipeline.data.shards import iter_samples
 
-    if not Path(shards).exists():
-        raise EvalInputError(f"reference shards not found: '{shards}'")
     try:
         urls = shard_list(shards)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
+        if not is_url(str(shards)) and not Path(shards).exists():
+            raise EvalInputError(f"reference shards not found: '{shards}'") from None
         raise EvalInputError(f"reference shards '{shards}': {err}") from err
     images, captions = [], []
     for raw in iter_samples(urls):
@@ -101,17 +104,20 @@ def read_reference(shards: Path, count: int | None) -> tuple[list[Image.Image], 
 
 
 # ------------------------------------------------------------------------------------- generation
-def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float = 1.0,
-                    seed: int = 0, batch_size: int = 16, desc: str = "generate") -> tuple[list[Image.Image], dict]:
-    """One image per prompt (image k from seed + k), and wall seconds per image: in all
-    (``seconds_per_image``) and for each part — text encoding, the sampler, VAE decoding.
+def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0,
+                    seed: int = 0, batch_size: int = 16, desc: str = "generate",
+                    size: tuple[int, int] | None = None) -> tuple[list[Image.Image], dict]:
+    """One image per prompt (image k from seed + k; ``size`` (width, height), default the model's),
+    and wall seconds per image: in all (``seconds_per_image``) and for each part — text encoding,
+    the sampler, VAE decoding.
 
     A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
-    pipe.latents(prompts[:1], 1, guidance, shift, seed)
+    shape = pipe.latent_shape_for(size)
+    pipe.latents(prompts[:1], 1, guidance, shift, seed, pipe.noise(1, seed, shape))
     images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
-        noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))))
+        noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))), shape)
         t0 = clock()
         cond = pipe.text.encode(batch)
         t1 = clock()
@@ -141,7 +147,12 @@ def adherence_or_reason(images: list[Image.Image], prompts: list[str]) -> tuple[
 def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespace, device: str) -> dict:
     """All the metrics the arguments ask for; a skipped one gets a reason in ``skipped``."""
     result: dict = {"skipped": {}}
-    result["adherence"], reason = adherence_or_reason(images, prompts) if args.adherence else (None, "--no-adherence")
+    if not args.adherence:
+        result["adherence"], reason = None, "--no-adherence"
+    elif images and images[0].width != images[0].height:
+        result["adherence"], reason = None, "the synthetic-set analyser reads square images (--width/--height differ)"
+    else:
+        result["adherence"], reason = adherence_or_reason(images, prompts)
     if reason:
         result["skipped"]["adherence"] = reason
     clip = clip_config(args)
@@ -241,12 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="exported teacher or student folder")
     p.add_argument("--prompts", type=Path, help="prompt file: .txt (one per line), .jsonl or .parquet")
-    p.add_argument("--reference", type=Path, help="image shards: their captions are the prompts (unless "
+    p.add_argument("--reference", help="image shards (a folder, its URL or a URL pattern): their captions are the prompts (unless "
                    "--prompts is given) and their images the FID/KID reference")
     p.add_argument("--count", type=int, help="use the first COUNT prompts (default: all)")
     p.add_argument("--steps", type=int, nargs="+", default=[50], help="sampling steps; several: one evaluation each")
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--shift", type=shift_arg, default=1.0, help="time-grid shift: a number, or auto (SD3's, from the image's tokens)")
+    add_size_args(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", type=Path, required=True, help="output folder; with several --steps it names {steps}")
@@ -290,7 +302,8 @@ def load_inputs(args: argparse.Namespace) -> list[str]:
 
 def evaluate_steps(pipe: TextToImage, prompts: list[str], steps: int, args: argparse.Namespace, device: str) -> Path:
     """Generate, score and write one evaluation at ``steps``; returns its folder."""
-    images, timing = generate_images(pipe, prompts, steps, args.guidance, args.shift, args.seed, args.batch_size)
+    size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
+    images, timing = generate_images(pipe, prompts, steps, args.guidance, args.shift, args.seed, args.batch_size, size=size)
     scores = score(images, prompts, args, device)
     summary = summarise(scores, args, len(prompts), timing, steps)
     out = Path(str(args.output).replace("{steps}", str(steps)))
@@ -311,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device)
+        pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
         for steps in args.steps:
             evaluate_steps(pipe, prompts, steps, args, device)
-    except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError) as err:
+    except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0

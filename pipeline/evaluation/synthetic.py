@@ -91,12 +91,23 @@ def caption_for(background: str, objects: list[dict]) -> str:
     return f"{' and '.join(parts)} on {article} {background} background"
 
 
-def object_box(obj: dict, resolution: int) -> Box:
-    """The object's square ``[x0, y0, x1, y1)`` in output pixels, snapped to whole pixels."""
+def object_box(obj: dict, width: int, height: int | None = None) -> Box:
+    """The object's square ``[x0, y0, x1, y1)`` in output pixels, snapped to whole pixels: its side
+    a fraction of the short side, its centre a fraction of the width and height."""
+    height = width if height is None else height
     fx, fy = POSITIONS[obj["position"]]
-    side = max(1, round(SIZES[obj["size"]] * resolution))
-    x0, y0 = round(fx * resolution - side / 2), round(fy * resolution - side / 2)
+    side = max(1, round(SIZES[obj["size"]] * min(width, height)))
+    x0, y0 = round(fx * width - side / 2), round(fy * height - side / 2)
     return x0, y0, x0 + side, y0 + side
+
+
+def aspect_size(resolution: int, aspect: float, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) of about ``resolution²`` pixels with width/height ≈ ``aspect``, sides
+    multiples of ``multiple`` (so a bucket table with that step holds it exactly)."""
+    if aspect == 1.0:
+        return resolution, resolution
+    snap = lambda v: max(multiple, multiple * round(v / multiple))  # noqa: E731
+    return snap(resolution * aspect**0.5), snap(resolution / aspect**0.5)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int, int, int]) -> None:
@@ -118,25 +129,32 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int, 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_sample(index: int, resolution: int, seed: int, second_object_prob: float = 0.25) -> tuple[Image.Image, dict]:
-    """Sample ``index`` of the dataset with ``seed``: the RGB image and its ground truth."""
+def render_sample(
+    index: int, resolution: int, seed: int, second_object_prob: float = 0.25, aspects: tuple[float, ...] = (1.0,)
+) -> tuple[Image.Image, dict]:
+    """Sample ``index`` of the dataset with ``seed``: the RGB image and its ground truth.
+
+    With several ``aspects`` (width/height), the sample draws one from its own stream (the scene
+    does not change) and is ``aspect_size(resolution, aspect)`` pixels."""
     rng = random.Random(f"{seed}:{index}")
     background, objects = sample_scene(rng, second_object_prob)
-    side = resolution * SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), BACKGROUNDS[background])
+    aspect = aspects[0] if len(aspects) == 1 else random.Random(f"{seed}:{index}:aspect").choice(aspects)
+    width, height = aspect_size(resolution, aspect)
+    canvas = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), BACKGROUNDS[background])
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
-        box = object_box(obj, resolution)
+        box = object_box(obj, width, height)
         draw_shape(draw, obj["shape"], tuple(v * SUPERSAMPLE for v in box), COLOURS[obj["colour"]])
         obj["rgb"] = list(COLOURS[obj["colour"]])
         obj["bbox"] = list(box)
-    image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
+    image = canvas.resize((width, height), Image.Resampling.BOX)
     truth = {
         "caption": caption_for(background, objects),
         "background": background,
         "background_rgb": list(BACKGROUNDS[background]),
         "objects": objects,
         "resolution": resolution,
+        "size": [width, height],
         "seed": seed,
         "index": index,
     }

@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.config import from_dict
 from pipeline.data.images import tensor_to_images
 from pipeline.data.model_folder import read_model_info
+from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolve_shift
 from pipeline.diffusion.samplers import SAMPLERS, sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
@@ -47,18 +48,36 @@ class TextToImage:
     """A transformer with the VAE and text encoders it was trained against."""
 
     def __init__(
-        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler"
+        self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler",
+        shift_base_tokens: int = SHIFT_BASE_TOKENS,
     ) -> None:
         """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
         self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
         self.latent_shape = list(latent_shape)  # [C, h, w]
+        self.shift_base_tokens = shift_base_tokens  # for shift "auto" (SD3's resolution shift)
 
     @classmethod
     def from_folder(cls, folder: Path, device: str | torch.device = "cpu") -> TextToImage:
         loaded = load_pipeline(folder, device)
-        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"))
+        base = loaded.info.get("timesteps", {}).get("shift_base_tokens", SHIFT_BASE_TOKENS)
+        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"), base)
+
+    def latent_shape_for(self, size: tuple[int, int] | None) -> list[int]:
+        """[C, h, w] of an image ``size`` (width, height) in pixels; None: the model's default. The
+        sides must make whole patches of latents (VAE factor × patch size)."""
+        if size is None:
+            return list(self.latent_shape)
+        step = self.vae.downsample * getattr(self.transformer, "patch_size", 1)
+        if size[0] % step or size[1] % step or min(size) <= 0:
+            raise ValueError(f"image size {size[0]}x{size[1]} must be positive multiples of {step} (VAE factor × patch size)")
+        return [self.latent_shape[0], size[1] // self.vae.downsample, size[0] // self.vae.downsample]
+
+    def resolve_shift(self, shift: float | str, latents: torch.Tensor) -> float:
+        """A number as given; ``"auto"``: SD3's shift for this latent grid's image tokens."""
+        patch = getattr(self.transformer, "patch_size", 1)
+        return resolve_shift(shift, latents.shape[-2] * latents.shape[-1] // patch**2, self.shift_base_tokens)
 
     def noise(self, count: int, seed: int, shape: list[int] | None = None) -> torch.Tensor:
         """The same seed gives the same starting noise, batch after batch; ``shape`` [C, h, w]
@@ -71,7 +90,7 @@ class TextToImage:
         return torch.cat([self.noise(1, s, shape) for s in seeds])  # (B, C, h, w)
 
     @torch.no_grad()
-    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float = 1.0, seed: int = 0,
+    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0, seed: int = 0,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the batch noise drawn
         from ``seed``."""
@@ -79,17 +98,20 @@ class TextToImage:
         return self.sample(self.text.encode(prompts), noise, steps, guidance, shift, seed)
 
     @torch.no_grad()
-    def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
+    def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float | str = 1.0,
                seed: int = 0) -> torch.Tensor:
         """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it)."""
-        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, shift, seed)
+        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, self.resolve_shift(shift, noise), seed)
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_images(self.vae.decode(latents))
 
-    def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float = 1.0, seed: int = 0) -> tuple[list[Image.Image], float]:
-        """Images for ``prompts`` and the wall seconds per image."""
+    def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float | str = 1.0, seed: int = 0,
+                 size: tuple[int, int] | None = None) -> tuple[list[Image.Image], float]:
+        """Images for ``prompts`` (``size`` (width, height) px, default the model's) and the wall
+        seconds per image."""
         start = clock()
-        images = self.images(self.latents(prompts, steps, guidance, shift, seed))
+        noise = self.noise(len(prompts), seed, self.latent_shape_for(size))
+        images = self.images(self.latents(prompts, steps, guidance, shift, seed, noise))
         return images, (clock() - start) / len(prompts)

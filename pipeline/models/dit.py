@@ -55,7 +55,8 @@ class DiT(ModelMixin, ConfigMixin):
     time); ``text_dim`` / ``clip_token_dim`` are the T5 / CLIP token widths and ``clip_dim`` the
     pooled CLIP width (0 = not used); ``qk_norm`` adds per-head RMSNorm on queries and keys;
     ``guidance_embed`` adds an embedding of ``cond["guidance"]`` to the conditioning vector (for a
-    guidance-distilled student).
+    guidance-distilled student). ``pos_interpolation`` scales every grid's positions to span the
+    default ``sample_size`` grid (PixArt-α), instead of extending the indices (DiT).
     """
 
     _supports_gradient_checkpointing = True
@@ -77,6 +78,7 @@ class DiT(ModelMixin, ConfigMixin):
         clip_token_dim: int = 0,
         qk_norm: bool = False,
         guidance_embed: bool = False,
+        pos_interpolation: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -85,6 +87,7 @@ class DiT(ModelMixin, ConfigMixin):
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} must be a multiple of patch_size {patch_size}")
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
+        self.pos_base = sample_size // patch_size if pos_interpolation else None
         self.has_text = text_dim > 0 or clip_token_dim > 0
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size)
@@ -176,7 +179,7 @@ class DiT(ModelMixin, ConfigMixin):
         key = (gh, gw, dtype, device)
         table = self._pos_cache.get(key)
         if table is None:
-            table = sincos_pos_embed_2d(self.hidden_size, gh, gw).to(device=device, dtype=dtype)[None]  # (1, N, D)
+            table = sincos_pos_embed_2d(self.hidden_size, gh, gw, self.pos_base).to(device=device, dtype=dtype)[None]  # (1, N, D)
             self._pos_cache[key] = table
         return table
 

@@ -45,7 +45,8 @@ from typing import TextIO
 
 import torch
 
-from pipeline.data.stream import LoaderConfig, ShardLoader, shard_sizes
+from pipeline.data.remote import dataset_meta, shard_sizes
+from pipeline.data.stream import LoaderConfig, ShardLoader
 from pipeline.training.distributed import deepspeed_config, dist_env
 from pipeline.training.preflight import PlanError, TrainingPlan, check_shard_count, preflight
 
@@ -217,7 +218,7 @@ def run(plan: TrainingPlan, options: DryRunOptions, out: TextIO | None = None) -
     except PlanError as err:
         print(f"{plan.prog}: dry run: {err}", file=sys.stderr)
         return 1
-    meta = json.loads((Path(plan.latents) / "dataset.json").read_text())
+    meta = dataset_meta(plan.latents)  # a local folder's or a URL's (pipeline.data.remote)
     source = f"--world-size {world}" if options.world_size else f"launcher: {env.launcher}"
     for line in report_lines(plan, data, meta, world, source):
         print(line, file=out)
@@ -264,7 +265,25 @@ def report_lines(plan: TrainingPlan, data: DataPlan, meta: dict, world: int, sou
     kv("steps per epoch", f"≈ {data.samples // max(1, global_batch):,}")
     kv("tokens per sample", f"{n_img} image ({H}×{W} latent, patch {patch}) + ≤ {n_txt} text ({txt_how})")
     kv("tokens per step", f"{global_batch * n_img:,} image + ≤ {global_batch * n_txt:,} text")
+    lines.extend(bucket_lines(meta.get("buckets"), patch, B, data.streams))
     lines.extend(_model_lines(plan, world, B, n_img, n_txt, template, global_batch))
+    return lines
+
+
+def bucket_lines(buckets: dict | None, patch: int, micro_batch: int, streams: int) -> list[str]:
+    """The aspect-ratio bucket histogram (``dataset.json``), image tokens per sample and per
+    micro-batch of each bucket, and the buckets too small to fill a batch on every stream in an
+    epoch (their samples wait across epochs: nothing is dropped, ``pipeline.data.stream``)."""
+    if not buckets:
+        return []
+    total = sum(b["samples"] for b in buckets.values())
+    lines = [f"buckets  {len(buckets)} (a batch holds one; partial batches wait for their bucket to fill)"]
+    for name, b in buckets.items():
+        _, h, w = b["latent_shape"]
+        tokens = (h // patch) * (w // patch)
+        rare = "  < a batch per stream per epoch: waits" if b["samples"] < micro_batch * streams else ""
+        lines.append(f"  {name:<12}{b['samples']:>9,} ({b['samples'] / total:6.1%})  {tokens} tokens/sample, "
+                     f"{tokens * micro_batch:,} per micro-batch{rare}")
     return lines
 
 

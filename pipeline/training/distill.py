@@ -31,12 +31,12 @@ from typing import Literal
 
 import torch
 
-from pipeline.diffusion.flow import shift_time
+from pipeline.diffusion.flow import resolve_shift, shift_time
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.samplers import consistency_fn
 from pipeline.models.dit import DiT
 from pipeline.models.student import load_teacher, student_from
-from pipeline.training.dit import Trainer, condition, training_plan
+from pipeline.training.dit import Trainer, condition, to_device, training_plan
 from pipeline.training.dit_config import SamplingConfig, TrainConfig
 from pipeline.training.ema import EMA
 from pipeline.training.preflight import ModelSpec, TrainingPlan
@@ -47,7 +47,7 @@ PROG = "pipeline.distill"
 @dataclass(kw_only=True)
 class DistillSection:
     intervals: int = 32  # N: the discretisation of [0, 1] the teacher steps on
-    shift: float = 1.0  # resolution shift of that grid
+    shift: float | Literal["auto"] = 1.0  # resolution shift of that grid; auto: SD3's, per batch from its tokens
     solver: Literal["euler", "heun"] = "euler"
     guidance_min: float = 2.0  # g ~ U[min, max], given to the student as an input
     guidance_max: float = 6.0
@@ -89,8 +89,12 @@ class Distiller(Trainer):
         self.teacher = load_teacher(cfg.teacher)
         super().__init__(cfg)
         self.teacher.to(self.accelerator.device)
-        d = cfg.distill
-        self.time_grid = shift_time(torch.linspace(0.0, 1.0, d.intervals + 1), d.shift).to(self.accelerator.device)
+        self.uniform_grid = torch.linspace(0.0, 1.0, cfg.distill.intervals + 1, device=self.accelerator.device)
+
+    def time_grid(self, x0: torch.Tensor) -> torch.Tensor:
+        """The N + 1 distillation times for this batch's grid (shifted; ``auto`` per bucket)."""
+        shift = resolve_shift(self.cfg.distill.shift, self.image_tokens(x0), self.cfg.timesteps.shift_base_tokens)
+        return shift_time(self.uniform_grid, shift)
 
     def build_averages(self, model: torch.nn.Module) -> None:
         self.target = EMA(model, self.cfg.distill.target_decay).to(self.accelerator.device)  # the fresh student: the teacher + zero guidance
@@ -109,11 +113,12 @@ class Distiller(Trainer):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         d, device = self.cfg.distill, self.accelerator.device
-        x0 = batch["latent"].to(device)  # (B, C, h, w)
+        x0 = to_device(batch["latent"], device)  # (B, C, h, w)
         rows = x0.shape[0]
         cond = condition(batch, 0.0, device)
         n = torch.randint(0, d.intervals, (rows,), device=device)
-        t_lo, t_hi = self.time_grid[n], self.time_grid[n + 1]
+        grid = self.time_grid(x0)
+        t_lo, t_hi = grid[n], grid[n + 1]
         noise = torch.randn_like(x0)
         x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
         g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)
@@ -143,6 +148,7 @@ class Distiller(Trainer):
             "teacher": str(self.cfg.teacher),
             "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
             "guidance_range": [d.guidance_min, d.guidance_max],
+            **{k: v for k, v in super().export_info().items() if k in ("timesteps", "buckets")},
         }
 
 

@@ -34,7 +34,7 @@ from pipeline.data.images import tensor_to_images
 from pipeline.data.latents import latent_loader, latent_meta
 from pipeline.data.model_folder import export_model
 from pipeline.figures.sheets import write_sheet
-from pipeline.diffusion.flow import flow_loss, loss_by_t, sample_timesteps
+from pipeline.diffusion.flow import flow_loss, loss_by_t, resolve_shift, sample_timesteps
 from pipeline.diffusion.samplers import sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
@@ -67,9 +67,16 @@ def build_model(cfg: TrainConfig, meta: dict):
     return model
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the device; floats as float32, cast there (the loader keeps the stored
+    fp16: half the bytes to move; the model then casts to its compute dtype)."""
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
 def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
     """The model's ``cond`` from a latent batch; rows drawn with ``p_uncond`` use the null condition."""
-    cond = {k: v.to(device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+    cond = {k: to_device(v, device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
     rows = batch["latent"].shape[0]
     cond["drop"] = (torch.rand(rows) < p_uncond).to(device)
     return cond
@@ -111,6 +118,7 @@ class Trainer(TrainerCore):
         super().__init__(cfg, accelerator_for(cfg))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.build_model()
+        self.model_patch = model.patch_size
         self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
         self.ema = EMA(model, cfg.ema.decay).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
         self.build_averages(model)
@@ -156,10 +164,14 @@ class Trainer(TrainerCore):
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample rectified-flow loss (B,) in fp32 and the times it was drawn at (B,)."""
         device = self.accelerator.device
-        x0 = batch["latent"].to(device)  # (B, C, h, w)
+        x0 = to_device(batch["latent"], device)  # (B, C, h, w)
         cond = condition(batch, self.cfg.p_uncond, device)
-        t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device)
+        t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device, tokens=self.image_tokens(x0))
         return flow_loss(self.model, x0, cond, t, torch.randn_like(x0)), t
+
+    def image_tokens(self, latents: torch.Tensor) -> int:
+        """Image tokens of a batch's latent grid (buckets differ): h·w / patch²."""
+        return latents.shape[-2] * latents.shape[-1] // self.model_patch**2
 
     def micro_step(self, batch: dict) -> torch.Tensor | None:
         """Forward and backward of one micro-batch inside the accumulation context, the optimizer
@@ -204,7 +216,7 @@ class Trainer(TrainerCore):
 
     def metrics(self, running: list) -> dict:
         loss = torch.stack(running).mean().item()
-        return {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, **self.meter.report(), "epoch": self.loader.epoch()}
+        return {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, **self.meter.report(), **self.loader.report()}
 
     def on_step(self) -> dict:
         if self.cfg.sampling.every and self.step % self.cfg.sampling.every == 0:
@@ -228,8 +240,9 @@ class Trainer(TrainerCore):
 
     def export_info(self) -> dict:
         """What ``pipeline.json`` says beyond the encoders: the sampler and its defaults."""
-        s = self.cfg.sampling
-        return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift}}
+        s, t = self.cfg.sampling, self.cfg.timesteps
+        return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
+                "timesteps": {"shift": t.shift, "shift_base_tokens": t.shift_base_tokens}, "buckets": self.meta.get("buckets")}
 
     def sample_grid(self, name: str) -> Path | None:
         """A captioned grid from the fixed prompts and seed with the EMA network (main process).
@@ -242,7 +255,8 @@ class Trainer(TrainerCore):
         with torch.random.fork_rng(devices=cuda), self.autocast():
             cond = {k: v.to(device) for k, v in self.grid_condition().items()}
             noise = torch.randn(len(s.prompts), *self.meta["latent_shape"], generator=torch.Generator().manual_seed(s.seed)).to(device)
-            latents = sample(self.ema.module, self.export_info()["sampler"], cond, noise, s.steps, s.guidance, s.shift, s.seed)
+            shift = resolve_shift(s.shift, self.image_tokens(noise), self.cfg.timesteps.shift_base_tokens)
+            latents = sample(self.ema.module, self.export_info()["sampler"], cond, noise, s.steps, s.guidance, shift, s.seed)
             vae = FrozenVAE(from_dict(VAEConfig, self.meta["config"]["vae"]), device)  # loaded for this grid only
             images = tensor_to_images(vae.decode(latents))
         del vae, cond

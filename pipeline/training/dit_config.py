@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.config.source import Source
 from pipeline.data.stream import LoaderConfig
 from pipeline.diffusion.flow import TimestepConfig
 from pipeline.training.checkpoint import CheckpointConfig
@@ -30,7 +31,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    latents: Path = Path("runs/demo/latents")  # a latent-shard folder written by data_tools.encode
+    latents: Source = Path("runs/demo/latents")  # a latent-shard folder written by data_tools.encode, or its URL / a URL pattern
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # loader.batch_size is the per-device micro-batch
 
 
@@ -65,7 +66,7 @@ class SamplingConfig:
     prompts: list[str] = field(default_factory=lambda: ["a large red circle at the center on a white background"])
     steps: int = 50
     guidance: float = 4.0
-    shift: float = 1.0
+    shift: float | Literal["auto"] = 1.0  # auto: SD3's resolution shift from the grid's tokens (timesteps.shift_base_tokens)
     seed: int = 0
 
 

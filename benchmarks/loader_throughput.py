@@ -1,0 +1,404 @@
+"""The latent loader at real shapes: samples/s per worker, resident memory, HTTP against local
+(issue #16 item 6).
+
+Method:
+
+- **Data.** Synthetic latent shards at real shapes, written the way ``data_tools.encode`` writes
+  them: ``KEY.latent.npy`` (4, s, s) fp16 for s = 32 and 64 (256 and 512 px through an /8 VAE),
+  ``KEY.t5.npy`` (120, 4096) fp16 unpadded (T5-XXL width), ``KEY.clip.npy`` (768,) fp16 (pooled
+  CLIP-L), ``KEY.txt``, ``KEY.json``; a ``_stats.json`` beside each tar and a ``dataset.json``
+  like ``encode.describe()``. About 1 MB a sample, 96% of it the T5 tokens. Full mode: 8 shards
+  of 256 per shape (~2 GB, fewer shards when /tmp is short), in a temporary folder under /tmp
+  deleted afterwards. The tars are read back from the page cache, so this measures the loader's
+  CPU cost (tar parsing, npy decoding, fp16 -> fp32, collation, worker -> main transfer), not a disk.
+- **Throughput.** ``latent_loader(folder, LoaderConfig(batch_size=64, num_workers=w))`` for
+  w = 0, 1, 2, 4: one warm-up batch per worker (every worker has started), then one epoch of
+  batches timed. Per-worker samples/s = samples/s / max(1, w).
+- **Memory.** A thread samples the RSS of the process tree (this process and its DataLoader
+  workers) every 20 ms and keeps the peak; the tree's RSS just before the loader starts is the
+  baseline. Forked workers share the parent's pages and RSS counts them in every process, so
+  the sum overstates; the shard-size test reports PSS (shared pages split) beside it.
+- **Memory flat in shard size.** The same samples (1,024 at 32x32) as 8 shards of 128 and as 2
+  shards of 512, 2 workers, one epoch each: ratio = peak tree RSS at 512 / at 128, goal <= 1.2.
+  Where ``LoaderConfig`` has a ``shuffle_buffer`` it is set to 64 samples (below both shard
+  sizes; a buffer at least a group's size holds the whole group, and at ~1 MB a sample the
+  default of 4,096 would be ~4 GB a worker).
+- **HTTP against local.** The 32x32 folder served by ``http.server.ThreadingHTTPServer`` (a
+  subprocess, so it holds no GIL here) on 127.0.0.1 and read as ``http://127.0.0.1:PORT/`` by the
+  same ``latent_loader``, 2 workers, against the local folder read just before; ratio = HTTP /
+  local samples/s (goal >= 0.8: ours, loopback should cost at most a fifth; on 2 cores the server
+  process competes with the workers). A source that gives no batch within the time limit is a
+  ``TimeoutError``, not a figure.
+- **What the GPU consumes.** DiT-B/2 (depth 12, width 768, patch 2) at 32x32x4 with the 120
+  T5-XXL tokens in cross-attention and the pooled CLIP-L vector:
+  ``pipeline.models.dit.flops_per_sample`` = 58.5 GFLOP forward (2 x multiply-accumulates; the
+  count ``benchmarks.gpu`` uses for MFU); training = 3 x forward = 175.6 GFLOP a sample; an H100
+  SXM's dense bf16 peak 989 TFLOP/s x 40% MFU = 395.6 TFLOP/s, / 175.6 GFLOP = about 2,250
+  samples/s. The issue's ~2,900 is class-conditional DiT-B/2 (no cross-attention or text
+  projection: 46.0 GFLOP forward -> ~2,870/s), also reported. At 64x64 (1,024 image tokens):
+  250 GFLOP forward -> ~530/s. ``loader_4_workers_vs_dit_b2_h100`` = 4-worker samples/s / that.
+
+With fewer than 5 cores (the dev machines have 2) 4 workers and the main process oversubscribe
+them, so the measured 4-worker rate is what the cores give, not what 4 workers give: the ratio
+then uses the "one core per worker" figure, 4 x the 1-worker rate (one worker on a core, the main
+process on another), and ``measured_4_worker_ratio`` keeps the oversubscribed one. On a GPU node
+(``benchmarks.gpu`` machines have 16 cores) the ratio is the measured 4-worker rate.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from pipeline.data.latents import latent_loader
+from pipeline.data.shards import shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.stream import LoaderConfig
+from pipeline.models.dit import build_dit, flops_per_sample
+
+CHANNELS, T5_TOKENS, T5_WIDTH, CLIP_WIDTH = 4, 120, 4096, 768
+WORKERS = (0, 1, 2, 4)
+H100_BF16_DENSE, MFU = 989e12, 0.4  # H100 SXM dense bf16 peak (FLOP/s), the MFU the issue assumes
+MB = 2**20
+SERVER = """
+import functools, http.server, sys
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=sys.argv[1]))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run."""
+
+    shards: int  # per latent shape
+    shard_samples: int
+    batch: int
+    memory_sizes: tuple[int, int]  # shard sizes compared in the memory test
+    memory_samples: int  # total samples of each memory-test folder
+    sides: tuple[int, ...] = (32, 64)  # latent side lengths
+    http_seconds: float = 120.0  # the HTTP source must give its first batches within this
+
+
+FULL = Plan(shards=8, shard_samples=256, batch=64, memory_sizes=(128, 512), memory_samples=1024)
+QUICK = Plan(shards=4, shard_samples=16, batch=16, memory_sizes=(16, 32), memory_samples=64, http_seconds=15.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic latent shards
+# ---------------------------------------------------------------------------------------------
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sample_bytes(side: int) -> int:
+    """Payload of one sample (the arrays, fp16), without tar and npy headers."""
+    return 2 * (CHANNELS * side * side + T5_TOKENS * T5_WIDTH + CLIP_WIDTH)
+
+
+def samples(shard: int, count: int, side: int, rng: np.random.Generator, t5: list[bytes]):
+    """``(key, members)`` of one shard, one sample at a time (the writer never holds a shard)."""
+    fp16 = lambda *shape: npy_bytes(rng.standard_normal(shape, dtype=np.float32).astype(np.float16))  # noqa: E731
+    for i in range(count):
+        key = f"{shard:06d}{i:06d}"
+        members = {"latent.npy": fp16(CHANNELS, side, side), "t5.npy": t5[i % len(t5)], "clip.npy": fp16(CLIP_WIDTH)}
+        yield key, {**members, "txt": f"synthetic caption {key}".encode(), "json": b'{"source": "synthetic"}'}
+
+
+def write_latent_folder(folder: Path, side: int, shards: int, per_shard: int) -> Path:
+    """A latent folder as ``data_tools.encode`` leaves it: tars, their stats, ``dataset.json``."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(side)
+    t5 = [npy_bytes(rng.standard_normal((T5_TOKENS, T5_WIDTH), dtype=np.float32).astype(np.float16)) for _ in range(8)]
+    names = []
+    for s in range(shards):
+        tar, start = folder / shard_name("latents", s), time.time()
+        stats = {"shard": tar.name, "source": None, "count": per_shard, "successes": per_shard, "failed": 0, "failures": {}}
+        write_json_atomic(stats_path(tar), {**stats, "duration": time.time() - start})  # stats first, like encode
+        write_tar_atomic(tar, samples(s, per_shard, side, rng, t5))
+        names.append(tar.name)
+    write_json_atomic(folder / "dataset.json", describe(side, names, shards * per_shard))
+    return folder
+
+
+def describe(side: int, shards: list[str], count: int) -> dict:
+    """``dataset.json`` shaped like ``data_tools.encode.describe()`` writes it."""
+    vae = {"source": "synthetic", "subfolder": None, "scaling_factor": 1.0, "shift_factor": 0.0,
+           "latent_channels": CHANNELS, "downsample": 8, "dtype": "fp32"}
+    t5 = {"source": "synthetic (T5-XXL width)", "width": T5_WIDTH, "max_length": T5_TOKENS, "vocab_size": 32128, "dtype": "fp32"}
+    clip = {"source": "synthetic (CLIP-L width)", "checkpoint": None, "width": CLIP_WIDTH, "token_width": CLIP_WIDTH,
+            "context_length": 77, "return_tokens": False, "dtype": "fp32"}
+    return {"kind": "latent_shards", "created_by": __name__, "input": None, "samples": count, "skipped": {},
+            "shards": shards, "resolution": side * 8, "latent_shape": [CHANNELS, side, side], "latent_dtype": "fp16",
+            "vae": vae, "text_encoders": {"t5": t5, "clip": clip}, "config": {"store_dtype": "fp16", "name": "latents"}}
+
+
+def fit_to_disk(plan: Plan, folder: Path) -> Plan:
+    """Fewer shards (at least 4, one per worker) when a folder would take over half the free space."""
+    largest = plan.shard_samples * sample_bytes(max(plan.sides)) * 1.05
+    room = int(shutil.disk_usage(folder).free / 2 // largest)
+    return replace(plan, shards=max(4, min(plan.shards, room)))
+
+
+@contextmanager
+def latent_folder(root: Path, name: str, side: int, shards: int, per_shard: int):
+    folder = write_latent_folder(root / name, side, shards, per_shard)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def tree(exclude: set[int]) -> list[psutil.Process]:
+    me = psutil.Process()
+    return [p for p in [me, *me.children(recursive=True)] if p.pid not in exclude]
+
+
+def tree_memory(exclude: set[int], pss: bool = False) -> tuple[int, int]:
+    """(RSS, PSS or 0) summed over this process and its children, bytes."""
+    rss = shared = 0
+    for p in tree(exclude):
+        try:
+            info = p.memory_full_info() if pss else p.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss, shared = rss + info.rss, shared + (info.pss if pss else 0)
+    return rss, shared
+
+
+class PeakMemory:
+    """Peak tree RSS (and PSS) sampled in a background thread while the ``with`` body runs."""
+
+    def __init__(self, exclude: set[int], pss: bool = False, interval: float = 0.02) -> None:
+        self.exclude, self.pss, self.interval = exclude, pss, interval
+        self.rss = self.pss_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss, pss = tree_memory(self.exclude, self.pss)
+        self.rss, self.pss_peak = max(self.rss, rss), max(self.pss_peak, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_for_children(exclude: set[int], timeout: float = 30.0) -> None:
+    """Let the last loader's workers exit before the next baseline is taken."""
+    gc.collect()
+    psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in exclude], timeout=timeout)
+
+
+def measure(source: str | Path, cfg: LoaderConfig, batches: int, exclude: set[int] = frozenset(), pss: bool = False) -> dict:
+    """samples/s over ``batches`` after one warm-up batch per worker; peak and baseline memory."""
+    wait_for_children(set(exclude))
+    baseline = tree_memory(set(exclude))[0]
+    with PeakMemory(set(exclude), pss, interval=0.2 if pss else 0.02) as peak, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
+        batches_iter = iter(latent_loader(source, cfg))
+        try:
+            for _ in range(max(1, cfg.num_workers)):
+                next(batches_iter)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(batches_iter)
+            seconds = time.perf_counter() - start
+        finally:
+            getattr(batches_iter, "close", lambda: None)()
+            del batches_iter
+            wait_for_children(set(exclude))
+    rate = batches * cfg.batch_size / seconds
+    out = {"samples_per_s": rate, "per_worker_samples_per_s": rate / max(1, cfg.num_workers),
+           "peak_rss_mb": peak.rss / MB, "baseline_rss_mb": baseline / MB}
+    return {**out, "peak_pss_mb": peak.pss_peak / MB} if pss else out
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise ``TimeoutError`` in the body after ``seconds`` (main thread only; restores any
+    earlier timer, e.g. pytest-timeout's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_):
+        raise TimeoutError(f"no result within {seconds:g} s")
+
+    old_handler, start = signal.signal(signal.SIGALRM, expire), time.monotonic()
+    old_delay = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, old_delay - (time.monotonic() - start)))
+
+
+@contextmanager
+def http_server(folder: Path):
+    """``(url, pid)`` of a loopback HTTP server over ``folder``, in a subprocess."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(folder)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}/", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the GPU consumes
+# ---------------------------------------------------------------------------------------------
+
+
+def dit_b2_h100(side: int, text: bool = True) -> tuple[float, str]:
+    """(training samples/s of DiT-B/2 on one H100 at 40% MFU, the derivation in words)."""
+    widths = {"text_dim": T5_WIDTH, "clip_dim": CLIP_WIDTH} if text else {"clip_dim": CLIP_WIDTH}
+    with torch.device("meta"):
+        model = build_dit("DiT-B/2", in_channels=CHANNELS, sample_size=side, **widths)
+    forward = flops_per_sample(model, tokens_text=T5_TOKENS)
+    rate = H100_BF16_DENSE * MFU / (3 * forward)
+    what = f"{T5_TOKENS} T5-XXL tokens (width {T5_WIDTH}) in cross-attention + pooled CLIP-L" if text else "no text cross-attention (class-conditional-like), pooled CLIP-L"
+    words = (f"DiT-B/2 (depth 12, width 768, patch 2) at {CHANNELS}x{side}x{side} latents ({(side // 2) ** 2} image tokens), {what}: "
+             f"pipeline.models.dit.flops_per_sample = {forward / 1e9:.1f} GFLOP forward (2 x MACs); training = 3 x forward = "
+             f"{3 * forward / 1e9:.1f} GFLOP/sample; H100 SXM dense bf16 {H100_BF16_DENSE / 1e12:.0f} TFLOP/s x {MFU:.0%} MFU = "
+             f"{H100_BF16_DENSE * MFU / 1e12:.1f} TFLOP/s -> {rate:,.0f} samples/s")
+    return rate, words
+
+
+# ---------------------------------------------------------------------------------------------
+# The entries
+# ---------------------------------------------------------------------------------------------
+
+
+def shape_fields(side: int, folder: Path, shards: int, per_shard: int) -> dict:
+    tar_bytes = sum(p.stat().st_size for p in folder.glob("*.tar"))
+    return {"latent_shape": [CHANNELS, side, side], "t5_shape": [T5_TOKENS, T5_WIDTH], "clip_shape": [CLIP_WIDTH],
+            "store_dtype": "fp16", "bytes_per_sample": round(tar_bytes / (shards * per_shard)), "shards": shards, "shard_samples": per_shard}
+
+
+def throughput_entry(plan: Plan, side: int, folder: Path) -> dict:
+    """samples/s, per-worker samples/s and peak RSS at each worker count, against the GPU figure."""
+    batches = max(2, plan.shards * plan.shard_samples // plan.batch)  # one epoch
+    runs = {w: measure(folder, LoaderConfig(batch_size=plan.batch, num_workers=w), batches) for w in WORKERS}
+    gpu, derivation = dit_b2_h100(side)
+    pick = lambda key: {str(w): round(r[key], 1) for w, r in runs.items()}  # noqa: E731
+    projection = 4 * runs[1]["samples_per_s"]
+    measured = (os.cpu_count() or 1) > 4  # 4 workers and the main process each have a core: the 4-worker rate is real
+    four = runs[4]["samples_per_s"] if measured else projection
+    entry = {"name": "loader_4_workers_vs_dit_b2_h100" + ("" if side == 32 else f"_{side}x{side}"),
+             "ratio": round(four / gpu, 3), "goal": 1.0, "better": "higher",
+             "ratio_from": "the measured 4-worker rate" if measured else "4 x the 1-worker rate (fewer than 5 cores here)",
+             "measured_4_worker_ratio": round(runs[4]["samples_per_s"] / gpu, 3),
+             **shape_fields(side, folder, plan.shards, plan.shard_samples), "batch": plan.batch, "timed_batches": batches,
+             "samples_per_s": pick("samples_per_s"), "per_worker_samples_per_s": pick("per_worker_samples_per_s"),
+             "peak_rss_mb": pick("peak_rss_mb"), "baseline_rss_mb": pick("baseline_rss_mb"),
+             "dit_b2_h100_samples_per_s": round(gpu, 1), "derivation": derivation,
+             "one_core_per_worker_4_samples_per_s": round(projection, 1), "one_core_per_worker_ratio": round(projection / gpu, 3),
+             "cores": os.cpu_count(),
+             "note": f"{os.cpu_count()} cores: 4 workers + the main process oversubscribe them; one_core_per_worker = 4 x the 1-worker rate"}
+    if side == 32:
+        plain, plain_words = dit_b2_h100(side, text=False)
+        entry |= {"dit_b2_no_text_h100_samples_per_s": round(plain, 1), "derivation_no_text": plain_words,
+                  "ratio_vs_no_text_figure": round(four / plain, 3)}
+    return entry
+
+
+def memory_buffer(plan: Plan) -> dict:
+    """A shuffle buffer below the smaller shard size, where the loader has one (else it holds a group)."""
+    return {"shuffle_buffer": plan.memory_sizes[0] // 2} if "shuffle_buffer" in {f.name for f in fields(LoaderConfig)} else {}
+
+
+def memory_entry(plan: Plan, root: Path) -> dict:
+    """Peak tree RSS with the same samples in large shards against small ones (2 workers)."""
+    runs = {}
+    for size in plan.memory_sizes:
+        shards = plan.memory_samples // size
+        with latent_folder(root, f"memory-{size}", 32, shards, size) as folder:
+            cfg = LoaderConfig(batch_size=plan.batch, num_workers=2, **memory_buffer(plan))
+            runs[size] = measure(folder, cfg, max(2, plan.memory_samples // plan.batch), pss=True)
+    small, large = plan.memory_sizes
+    sizes = {f"{key}_{size}": round(r[key], 1) for size, r in runs.items() for key in ("peak_rss_mb", "peak_pss_mb", "baseline_rss_mb", "samples_per_s")}
+    return {"name": f"loader_memory_{large}_vs_{small}_shard", "ratio": round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 3),
+            "goal": 1.2, "better": "lower", "pss_ratio": round(runs[large]["peak_pss_mb"] / runs[small]["peak_pss_mb"], 3),
+            "latent_shape": [CHANNELS, 32, 32], "samples": plan.memory_samples, "shard_sizes": list(plan.memory_sizes),
+            "num_workers": 2, "shuffle_buffer": memory_buffer(plan).get("shuffle_buffer", "none: the loader holds a whole group"), **sizes}
+
+
+def http_entry(plan: Plan, folder: Path) -> dict:
+    """samples/s through a loopback HTTP server against the same folder read locally (2 workers)."""
+    cfg, batches = LoaderConfig(batch_size=plan.batch, num_workers=2), max(2, plan.shards * plan.shard_samples // plan.batch)
+    local = measure(folder, cfg, batches)
+    entry = {"name": "loader_http_vs_local", "goal": 0.8, "better": "higher", "num_workers": 2, "latent_shape": [CHANNELS, 32, 32],
+             "local_samples_per_s": round(local["samples_per_s"], 1)}
+    with http_server(folder) as (url, pid), time_limit(plan.http_seconds):
+        remote = measure(url, cfg, batches, exclude={pid})
+    return {**entry, "ratio": round(remote["samples_per_s"] / local["samples_per_s"], 3),
+            "http_samples_per_s": round(remote["samples_per_s"], 1), "http_peak_rss_mb": round(remote["peak_rss_mb"], 1)}
+
+
+def run(quick: bool = False) -> list[dict]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loader's own cost: decoding is single-threaded numpy and copies
+    try:
+        return entries(quick)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the test suite) keeps its own
+
+
+def entries(quick: bool) -> list[dict]:
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="loader-bench-", dir="/tmp") as tmp:
+        root = Path(tmp)
+        plan = fit_to_disk(QUICK if quick else FULL, root)
+        entries.append(memory_entry(plan, root))
+        for side in plan.sides:
+            with latent_folder(root, f"latents-{side}", side, plan.shards, plan.shard_samples) as folder:
+                entries.append(throughput_entry(plan, side, folder))
+                if side == 32:
+                    entries.append(http_entry(plan, folder))
+    return entries
+
+
+if __name__ == "__main__":
+    for e in run(quick=True):
+        print(e)

@@ -1,0 +1,37 @@
+"""``benchmarks.loader_throughput`` in quick mode: every entry is there with positive, finite figures."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from benchmarks import BENCHMARKS, loader_throughput
+
+NAMES = {"loader_4_workers_vs_dit_b2_h100", "loader_4_workers_vs_dit_b2_h100_64x64", "loader_memory_32_vs_16_shard", "loader_http_vs_local"}
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_loader_benchmark_quick():
+    threads = torch.get_num_threads()
+    entries = {e["name"]: e for e in loader_throughput.run(quick=True)}
+    assert torch.get_num_threads() == threads  # the suite's later tests keep their thread count
+    assert set(entries) == NAMES
+    assert "benchmarks.loader_throughput" in BENCHMARKS
+    for name, e in entries.items():
+        assert e["better"] in ("higher", "lower") and positive(e["goal"]), name
+        assert positive(e["ratio"]), name
+    for name in ("loader_4_workers_vs_dit_b2_h100", "loader_4_workers_vs_dit_b2_h100_64x64"):
+        e = entries[name]
+        for key in ("samples_per_s", "per_worker_samples_per_s", "peak_rss_mb"):
+            assert set(e[key]) == {"0", "1", "2", "4"} and all(positive(v) for v in e[key].values()), (name, key)
+        assert positive(e["dit_b2_h100_samples_per_s"]) and positive(e["one_core_per_worker_4_samples_per_s"])
+        assert "989 TFLOP/s" in e["derivation"] and e["bytes_per_sample"] > 900_000  # ~1 MB a sample
+    assert 2000 < entries["loader_4_workers_vs_dit_b2_h100"]["dit_b2_h100_samples_per_s"] < 3000
+    memory = entries["loader_memory_32_vs_16_shard"]
+    assert all(positive(memory[f"{k}_{s}"]) for k in ("peak_rss_mb", "peak_pss_mb") for s in (16, 32))
+    http = entries["loader_http_vs_local"]
+    assert positive(http["local_samples_per_s"]) and positive(http["http_samples_per_s"])

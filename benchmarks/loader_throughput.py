@@ -10,7 +10,8 @@ Method:
   like ``encode.describe()``. About 1 MB a sample, 96% of it the T5 tokens. Full mode: 8 shards
   of 256 per shape (~2 GB, fewer shards when /tmp is short), in a temporary folder under /tmp
   deleted afterwards. The tars are read back from the page cache, so this measures the loader's
-  CPU cost (tar parsing, npy decoding, fp16 -> fp32, collation, worker -> main transfer), not a disk.
+  CPU cost (tar parsing, npy decoding, padding and collation into fp16 batches, worker -> main
+  transfer), not a disk.
 - **Throughput.** ``latent_loader(folder, LoaderConfig(batch_size=64, num_workers=w))`` for
   w = 0, 1, 2, 4: one warm-up batch per worker (every worker has started), then one epoch of
   batches timed. Per-worker samples/s = samples/s / max(1, w).
@@ -20,9 +21,8 @@ Method:
   the sum overstates; the shard-size test reports PSS (shared pages split) beside it.
 - **Memory flat in shard size.** The same samples (1,024 at 32x32) as 8 shards of 128 and as 2
   shards of 512, 2 workers, one epoch each: ratio = peak tree RSS at 512 / at 128, goal <= 1.2.
-  Where ``LoaderConfig`` has a ``shuffle_buffer`` it is set to 64 samples (below both shard
-  sizes; a buffer at least a group's size holds the whole group, and at ~1 MB a sample the
-  default of 4,096 would be ~4 GB a worker).
+  ``shuffle_buffer`` is half the smaller shard size (a buffer at least a group's size holds the
+  whole group; the default 1,024 is ~1 GB a worker at ~1 MB a sample).
 - **HTTP against local.** The 32x32 folder served by ``http.server.ThreadingHTTPServer`` (a
   subprocess, so it holds no GIL here) on 127.0.0.1 and read as ``http://127.0.0.1:PORT/`` by the
   same ``latent_loader``, 2 workers, against the local folder read just before; ratio = HTTP /
@@ -59,7 +59,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -229,8 +229,11 @@ def wait_for_children(exclude: set[int], timeout: float = 30.0) -> None:
 
 
 def measure(source: str | Path, cfg: LoaderConfig, batches: int, exclude: set[int] = frozenset(), pss: bool = False) -> dict:
-    """samples/s over ``batches`` after one warm-up batch per worker; peak and baseline memory."""
-    wait_for_children(set(exclude))
+    """samples/s over ``batches`` after one warm-up batch per worker; peak and baseline memory.
+    Processes this one had already started (another caller's, e.g. in a test session) are left
+    out of the memory and never waited for."""
+    gc.collect()
+    exclude = set(exclude) | {p.pid for p in psutil.Process().children(recursive=True)}
     baseline = tree_memory(set(exclude))[0]
     with PeakMemory(set(exclude), pss, interval=0.2 if pss else 0.02) as peak, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
@@ -343,9 +346,9 @@ def throughput_entry(plan: Plan, side: int, folder: Path) -> dict:
     return entry
 
 
-def memory_buffer(plan: Plan) -> dict:
-    """A shuffle buffer below the smaller shard size, where the loader has one (else it holds a group)."""
-    return {"shuffle_buffer": plan.memory_sizes[0] // 2} if "shuffle_buffer" in {f.name for f in fields(LoaderConfig)} else {}
+def memory_buffer(plan: Plan) -> int:
+    """A shuffle buffer below the smaller shard size: what a worker holds stays the same for both."""
+    return plan.memory_sizes[0] // 2
 
 
 def memory_entry(plan: Plan, root: Path) -> dict:
@@ -354,14 +357,14 @@ def memory_entry(plan: Plan, root: Path) -> dict:
     for size in plan.memory_sizes:
         shards = plan.memory_samples // size
         with latent_folder(root, f"memory-{size}", 32, shards, size) as folder:
-            cfg = LoaderConfig(batch_size=plan.batch, num_workers=2, **memory_buffer(plan))
+            cfg = LoaderConfig(batch_size=plan.batch, num_workers=2, shuffle_buffer=memory_buffer(plan))
             runs[size] = measure(folder, cfg, max(2, plan.memory_samples // plan.batch), pss=True)
     small, large = plan.memory_sizes
     sizes = {f"{key}_{size}": round(r[key], 1) for size, r in runs.items() for key in ("peak_rss_mb", "peak_pss_mb", "baseline_rss_mb", "samples_per_s")}
     return {"name": f"loader_memory_{large}_vs_{small}_shard", "ratio": round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 3),
             "goal": 1.2, "better": "lower", "pss_ratio": round(runs[large]["peak_pss_mb"] / runs[small]["peak_pss_mb"], 3),
             "latent_shape": [CHANNELS, 32, 32], "samples": plan.memory_samples, "shard_sizes": list(plan.memory_sizes),
-            "num_workers": 2, "shuffle_buffer": memory_buffer(plan).get("shuffle_buffer", "none: the loader holds a whole group"), **sizes}
+            "num_workers": 2, "shuffle_buffer": memory_buffer(plan), **sizes}
 
 
 def http_entry(plan: Plan, folder: Path) -> dict:

@@ -44,13 +44,13 @@ from pipeline.data.buckets import Bucketing, bucket_name, nearest_bucket, parse_
 from pipeline.data.images import decode_image_sample
 from pipeline.training.distributed import create_accelerator, dist_env, shutdown, slurm_array, work_split
 from data_tools.shard import PLAN_FILE
-from data_tools.split import claim, missing, owned, progress_line, require_complete, write_json_shared
+from data_tools.split import claim, missing, owned, progress_line, require_complete
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.data.paths import map_paths, relative_to
-from pipeline.data.remote import SourceNotFound, dataset_meta, is_url, list_shards, shard_sizes
+from pipeline.data.remote import SourceError, SourceNotFound, dataset_meta, is_url, list_shards, read_shard, shard_sizes
 from pipeline.planning.dry_run import DryRunOptions, spread
-from pipeline.data.shards import complete_shards, iter_samples, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.shards import complete_shards, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
 NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -70,7 +70,7 @@ class EncodeConfig:
     name: str = "latents"
     buckets: int | None = None  # aspect-ratio buckets of about buckets² pixels (pipeline.data.buckets); None: one square size
     bucket_table: Path | None = None  # or a YAML list of [width, height] buckets (PixArt/SDXL tables)
-    bucket_step: int | None = None  # bucket sides are multiples of this; None: max(VAE factor × 2, buckets / 16)
+    bucket_step: int | None = None  # bucket sides are multiples of this; None: about buckets / 16 in whole DiT patches (VAE factor × 2)
 
     def __post_init__(self) -> None:
         if self.input is None or self.output is None:
@@ -85,8 +85,11 @@ class EncodeConfig:
             raise ValueError("resolution and buckets/bucket_table exclude each other: buckets set each image's size")
 
     def bucketing(self, vae_factor: int) -> Bucketing | None:
-        """The bucket table, or None for one square size; sides are whole DiT patches (2) of latents."""
-        step = self.bucket_step or max(vae_factor * 2, (self.buckets or 0) // 16)
+        """The bucket table, or None for one square size. Sides are multiples of ``bucket_step``,
+        by default about ``buckets / 16`` rounded to whole 2×2 DiT patches of latents (SDXL's 64 px at
+        1024 with an /8 VAE), so every bucket makes whole tokens."""
+        patch = vae_factor * 2
+        step = self.bucket_step or patch * max(1, round((self.buckets or 0) / 16 / patch))
         if step % vae_factor:
             raise ConfigError(f"bucket_step {step} must be a multiple of the VAE factor {vae_factor}")
         return Bucketing.build(self.buckets, self.bucket_table, step)
@@ -130,7 +133,7 @@ def batches(shard: Path, size: int, resolution: int | None, bucketing: Bucketing
     """Decoded samples of one image shard in batches of one image size; undecodable ones are
     counted and dropped. A size's batch is yielded when full, the partial ones at the end."""
     pending: dict[tuple[int, ...], list[dict]] = {}
-    for raw in iter_samples([shard], skipped):  # an unreadable shard counts as "unreadable_shard"
+    for raw in read_shard(shard):  # strict: a shard cut short raises SourceError, and nothing of it is committed
         sample = decode_image_sample(raw, resolution, bucketing.assign if bucketing else None)
         if sample is None:
             skipped["undecodable_image"] += 1
@@ -258,7 +261,18 @@ def encode(cfg: EncodeConfig, accelerator) -> dict | None:
     encoders = build_encoders(cfg, accelerator.device)
     encode_shards(cfg, [(sources[i], targets[i]) for i in mine], encoders, accelerator.device, rank, world)
     accelerator.wait_for_everyone()
-    return write_summary(cfg, encoders, targets) if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    require_read(targets)
+    return write_summary(cfg, encoders, targets)
+
+
+def require_read(targets: list[Path]) -> None:
+    """After every shard was tried: the ones whose input could not be read, as one line (exit 2)."""
+    absent = missing(targets)
+    if absent:
+        raise SourceError(f"{len(absent)} latent shard(s) not written (first: {absent[0].name}): their input could not be read; "
+                          "rerun the same command to encode just those")
 
 
 def encode_worker(cfg: EncodeConfig, rank: int, world_size: int) -> dict | None:
@@ -274,6 +288,7 @@ def encode_worker(cfg: EncodeConfig, rank: int, world_size: int) -> dict | None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = build_encoders(cfg, device) if todo else None
     encode_shards(cfg, [(sources[i], targets[i]) for i in todo], encoders, device, rank, world_size, position=0)
+    require_read([targets[i] for i in todo])
     absent = len(missing(targets))
     if absent:
         print(progress_line(PROG, rank, world_size, len(todo), absent, len(targets)))
@@ -318,19 +333,25 @@ def build_encoders(cfg: EncodeConfig, device: torch.device) -> Encoders:
 
 def encode_shards(cfg: EncodeConfig, pairs: list[tuple[Path, Path]], encoders: Encoders | None, device: torch.device,
                   rank: int, world_size: int, position: int | None = None) -> None:
-    """Encode each ``(image shard, latent shard)`` pair, with a progress bar and a rate line."""
-    start, done = time.time(), 0
+    """Encode each ``(image shard, latent shard)`` pair, with a progress bar and a rate line. An input
+    shard that cannot be read to its end (after the reader's retries) leaves its latent shard
+    unwritten, with one warning line, and the others go on: a rerun encodes just the missing ones."""
+    start, done, unreadable = time.time(), 0, 0
     with tqdm(desc=f"{PROG} rank {rank}", unit="img", position=rank if position is None else position, mininterval=0.5) as bar:
         for src, dst in pairs:
-            done += encode_shard(src, dst, cfg, encoders, device, bar)["count"]
+            try:
+                done += encode_shard(src, dst, cfg, encoders, device, bar)["count"]
+            except SourceError as err:
+                unreadable += 1
+                print(f"{PROG}: warning: {dst.name} not written: {err}", file=sys.stderr, flush=True)
     rate = done / max(time.time() - start, 1e-9)
-    print(f"{PROG}: rank {rank}/{world_size} encoded {len(pairs)} shard(s), {done} samples, {rate:.1f} samples/s")
+    print(f"{PROG}: rank {rank}/{world_size} encoded {len(pairs) - unreadable} shard(s), {done} samples, {rate:.1f} samples/s")
 
 
 def write_summary(cfg: EncodeConfig, encoders: Encoders, targets: list[Path]) -> dict:
     """Write dataset.json (:func:`describe`; whole, as any worker may) and say what the folder holds."""
     summary = describe(cfg, encoders, targets)
-    write_json_shared(cfg.output / "dataset.json", summary)
+    write_json_atomic(cfg.output / "dataset.json", summary)
     skipped = summary["skipped"] or "none"
     print(f"{PROG}: {summary['samples']} samples in {len(targets)} latent shard(s) at {cfg.output}, skipped {skipped}")
     return summary
@@ -412,13 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(EncodeConfig, args.config, [*args.overrides, *paths])
     if args.dry_run:
         return plan(cfg, DryRunOptions(args.world_size))
-    with exit_on_config_error(PROG):
-        if args.merge:
-            merge(cfg)
-        elif args.rank is not None or args.world_size is not None or slurm_array() is not None:
-            encode_worker(cfg, *work_split(args.rank, args.world_size))
-        else:
-            run(cfg)  # one accelerate launch: its processes split the shards and wait for each other
+    try:
+        with exit_on_config_error(PROG):
+            if args.merge:
+                merge(cfg)
+            elif args.rank is not None or args.world_size is not None or slurm_array() is not None:
+                encode_worker(cfg, *work_split(args.rank, args.world_size))
+            else:
+                run(cfg)  # one accelerate launch: its processes split the shards and wait for each other
+    except SourceError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from data_tools.images import ImageOptions, Skipped, prepare_image
 from data_tools.sources import CAPTION_KEYS, Candidate, Discovery, SourceError, discover
-from data_tools.split import claim, missing, progress_line, require_complete, write_json_shared
+from data_tools.split import claim, missing, progress_line, require_complete
 from pipeline.config import ConfigError, exit_on_config_error, from_dict
 from pipeline.training.distributed import work_split
 from pipeline.data.shards import complete_shards, shard_name, stats_path, write_json_atomic, write_tar_atomic
@@ -212,7 +212,7 @@ def check_plan(cfg: ShardConfig, fingerprint: str, total: int, record: bool = Tr
     if old is None and not record:
         raise ConfigError(f"{cfg.output} holds no shards of this command (no {PLAN_FILE}): run the workers first")
     if old is None:
-        write_json_shared(path, {"fingerprint": fingerprint, "candidates": total, "created_by": PROG})
+        write_json_atomic(path, {"fingerprint": fingerprint, "candidates": total, "created_by": PROG})
     elif old.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"{cfg.output} holds shards made from other input or options; "
@@ -445,7 +445,7 @@ def finish(cfg: ShardConfig, found: Discovery, tars: list[Path], start: float, h
         drop_repeats(tars)
     duration = time.time() - start
     summary = summarize(cfg, found, len(tars), duration)
-    write_json_shared(cfg.output / "dataset.json", summary)
+    write_json_atomic(cfg.output / "dataset.json", summary)
     print(summary_line(summary, handled, duration))
     return summary
 

@@ -15,16 +15,11 @@ the host and process.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.data.shards import remove_partials, stats_path
+from pipeline.data.shards import _TMP_MARK, remove_partials, stats_path
 
-_TMP_MARK = ".tmp-"  # pipeline.data.shards' mark: remove_partials() deletes such files
 
 
 def owned(n_shards: int, rank: int, world_size: int) -> list[int]:
@@ -67,16 +62,6 @@ def require_complete(tars: list[Path], folder: Path) -> None:
     if absent:
         raise ConfigError(f"{len(absent)} of {len(tars)} shard(s) are missing in {folder} (first: {absent[0].name}): "
                           "run the workers that own them (same flags, their --rank/--world-size) before --merge")
-
-
-def write_json_shared(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as JSON where several workers (several hosts) may write the same
-    file at once: the temporary name holds host and process id, so two writers never share it."""
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def progress_line(prog: str, rank: int, world_size: int, wrote: int, absent: int, total: int) -> str:

@@ -24,7 +24,6 @@ from pipeline.inference.pipeline import TextToImage
 PROG = "pipeline.sample"
 
 
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="exported model folder (runs/NAME/model)")

@@ -243,3 +243,15 @@ def test_evaluate_rejects_bad_input() -> None:
         evaluate([image], ["a red circle"])
     with pytest.raises(ValueError):
         evaluate([], [])
+
+
+def test_by_object_count_splits_the_all_correct_rate():
+    from pipeline.evaluation.adherence import by_object_count
+
+    captions = [render_sample(i, 32, seed=5, second_object_prob=0.5)[1]["caption"] for i in range(40)]
+    correct = [i % 3 == 0 for i in range(40)]
+    result = {"per_sample": [{"correct": {"all": c}} for c in correct]}
+    split = by_object_count(result, captions)
+    for count in ("1", "2"):
+        chosen = [c for c, cap in zip(correct, captions) if cap.count(" at the ") == int(count)]
+        assert split[count] == sum(chosen) / len(chosen)

@@ -239,3 +239,25 @@ def test_two_ranks_train_on_buckets_under_zero2_and_resume_exactly(launched_jobs
     from tests.test_matrix import check_run_and_resume
 
     check_run_and_resume(launched_jobs, "buckets-" + jobs.cell_name(*jobs.BUCKET_CELL), 2)
+
+
+def test_a_position_saved_with_other_order_settings_is_refused(tmp_path):
+    shards = write_bucketed_shards(tmp_path, 2, 10)
+    loader = latent_loader(shards, LoaderConfig(batch_size=2, shuffle_buffer=4))
+    next(iter(loader))
+    state = loader.state_dict()
+    for change in ({"shuffle_buffer": 8}, {"batch_size": 3}, {"shards_per_group": 2}):
+        other = latent_loader(shards, LoaderConfig(**{"batch_size": 2, "shuffle_buffer": 4, **change}))
+        with pytest.raises(ValueError, match=f"{next(iter(change))}="):
+            other.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k not in ("batch_size", "shards_per_group", "shuffle_buffer", "shards")}
+    latent_loader(shards, LoaderConfig(batch_size=2, shuffle_buffer=4)).load_state_dict(legacy)  # saved before they were recorded
+
+
+def test_buckets_the_model_cannot_cut_into_patches_are_one_line():
+    from pipeline.config import ConfigError
+    from pipeline.training.dit import check_buckets
+
+    check_buckets({"48x24": {"samples": 3, "latent_shape": [4, 6, 12]}}, 2)
+    with pytest.raises(ConfigError, match="bucket 40x20 is a 5x10 latent, not whole 2x2 patches"):
+        check_buckets({"48x24": {"samples": 3, "latent_shape": [4, 6, 12]}, "40x20": {"samples": 1, "latent_shape": [4, 5, 10]}}, 2)

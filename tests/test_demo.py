@@ -30,6 +30,7 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
         assert 0 <= s["adherence_all"] <= 1 and s["seconds_per_image"] > 0
     assert report["autoencoder"]["psnr"] > 10
     md = (tmp_path / "demo/report.md").read_text()
+    assert "all correct, 1-object prompts" in md and "Autoencoder ceiling" in md
     for picture in ("eval/teacher_50/grid.png", "eval/student_1/grid.png", "loss_teacher.png", "loss_student.png"):
         assert picture in md and (tmp_path / "demo" / picture).is_file(), picture
     assert [s["stage"] for s in report["stages"]][-1] == "report"

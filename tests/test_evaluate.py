@@ -114,6 +114,15 @@ def test_evaluate_writes_per_prompt_summary_and_report(teacher_dir, image_shards
     assert [r["seed"] for r in rows] == list(range(6)) and all("all" in r["adherence"] for r in rows)
     assert all((tmp_path / "a" / r["image"]).is_file() for r in rows)
     assert "| fid |" in (tmp_path / "a/report.md").read_text() and (tmp_path / "a/grid.png").is_file()
+    counts = {"1": 0, "2": 0}
+    for r in rows:
+        counts[str(r["prompt"].count(" at the "))] += 1
+    split = summary["adherence_by_objects"]
+    assert set(split) == {k for k, n in counts.items() if n} and all(0 <= v <= 1 for v in split.values())
+    assert sum(split[k] * counts[k] for k in split) / 6 == pytest.approx(summary["adherence_all"])  # the split adds up
+    ceiling = summary["adherence_vae_ceiling"]
+    assert set(ceiling) == {"all", *split} and all(0 <= v <= 1 for v in ceiling.values())
+    assert "VAE ceiling" in (tmp_path / "a/report.md").read_text()
     # image k depends on seed + k only, not on the batch it was generated in
     assert run(teacher_dir, tmp_path / "b", "--reference", str(image_shards), "--count", "6", "--batch-size", "6") == 0
     for r in rows:

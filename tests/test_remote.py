@@ -259,6 +259,27 @@ def test_encode_reads_its_input_shards_over_http(image_shards, latent_shards, tm
     assert json.loads((tmp_path / "lat/dataset.json").read_text())["input"] == url
 
 
+def test_encode_leaves_the_shard_of_an_unreadable_input_unwritten_and_a_rerun_finishes(image_shards, latent_shards, tmp_path, capsys):
+    """Nothing partial is committed: the latent shard of an input cut short is not written (a rerun
+    would otherwise skip it for good), the others are, the run says so in one line and exits 2."""
+    from data_tools import encode
+
+    config, out = latent_shards.parent / "encode.yaml", tmp_path / "lat"
+    bad = complete_shards(image_shards)[1].name
+    args = ["--input", None, "--output", str(out), "--config", str(config)]
+    with serving(image_shards.parent, cuts={bad: (3 * CUT, -1)}) as server:
+        args[1] = server.url + image_shards.name + "/"
+        assert encode.main(args) == 2
+    err = capsys.readouterr().err
+    assert "latents-000001.tar not written" in err and "1 latent shard(s) not written" in err
+    assert [p.name for p in complete_shards(out)] == ["latents-000000.tar", "latents-000002.tar", "latents-000003.tar"]
+    assert not (out / "dataset.json").exists()
+    with serving(image_shards.parent) as server:
+        args[1] = server.url + image_shards.name + "/"
+        assert encode.main(args) == 0
+    assert all(p.read_bytes() == (latent_shards / p.name).read_bytes() for p in complete_shards(out))
+
+
 def keys(batches) -> list[str]:
     return [k for batch in batches for k in batch["key"]]
 

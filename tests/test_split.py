@@ -47,14 +47,14 @@ def latent_dataset(folder: Path) -> dict:
 # ---------------------------------------------------------------------------- where a worker sits
 
 
-def test_work_split_takes_flags_then_a_slurm_array_then_the_launcher():
+def test_work_split_takes_flags_then_a_slurm_array_never_the_launcher():
     assert work_split(env={}) == (0, 1)
     assert work_split(env=array_env(3, 8)) == (3, 8)
     assert work_split(env=array_env(16, 16, low=1)) == (15, 16)  # --array=1-16
     assert work_split(env=array_env(6, 8, step=2)) == (3, 8)  # --array=0-14:2
     assert work_split(env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)  # no _MIN/_MAX
-    assert work_split(env={"RANK": "1", "WORLD_SIZE": "4"}) == (1, 4)  # torchrun
-    assert work_split(env={"SLURM_PROCID": "2", "SLURM_NTASKS": "3"}) == (2, 3)  # srun tasks
+    assert work_split(env={"RANK": "1", "WORLD_SIZE": "4"}) == (0, 1)  # torchrun: no silent share of the work
+    assert work_split(env={"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1)  # one process in an sbatch --ntasks=4
     assert work_split(env={**array_env(1, 2), "RANK": "0", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (1, 2)
     assert work_split(0, 2, env=array_env(3, 8)) == (0, 2)  # the flags win
     assert work_split(None, 16, env=array_env(3, 8)) == (3, 16)

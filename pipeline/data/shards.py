@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,7 +43,9 @@ def stats_path(tar_path: Path) -> Path:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
+    """``NAME.tmp-HOST-PID``: writers on several hosts (preprocessing workers, ``data_tools.split``)
+    may write the same final file at once; they never share a temporary."""
+    return path.with_name(f"{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
 def _commit(tmp: Path, path: Path) -> None:

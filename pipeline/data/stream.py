@@ -26,7 +26,9 @@ the emission offsets of the samples left waiting in partial buckets. The loader 
 stream, plus the batches consumed; a restored loader seeks each stream to its offset (arithmetic
 over the shard sizes), re-reads just the waiting samples from their shards, and rotates the
 DataLoader's round-robin so the next batches are the ones an uninterrupted run would have
-produced. Exact when ``num_workers`` and ``world_size`` match.
+produced. Exact when the settings the order depends on match (world size, ``num_workers``, seed,
+batch size, ``shards_per_group``, ``shuffle_buffer``, the shards): the position records them and
+a restore with others is refused.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.remote import shard_sizes  # noqa: F401  (re-exported: the readers' shard sizes)
+from pipeline.data.remote import shard_sizes
 from pipeline.data.shards import iter_samples
 
 Decode = Callable[[dict], dict | None]  # raw tar sample (bytes by extension) -> sample, or None to skip
@@ -73,6 +75,7 @@ class StreamSchedule:
 
     def __init__(self, shards: list[str], sizes: list[int], cfg: LoaderConfig, n_streams: int) -> None:
         self.shards, self.sizes, self.cfg, self.n_streams = shards, sizes, cfg, n_streams
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
         self.n_groups = -(-len(shards) // cfg.shards_per_group)
         if self.n_groups < n_streams and cfg.on_too_few_shards == "error":
             raise ValueError(
@@ -92,10 +95,16 @@ class StreamSchedule:
         return [all_groups[i] for i in rng.integers(0, len(all_groups), max(1, self.n_groups))]
 
     def order(self, epoch: int, stream: int, position: int) -> np.ndarray:
-        """Emission order (raw indices in file order) of the stream's ``position``-th group of ``epoch``."""
-        size = sum(self.sizes[i] for i in self.groups(epoch, stream)[position])
-        gid = stream + position * self.n_streams
-        return buffer_order(size, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, epoch, gid]))
+        """Emission order (raw indices in file order) of the stream's ``position``-th group of
+        ``epoch``; the last few are kept (resume locates many waiting samples in few groups)."""
+        key = (epoch, stream, position)
+        if key not in self._orders:
+            size = sum(self.sizes[i] for i in self.groups(epoch, stream)[position])
+            gid = stream + position * self.n_streams
+            if len(self._orders) >= 8:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = buffer_order(size, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, epoch, gid]))
+        return self._orders[key]
 
     def raw_samples(self, group: list[int], skipped: Counter | None = None) -> Iterator[tuple[int, dict]]:
         """``(raw index, raw sample)`` of a group's shards in file order; a shard that ends early
@@ -120,7 +129,7 @@ class StreamSchedule:
         raise AssertionError("offset beyond its group")
 
     def seek(self, stream: int, offset: int) -> tuple[int, int, int]:
-        """Raw-sample ``offset`` of a stream -> (epoch, group position in epoch, offset in group)."""
+        """Emission ``offset`` of a stream -> (epoch, group position in epoch, offset in group)."""
         epoch = 0
         while True:
             groups = self.groups(epoch, stream)
@@ -161,7 +170,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, schedule: StreamSchedule, decode: Decode, collate: Collate, rank: int, start: dict, bucket: Bucket | None) -> None:
         self.schedule, self.decode, self.collate, self.rank, self.bucket = schedule, decode, collate, rank, bucket
-        self.start = start  # {"offsets": {stream: raw offset}, "waiting": {stream: [offsets]}, "rotation": int}
+        self.start = start  # {"offsets": {stream: emission offset}, "waiting": {stream: [offsets]}, "rotation": int}
         self.unreadable: Counter = Counter()  # shards cut short since the last batch
 
     def __iter__(self) -> Iterator[tuple[int, int, list[int], dict, dict]]:
@@ -184,7 +193,8 @@ class ShardStream(IterableDataset):
                 left = sorted(o for samples in buckets.values() for o, _ in samples)
                 skipped.update(self.unreadable)
                 yield stream, item.offset + 1, left, dict(skipped), self.collate([s for _, s in full])
-                skipped, self.unreadable = Counter(), Counter()
+                skipped = Counter()
+                self.unreadable.clear()  # the same Counter: a group's reader holds it
 
     def _add(self, buckets: dict, item: Emitted, skipped: Counter) -> list | None:
         """Decode ``item`` into its bucket; the bucket's batch when it is full (then removed)."""
@@ -236,6 +246,8 @@ class ShardStream(IterableDataset):
             for index, raw in enumerate(iter_samples([self.schedule.shards[shard]], self.unreadable)):
                 if index in by_index:
                     found[by_index[index]] = raw
+                if index >= max(by_index):
+                    break
         for offset in sorted(found):
             yield Emitted(offset, found[offset])
 
@@ -272,33 +284,39 @@ class ShardLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready data position (exact for the same world size and num_workers)."""
+        """JSON-ready data position, with the settings it is exact for (:meth:`order_settings`)."""
         return {
             "batches": self.batches,
             "offsets": dict(self.offsets),
             "waiting": {k: list(v) for k, v in self.waiting.items() if v},
             "skipped": dict(self.skipped),
-            "num_workers": self.cfg.num_workers,
-            "world_size": self.world_size,
-            "seed": self.cfg.seed,
+            **self.order_settings(),
             "samples_seen": self.batches * self.cfg.batch_size,
             "epoch": self.epoch(),
             "samples_waiting": sum(len(v) for v in self.waiting.values()),  # in partial buckets
         }
 
+    ADDED_LATER = ("batch_size", "shards_per_group", "shuffle_buffer", "shards")  # older positions lack them
+
+    def order_settings(self) -> dict[str, int]:
+        """Everything the order of samples (and so a saved position) depends on."""
+        mine = {k: getattr(self.cfg, k) for k in ("num_workers", "seed", "batch_size", "shards_per_group", "shuffle_buffer")}
+        return {**mine, "world_size": self.world_size, "shards": len(self.shards)}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("num_workers", "world_size", "seed"):
-            mine = getattr(self.cfg, key, None) if key != "world_size" else self.world_size
-            if state.get(key) != mine:
-                raise ValueError(f"data position was saved with {key}={state.get(key)}, this run has {mine}: resume would not be exact")
+        for key, mine in self.order_settings().items():
+            saved = state.get(key, mine if key in self.ADDED_LATER else None)
+            if saved != mine:
+                raise ValueError(f"data position was saved with {key}={saved}, this run has {mine}: resume would not be exact")
         self.batches, self.offsets = int(state["batches"]), {str(k): int(v) for k, v in state["offsets"].items()}
         self.waiting = {str(k): [int(o) for o in v] for k, v in state.get("waiting", {}).items()}
         self.skipped = Counter(state.get("skipped", {}))
 
     def report(self) -> dict[str, int]:
         """For the metrics: the epoch, samples waiting in partial buckets, samples skipped so far."""
+        samples = sum(n for reason, n in self.skipped.items() if reason != "unreadable_shard")
         return {"epoch": self.epoch(), "samples_waiting": sum(len(v) for v in self.waiting.values()),
-                "samples_skipped": sum(self.skipped.values())}
+                "samples_skipped": samples, "shards_unreadable": self.skipped["unreadable_shard"]}
 
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is in (for logging)."""

@@ -381,6 +381,15 @@ def evaluate(images: list[Image.Image], captions: list[str]) -> dict:
     return {"per_sample": per_sample, "accuracy": accuracy, "all_correct": all_correct, "count": n}
 
 
+def by_object_count(result: dict, captions: list[str]) -> dict[str, float]:
+    """The all-correct rate of an ``evaluate`` result per number of objects its caption names
+    (``{"1": rate, "2": rate}``): two-object prompts test binding, which one-object prompts do not."""
+    groups: dict[str, list[bool]] = {}
+    for sample, caption in zip(result["per_sample"], captions, strict=True):
+        groups.setdefault(str(len(parse_caption(caption)["objects"])), []).append(bool(sample["correct"]["all"]))
+    return {count: sum(flags) / len(flags) for count, flags in sorted(groups.items())}
+
+
 def adherence_table(result: dict) -> str:
     """The accuracies of an ``evaluate`` result as a Markdown table."""
     lines = [f"| attribute | accuracy (n = {result['count']}) |", "|---|---:|"]

@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 from pipeline.config.cli import add_size_args, image_size, shift_arg
 from pipeline.config.source import is_url
+from pipeline.data.images import image_to_tensor
 from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
+from pipeline.evaluation.adherence import by_object_count
 from pipeline.evaluation.metrics import MetricError
 from pipeline.inference.pipeline import TextToImage
 from pipeline.figures.sheets import write_sheet
@@ -155,6 +157,9 @@ def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespac
         result["adherence"], reason = adherence_or_reason(images, prompts)
     if reason:
         result["skipped"]["adherence"] = reason
+    else:
+        result["adherence_by_objects"] = by_object_count(result["adherence"], prompts)
+        result["vae_ceiling"] = getattr(args, "vae_ceiling", None)
     clip = clip_config(args)
     if clip is None:
         result["skipped"]["clip_score"] = "no CLIP model given (--clip or --clip-model/--clip-checkpoint)"
@@ -195,7 +200,10 @@ def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, 
     }
     if scores.get("adherence"):
         summary["adherence_all"] = scores["adherence"]["all_correct"]
+        summary["adherence_by_objects"] = scores["adherence_by_objects"]
         summary["adherence"] = scores["adherence"]["accuracy"]
+    if scores.get("vae_ceiling"):
+        summary["adherence_vae_ceiling"] = scores["vae_ceiling"]
     if "clip_scores" in scores:
         summary["clip_score"] = sum(scores["clip_scores"]) / count
         summary["clip_model"] = scores["clip_source"]
@@ -227,6 +235,10 @@ def markdown(summary: dict, scores: dict) -> str:
     for key in ("adherence_all", "clip_score", "fid", "kid_mean", "kid_std"):
         if key in summary:
             lines.append(f"| {key} | {summary[key]:.4f} |")
+    for count, rate in summary.get("adherence_by_objects", {}).items():
+        lines.append(f"| adherence_all, {count}-object prompts | {rate:.4f} |")
+    for part, rate in (summary.get("adherence_vae_ceiling") or {}).items():
+        lines.append(f"| VAE ceiling: adherence of the reference renders' round trip ({part}) | {rate:.4f} |")
     lines += [f"| {name} | skipped: {why} |" for name, why in summary["skipped"].items()]
     if scores.get("adherence"):
         from pipeline.evaluation.adherence import adherence_table
@@ -300,6 +312,34 @@ def load_inputs(args: argparse.Namespace) -> list[str]:
     return prompts[: args.count] if args.count else prompts
 
 
+@torch.no_grad()
+def vae_ceiling(pipe: TextToImage, images: list[Image.Image], captions: list[str], batch_size: int) -> dict:
+    """The analyser's score on the reference renders seen through the model's VAE (encoded and
+    decoded): what its latent space allows at best, beside the model's score. ``{"all", "1", "2"}``."""
+    from pipeline.evaluation.adherence import evaluate
+
+    rounds = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([image_to_tensor(image) for image in images[start:start + batch_size]])  # (B, 3, H, W)
+        rounds += pipe.images(pipe.vae.encode(pixels.to(pipe.vae.device)))
+    result = evaluate(rounds, captions)
+    return {"all": result["all_correct"], **by_object_count(result, captions)}
+
+
+def ceiling_or_none(pipe: TextToImage, prompts: list[str], args: argparse.Namespace) -> dict | None:
+    """:func:`vae_ceiling` when the prompts are the reference renders' captions, at the model's size."""
+    images = args.reference_images
+    if not args.adherence or args.prompts is not None or not images or args.width or args.height:
+        return None
+    side = pipe.latent_shape[-1] * pipe.vae.downsample
+    if any(image.size != (side, side) for image in images[: len(prompts)]):
+        return None
+    try:
+        return vae_ceiling(pipe, images[: len(prompts)], prompts, args.batch_size)
+    except ValueError:  # captions outside the synthetic grammar
+        return None
+
+
 def evaluate_steps(pipe: TextToImage, prompts: list[str], steps: int, args: argparse.Namespace, device: str) -> Path:
     """Generate, score and write one evaluation at ``steps``; returns its folder."""
     size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
@@ -325,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device)
         pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
+        args.vae_ceiling = ceiling_or_none(pipe, prompts, args)  # once per model, for every --steps
         for steps in args.steps:
             evaluate_steps(pipe, prompts, steps, args, device)
     except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError, ValueError) as err:

@@ -45,6 +45,7 @@ from typing import TextIO
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data.remote import dataset_meta, shard_sizes
 from pipeline.data.stream import LoaderConfig, ShardLoader
 from pipeline.training.distributed import deepspeed_config, dist_env
@@ -199,7 +200,7 @@ def run_stage(cfg, options: DryRunOptions, make_plan, prog: str) -> int:
     """``--dry-run`` of a training stage: its recipe's ``make_plan(cfg, prog)``, then :func:`run`."""
     try:
         plan = make_plan(cfg, prog)
-    except (OSError, PlanError) as err:  # no dataset.json, no teacher config, ...
+    except (OSError, PlanError, ConfigError) as err:  # no dataset.json, no teacher config, buckets the model cannot cut, ...
         print(f"{prog}: dry run: {err}", file=sys.stderr)
         return 1
     return run(plan, options)
@@ -215,7 +216,7 @@ def run(plan: TrainingPlan, options: DryRunOptions, out: TextIO | None = None) -
     try:
         preflight(plan.latents, plan.loader, world, deepspeed=plan.deepspeed, zero_stage=plan.zero_stage, resume_from=plan.resume_from)
         data = data_plan(plan.latents, plan.loader, world)
-    except PlanError as err:
+    except (PlanError, OSError) as err:  # OSError: a shard or its stats unreadable (pipeline.data.remote.SourceError)
         print(f"{plan.prog}: dry run: {err}", file=sys.stderr)
         return 1
     meta = dataset_meta(plan.latents)  # a local folder's or a URL's (pipeline.data.remote)

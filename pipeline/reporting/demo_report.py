@@ -38,7 +38,8 @@ def _evaluated(folder: Path, teacher: dict | None = None) -> dict:
     """One ``pipeline.evaluate`` output; with ``teacher`` (the 50-step reference), its ratios to it."""
     s = _json(folder / "summary.json")
     row = {"steps": s["steps"], "guidance": s["guidance"], "prompts": s["count"], "adherence_all": s["adherence_all"],
-           "adherence": s["adherence"], "seconds_per_image": s["seconds_per_image"],
+           "adherence": s["adherence"], "adherence_by_objects": s.get("adherence_by_objects", {}),
+           "adherence_vae_ceiling": s.get("adherence_vae_ceiling"), "seconds_per_image": s["seconds_per_image"],
            "sampler_seconds_per_image": s["sampler_seconds_per_image"], "grid": str(folder / "grid.png")}
     return row if teacher is None else row | versus(row, teacher)
 
@@ -150,6 +151,14 @@ def markdown(report: dict, run: Path) -> str:
               "|---|" + "---:|" * (1 + len(report["students"]))]
     for attr in t["adherence"]:
         lines.append(f"| {attr} | " + " | ".join(f"{m['adherence'][attr]:.3f}" for m in [t, *report["students"]]) + " |")
+    for count in t["adherence_by_objects"]:
+        lines.append(f"| all correct, {count}-object prompts | "
+                     + " | ".join(f"{m['adherence_by_objects'].get(count, float('nan')):.3f}" for m in [t, *report["students"]]) + " |")
+    if t["adherence_vae_ceiling"]:
+        ceiling = t["adherence_vae_ceiling"]
+        lines += ["", "Autoencoder ceiling: the analyser reads the evaluation renders after the VAE's round trip as "
+                  + ", ".join(f"{v:.3f} ({'all' if k == 'all' else f'{k}-object'})" for k, v in ceiling.items())
+                  + ": no model in this latent space can score above it."]
     lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']:.3g} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
     lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]

@@ -91,13 +91,12 @@ def slurm_array(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
 
 def work_split(rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``(rank, world size)`` of an independent worker: each value from the flags when given, else
-    from a SLURM job array, else from torchrun / SLURM task variables (:func:`dist_env`), else
-    ``(0, 1)``. Raises ``ConfigError`` (one line) unless ``0 <= rank < world size``."""
+    from a SLURM job array, else ``(0, 1)``. Not from torchrun or SLURM task variables: one
+    process in an ``sbatch --ntasks=4`` script sees ``SLURM_PROCID=0``, ``SLURM_NTASKS=4`` and would
+    silently do a quarter of the work (``srun`` tasks pass ``--rank $SLURM_PROCID --world-size
+    $SLURM_NTASKS``). Raises ``ConfigError`` (one line) unless ``0 <= rank < world size``."""
     if rank is None or world_size is None:
-        found = slurm_array(env)
-        if found is None:
-            launch = dist_env(env)
-            found = (launch.rank, launch.world_size)
+        found = slurm_array(env) or (0, 1)
         rank = found[0] if rank is None else rank
         world_size = found[1] if world_size is None else world_size
     if world_size < 1:

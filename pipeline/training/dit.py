@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import from_dict
+from pipeline.config import ConfigError, from_dict
 from pipeline.data.images import tensor_to_images
 from pipeline.data.latents import latent_loader, latent_meta
 from pipeline.data.model_folder import export_model
@@ -62,6 +62,7 @@ def build_model(cfg: TrainConfig, meta: dict):
         "clip_token_dim": text["clip"]["token_width"] if text.get("clip") and text["clip"].get("return_tokens") else 0,
     }
     model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, qk_norm=cfg.model.qk_norm, **widths, **cfg.model.overrides)
+    check_buckets(meta.get("buckets"), model.patch_size)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -72,6 +73,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     fp16: half the bytes to move; the model then casts to its compute dtype)."""
     tensor = tensor.to(device, non_blocking=True)
     return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def check_buckets(buckets: dict | None, patch: int) -> None:
+    """Every bucket's latent grid must cut into whole patches (one line naming the first that does not)."""
+    for name, bucket in (buckets or {}).items():
+        _, h, w = bucket["latent_shape"]
+        if h % patch or w % patch:
+            raise ConfigError(f"data.latents: bucket {name} is a {h}x{w} latent, not whole {patch}x{patch} patches of the "
+                              f"model: encode again with bucket_step a multiple of the VAE factor × {patch}")
 
 
 def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
@@ -129,7 +139,7 @@ class Trainer(TrainerCore):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
         self.loader = latent_loader(cfg.data.latents, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes)
-        tokens = math.prod(self.meta["latent_shape"][1:]) // 4  # patch 2 -> h·w/4 image tokens
+        tokens = math.prod(self.meta["latent_shape"][1:]) // self.model_patch**2  # image tokens of the default grid (buckets: about as many)
         self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
         self.last_lr = cfg.optim.lr
         self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)

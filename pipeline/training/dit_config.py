@@ -19,7 +19,7 @@ class ModelConfig:
     name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS
     qk_norm: bool = False
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block (one compilation serves all); DDP or ZeRO-2, not ZeRO-3
+    compile: bool = False  # torch.compile each block (one compilation serves all blocks, one more per bucket shape); DDP or ZeRO-2, not ZeRO-3
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4}
 
     def __post_init__(self) -> None:

@@ -83,6 +83,11 @@ def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig) -> 
             "(the data position is per rank and worker; ZeRO optimizer state is partitioned per rank). "
             "Relaunch with those, or start a new run (checkpoint.resume=never, another run name)"
         )
+    for key in ("batch_size", "shards_per_group", "shuffle_buffer"):  # the order of samples depends on them
+        if key in saved and saved[key] != getattr(loader, key):
+            raise PlanError(f"{folder} was written with data.loader.{key}={saved[key]}, this launch has {getattr(loader, key)}: "
+                            "the samples would come in another order. Relaunch with it, or start a new run "
+                            "(checkpoint.resume=never, another run name)")
 
 
 def resume_target(cfg) -> Path | None:

@@ -1,5 +1,5 @@
 """pipeline.models.dit: zero init, registry sizes, other resolutions, padding and null-condition
-invariances, save/load, activation checkpointing, FLOPs."""
+invariances (with and without the text refiner), save/load, activation checkpointing, FLOPs."""
 
 from __future__ import annotations
 
@@ -63,9 +63,15 @@ def pad(cond: dict[str, torch.Tensor], key: str, extra: int, seed: int = 5) -> d
     return {**cond, key: torch.cat([tokens, junk], dim=1), f"{key}_mask": mask}
 
 
-def test_fresh_model_outputs_exactly_zero():
+@pytest.fixture(params=[0, 2], ids=["cross", "refiner"])
+def refiner(request: pytest.FixtureRequest) -> int:
+    """Run a test without and with the text refiner (``text_refiner_depth``)."""
+    return request.param
+
+
+def test_fresh_model_outputs_exactly_zero(refiner: int):
     x, t, cond = inputs()
-    model = tiny(qk_norm=True, guidance_embed=True)
+    model = tiny(qk_norm=True, guidance_embed=True, text_refiner_depth=refiner)
     out = model(x, t, {**cond, "guidance": torch.full((3,), 4.0), "drop": torch.tensor([False, True, False])})
     assert out.shape == x.shape and torch.all(out == 0)
     plain = build_dit("DiT-tiny", sample_size=8)  # no text at all
@@ -73,14 +79,15 @@ def test_fresh_model_outputs_exactly_zero():
 
 
 def test_fresh_blocks_are_identities():
-    """adaLN-Zero: zero gates (and zero cross-attention output) make every new block the identity."""
-    model = tiny(qk_norm=True)
+    """adaLN-Zero: zero gates (and zero cross-attention output) make every new block the identity;
+    zero residual outputs make every new refiner layer the identity."""
+    model = tiny(qk_norm=True, text_refiner_depth=2)
     seen = []
-    for block in model.blocks:
+    for block in [*model.blocks, *model.text_refiner]:
         block.register_forward_hook(lambda module, args, out: seen.append(torch.equal(out, args[0])))
     x, t, cond = inputs()
     model(x, t, cond)
-    assert seen == [True] * len(model.blocks)
+    assert seen == [True] * (len(model.blocks) + len(model.text_refiner))
 
 
 @pytest.mark.parametrize("name", ["DiT-tiny", "DiT-S/2"])
@@ -133,8 +140,8 @@ def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     return request.param
 
 
-def test_padding_tokens_do_not_change_the_output(attention_path: str):
-    model = perturbed(tiny(qk_norm=True))
+def test_padding_tokens_do_not_change_the_output(attention_path: str, refiner: int):
+    model = perturbed(tiny(qk_norm=True, text_refiner_depth=refiner))
     x, t, cond = inputs()
     with torch.no_grad():
         ref = model(x, t, cond)
@@ -143,8 +150,8 @@ def test_padding_tokens_do_not_change_the_output(attention_path: str):
     assert torch.isfinite(ref).all()  # the text-less row attends to the null token
 
 
-def test_full_masks_equal_no_masks():
-    model = perturbed(tiny())
+def test_full_masks_equal_no_masks(refiner: int):
+    model = perturbed(tiny(text_refiner_depth=refiner))
     x, t, cond = inputs()
     full = {**cond, "t5_mask": lengths_mask([5] * 3, 5), "clip_tokens_mask": lengths_mask([4] * 3, 4)}
     bare = {k: v for k, v in cond.items() if not k.endswith("_mask")}
@@ -152,8 +159,8 @@ def test_full_masks_equal_no_masks():
         torch.testing.assert_close(model(x, t, full), model(x, t, bare), atol=1e-5, rtol=1e-5)
 
 
-def test_dropped_rows_ignore_their_text(attention_path: str):
-    model = perturbed(tiny())
+def test_dropped_rows_ignore_their_text(attention_path: str, refiner: int):
+    model = perturbed(tiny(text_refiner_depth=refiner))
     x, t, cond = inputs()
     drop = torch.tensor([True, False, True])
     _, _, other = inputs(seed=7)  # different text, pooled vectors and token values for every row
@@ -168,8 +175,8 @@ def test_dropped_rows_ignore_their_text(attention_path: str):
     torch.testing.assert_close(a[1], kept[1], atol=1e-5, rtol=1e-5)  # and only for dropped rows
 
 
-def test_no_text_tokens_at_all_is_finite(attention_path: str):
-    model = perturbed(tiny())
+def test_no_text_tokens_at_all_is_finite(attention_path: str, refiner: int):
+    model = perturbed(tiny(text_refiner_depth=refiner))
     x, t, cond = inputs()
     empty = {**cond, "t5": cond["t5"][:, :0], "t5_mask": cond["t5_mask"][:, :0]}
     empty = {**empty, "clip_tokens": cond["clip_tokens"][:, :0], "clip_tokens_mask": cond["clip_tokens_mask"][:, :0]}
@@ -261,6 +268,9 @@ def test_flops_per_sample():
         assert small > 0 and 4.0 <= large / small <= 5.0  # ~4× tokens, plus a little quadratic attention
     model = tiny()
     assert flops_per_sample(model, 16) == flops_per_sample(dict(model.config), 16) > flops_per_sample(model, 0)
+    D, L = 32, 16  # two refiner layers: 4 projections, scores + values and a 4×-wide MLP over L tokens
+    refined = flops_per_sample({**model.config, "text_refiner_depth": 2}, L) - flops_per_sample(model, L)
+    assert refined == 2 * 2 * (4 * L * D * D + 2 * L * L * D + 2 * L * D * 4 * D)
 
 
 def test_pos_interpolation_spans_the_base_grid_at_any_size():
@@ -273,3 +283,20 @@ def test_pos_interpolation_spans_the_base_grid_at_any_size():
     assert model._pos_embed(2, 8, torch.float32, torch.device("cpu")).shape == (1, 16, 32)
     x = torch.randn(2, 4, 4, 16)
     assert torch.equal(model(x, torch.rand(2)), torch.zeros_like(x))  # a fresh model still outputs zero
+
+
+def test_the_refiner_reads_word_order():
+    """With the refiner, swapping two text tokens changes the output (its positions tell words
+    apart); without it, cross-attention is a set operation and the swap changes nothing."""
+    x, t, cond = inputs()
+    swapped = {**cond, "t5": cond["t5"][:, [1, 0, 2, 3, 4]]}
+    for depth, changes in ((0, False), (2, True)):
+        model = perturbed(tiny(text_refiner_depth=depth))
+        with torch.no_grad():
+            a, b = model(x, t, cond)[0], model(x, t, swapped)[0]
+        assert torch.allclose(a, b, atol=1e-5) is not changes, depth
+
+
+def test_a_refiner_needs_text():
+    with pytest.raises(ValueError, match="text_refiner_depth needs text tokens"):
+        DiT(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=4, text_refiner_depth=1)

@@ -8,6 +8,10 @@ References:
   self-attention, with a plain pre-LayerNorm and no adaLN.
 - Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3): per-head QK RMS-norm; the model
   predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §3 "Time").
+- Zhuo et al. 2024, "Lumina-Next" (its context refiner) and Xie et al. 2024, "Sana": transformer
+  layers over the text tokens inside the diffusion model (``text_refiner_depth``), so the model
+  can learn which words belong together (a colour with its object's position) before the image
+  tokens read them; here with 1D sin-cos positions, since the refiner must know word order.
 
 Contract used by the loss and the samplers: ``model(x, t, cond) -> v`` with ``x`` (B, C, H, W),
 ``t`` (B,) float in [0, 1] (0 = data, 1 = noise) and ``cond`` a dict of optional tensors:
@@ -40,7 +44,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from pipeline.models.dit_layers import DiTBlock, FinalLayer, ScalarEmbedder, TokenProjection, sincos_pos_embed_2d
+from pipeline.models.dit_layers import (
+    DiTBlock,
+    FinalLayer,
+    RefinerBlock,
+    ScalarEmbedder,
+    TokenProjection,
+    sincos_pos_embed_1d,
+    sincos_pos_embed_2d,
+)
 
 COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance"})
 # ----------------------------------------------------------------------------------------------
@@ -57,6 +69,8 @@ class DiT(ModelMixin, ConfigMixin):
     ``guidance_embed`` adds an embedding of ``cond["guidance"]`` to the conditioning vector (for a
     guidance-distilled student). ``pos_interpolation`` scales every grid's positions to span the
     default ``sample_size`` grid (PixArt-α), instead of extending the indices (DiT).
+    ``text_refiner_depth`` > 0 adds 1D sin-cos positions to each projected token sequence and runs
+    that many masked transformer layers over the concatenated text before any block reads it.
     """
 
     _supports_gradient_checkpointing = True
@@ -79,6 +93,7 @@ class DiT(ModelMixin, ConfigMixin):
         qk_norm: bool = False,
         guidance_embed: bool = False,
         pos_interpolation: bool = False,
+        text_refiner_depth: int = 0,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -97,6 +112,11 @@ class DiT(ModelMixin, ConfigMixin):
         self.t5_proj = TokenProjection(text_dim, hidden_size) if text_dim else None
         self.clip_token_proj = TokenProjection(clip_token_dim, hidden_size) if clip_token_dim else None
         self.null_text = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.has_text else None  # (1, 1, D)
+        if text_refiner_depth and not self.has_text:
+            raise ValueError("text_refiner_depth needs text tokens (text_dim or clip_token_dim)")
+        self.text_refiner = nn.ModuleList(
+            RefinerBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(text_refiner_depth)
+        )
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm) for _ in range(depth)
         )
@@ -137,6 +157,8 @@ class DiT(ModelMixin, ConfigMixin):
             if null is not None:
                 nn.init.normal_(null, std=0.02)
         zero_init = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in self.text_refiner:
+            zero_init += [layer.attn.proj, layer.mlp.fc2]
         for block in self.blocks:
             zero_init.append(block.adaLN_modulation[-1])
             if block.cross_attn is not None:
@@ -208,22 +230,42 @@ class DiT(ModelMixin, ConfigMixin):
         sequences, masks = [], []
         for key, proj in (("t5", self.t5_proj), ("clip_tokens", self.clip_token_proj)):
             if proj is not None:
-                sequences.append(proj(cond[key]))  # (B, L_k, D)
+                sequences.append(self._text_positions(proj(cond[key])))  # (B, L_k, D)
                 masks.append(cond.get(f"{key}_mask"))  # (B, L_k) or None
         tokens = torch.cat(sequences, dim=1) if len(sequences) > 1 else sequences[0]  # (B, L, D)
         null = self.null_text.to(tokens.dtype)  # (1, 1, D)
         if tokens.shape[1] == 0:
             return null.expand(batch, 1, -1), None  # (B, 1, D): every row is text-less
         if "drop" not in cond and all(m is None for m in masks):
-            return tokens, None
+            return self._refine(tokens, None), None
         ones = [seq.new_ones(seq.shape[:2], dtype=torch.bool) for seq in sequences]  # (B, L_k) each
         real = torch.cat([o if m is None else m.bool() for m, o in zip(masks, ones)], dim=1)  # (B, L)
+        first = torch.arange(tokens.shape[1], device=tokens.device)[None] == 0  # (1, L)
+        # The refiner sees each row's real tokens (key 0 too, so a text-less row attends to something);
+        # a dropped row's refined text is replaced by the null sequence below, whatever it was.
+        tokens = self._refine(tokens, (real | first)[:, None, None, :])
         if "drop" in cond:
             real = real & ~cond["drop"].bool()[:, None]  # (B, L)
-        first = torch.arange(tokens.shape[1], device=tokens.device)[None] == 0  # (1, L)
         null_slot = ~real.any(dim=1, keepdim=True) & first  # (B, L): position 0 of null rows
         context = torch.where(null_slot[:, :, None], null, tokens)  # (B, L, D)
         return context, (real | null_slot)[:, None, None, :]  # (B, 1, 1, L)
+
+    def _text_positions(self, tokens: Tensor) -> Tensor:
+        """(B, L, D) + the 1D sin-cos table when there is a refiner to read word order from it."""
+        if not len(self.text_refiner):
+            return tokens
+        key = ("text", tokens.shape[1], tokens.dtype, tokens.device)
+        table = self._pos_cache.get(key)
+        if table is None:
+            table = sincos_pos_embed_1d(self.hidden_size, tokens.shape[1]).to(device=tokens.device, dtype=tokens.dtype)
+            self._pos_cache[key] = table  # (L, D)
+        return tokens + table
+
+    def _refine(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """The text refiner's layers over (B, L, D) with key mask (B, 1, 1, L) or None."""
+        for layer in self.text_refiner:
+            tokens = layer(tokens, mask)
+        return tokens
 
     def _cast_inputs(self, x: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Latents and text features in the weights' dtype (DESIGN.md §8: inputs are cast where they
@@ -292,7 +334,8 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
     score and value matmuls over the N image tokens; with text (``text_dim`` or
     ``clip_token_dim``), the cross-attention q / output projections over N, k / v projections over
     ``tokens_text`` = L keys and its N × L score and value matmuls, plus the text projection
-    (assumed from ``text_dim`` when set); the MLP; the adaLN modulation and the final layer.
+    (assumed from ``text_dim`` when set); the MLP; the adaLN modulation and the final layer; the
+    text refiner's layers over the L tokens.
     Not counted: norms, activations, softmax and the timestep / CLIP / guidance MLPs (per sample,
     tiny). Training (forward + backward) ≈ 3 × this; with activation checkpointing ≈ 4 ×.
     """
@@ -308,6 +351,8 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
     if text_width:
         block += 2 * n * D * D + 2 * L * D * D + 2 * n * L * D  # q + out, k + v, scores + values
         macs += L * text_width * D  # text projection
+    if L:  # the text refiner: qkv + out projections, scores + values, MLP over the L text tokens
+        macs += cfg["text_refiner_depth"] * (4 * L * D * D + 2 * L * L * D + 2 * L * D * hidden_mlp)
     macs += depth * block + 2 * D * D + n * D * p * p * C  # blocks, final adaLN, final Linear
     return 2.0 * macs
 

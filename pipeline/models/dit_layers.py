@@ -1,9 +1,12 @@
-"""The DiT's parts (``pipeline.models.dit`` assembles them): timestep / guidance embedders, the 2D
-sin-cos position table, text-token projections, attention, the adaLN-Zero block and the final layer.
+"""The DiT's parts (``pipeline.models.dit`` assembles them): timestep / guidance embedders, the 1D
+and 2D sin-cos position tables, text-token projections, the text refiner, attention, the adaLN-Zero
+block and the final layer.
 
 References: Peebles & Xie 2023 (DiT: adaLN-Zero blocks, ``timestep_embedding``, the position
 table); Chen et al. 2023 (PixArt-α: cross-attention to T5 tokens with a pre-LayerNorm, no adaLN);
-Esser et al. 2024 (SD3: per-head QK RMS-norm).
+Esser et al. 2024 (SD3: per-head QK RMS-norm); Zhuo et al. 2024 (Lumina-Next) and Xie et al. 2024
+(Sana): a few transformer layers that refine the frozen text encoder's tokens inside the
+diffusion model, before the image tokens read them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base: int | None = N
     # First half encodes the column (w), second half the row (h), as in DiT's get_2d_sincos_pos_embed.
     emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # (N, dim)
     return emb.float()
+
+
+def sincos_pos_embed_1d(dim: int, length: int) -> Tensor:
+    """(length, dim) float32 sin-cos table over positions 0..length−1 (Vaswani et al. 2017)."""
+    half = dim // 2
+    omega = 1.0 / 10000.0 ** (torch.arange(half, dtype=torch.float64) / half)  # (dim/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * omega[None]  # (L, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (L, dim)
 
 
 class ScalarEmbedder(nn.Module):
@@ -178,6 +189,23 @@ class DiTBlock(nn.Module):
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class RefinerBlock(nn.Module):
+    """A pre-LayerNorm transformer encoder layer over the text tokens (no timestep): masked
+    self-attention, then MLP. Both residual branches start at zero, so a fresh refiner is the identity."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, cross=False)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, S, D), mask (B, 1, 1, S) bool (True = a key to attend to) -> (B, S, D)."""
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class FinalLayer(nn.Module):

@@ -217,7 +217,7 @@ class Trainer(TrainerCore):
 
     def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Update every average from one group of whole parameters (a subclass adds its own)."""
-        self.ema.update(group, 0.0 if self.step <= self.cfg.ema.start_step else None)
+        self.ema.update(group, self.cfg.ema.decay_at(self.step))
 
     # ------------------------------------------------------------------ the core's hooks
 

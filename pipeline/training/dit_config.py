@@ -50,12 +50,28 @@ class DeepSpeedConfig:
 
 @dataclass(kw_only=True)
 class EMAConfig:
+    """``decay`` is the EMA's ceiling. ``warmup_power`` > 0 ramps the decay up as
+    ``1 − (1 + n)^−power`` over the n steps since ``start_step`` (diffusers' ``use_ema_warmup`` with
+    ``inv_gamma`` 1): the average then spans a fixed fraction of the run, not a fixed number of
+    steps, so a short run's export is not weighed down by its first, untrained weights."""
+
     decay: float = 0.9999
     start_step: int = 0  # before it the EMA copies the weights
+    warmup_power: float = 0.0  # 0: a constant decay; 2/3 to 3/4 as in diffusers' EMA warmup
 
     def __post_init__(self) -> None:
         if not 0 <= self.decay < 1:
             raise ValueError(f"decay must be in [0, 1) (got {self.decay})")
+        if not 0 <= self.warmup_power <= 1:
+            raise ValueError(f"warmup_power must be in [0, 1] (got {self.warmup_power})")
+
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step ``step`` (0: a plain copy)."""
+        if step <= self.start_step:
+            return 0.0
+        if self.warmup_power == 0:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + step - self.start_step) ** -self.warmup_power)
 
 
 @dataclass(kw_only=True)

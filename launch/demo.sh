@@ -22,7 +22,7 @@ if [ "${1:-}" = "--quick" ]; then
     STUDENT=(steps=40 checkpoint.every=40 data.loader.batch_size=32 optim.warmup_steps=10)
 else
     OUT=${DEMO_OUT:-runs/demo}
-    COUNT=${DEMO_COUNT:-3000} EVAL_COUNT=512 EDIT_COUNT=256 PER_SHARD=500
+    COUNT=${DEMO_COUNT:-6000} EVAL_COUNT=512 EDIT_COUNT=256 PER_SHARD=500
     ASPECT=1 SHARD_SIZE=(--resolution "$RES") BUCKETS=()
     AE=() TEACHER=() STUDENT=()
 fi
@@ -37,7 +37,10 @@ stage() {
 }
 
 stage "synth"
-"$PY" -m data_tools.synth --output "$OUT/synth" --count "$COUNT" --resolution "$RES" --seed 0 --aspect "$ASPECT"
+# Half the training scenes hold two objects (binding a colour and shape to each position is the hard
+# part); the evaluation set keeps synth's default quarter. See configs/dit_demo.yaml for the screens.
+"$PY" -m data_tools.synth --output "$OUT/synth" --count "$COUNT" --resolution "$RES" --seed 0 --aspect "$ASPECT" \
+    --second-object-prob 0.5
 stage "shard"
 "$PY" -m data_tools.shard --input "$OUT/synth" --output "$OUT/shards" "${SHARD_SIZE[@]}" \
     --format png --samples-per-shard "$PER_SHARD" --workers 2 --seed 0
@@ -61,7 +64,8 @@ stage "distill"
 stage "evaluate"
 # Unseen prompts: the synthetic generator with another seed gives new attribute combinations,
 # with their images as the reference set.
-"$PY" -m data_tools.synth --output "$OUT/eval_synth" --count "$EVAL_COUNT" --resolution "$RES" --seed 12345
+"$PY" -m data_tools.synth --output "$OUT/eval_synth" --count "$EVAL_COUNT" --resolution "$RES" --seed 12345 \
+    --second-object-prob 0.25
 "$PY" -m data_tools.shard --input "$OUT/eval_synth" --output "$OUT/eval_shards" --resolution "$RES" \
     --format png --samples-per-shard 500 --workers 1 --seed 0
 EVAL=(--reference "$OUT/eval_shards" --count "$EVAL_COUNT" --guidance 4 --batch-size 64)  # see configs/distill_demo.yaml

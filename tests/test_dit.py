@@ -1,5 +1,6 @@
 """pipeline.models.dit: zero init, registry sizes, other resolutions, padding and null-condition
-invariances (with and without the text refiner), save/load, activation checkpointing, FLOPs."""
+invariances (with and without the text refiner, with cross and joint text attention), save/load,
+activation checkpointing, FLOPs, the joint (MMDiT) block against diffusers' reference."""
 
 from __future__ import annotations
 
@@ -63,28 +64,41 @@ def pad(cond: dict[str, torch.Tensor], key: str, extra: int, seed: int = 5) -> d
     return {**cond, key: torch.cat([tokens, junk], dim=1), f"{key}_mask": mask}
 
 
-@pytest.fixture(params=[0, 2], ids=["cross", "refiner"])
+@pytest.fixture(params=[0, 2], ids=["plain", "refiner"])
 def refiner(request: pytest.FixtureRequest) -> int:
     """Run a test without and with the text refiner (``text_refiner_depth``)."""
     return request.param
 
 
-def test_fresh_model_outputs_exactly_zero(refiner: int):
+@pytest.fixture(params=["cross", "joint"])
+def text_attention(request: pytest.FixtureRequest) -> str:
+    """Run a test with both kinds of block: cross-attention (PixArt-α) and joint attention (SD3 MMDiT)."""
+    return request.param
+
+
+def test_fresh_model_outputs_exactly_zero(refiner: int, text_attention: str):
     x, t, cond = inputs()
-    model = tiny(qk_norm=True, guidance_embed=True, text_refiner_depth=refiner)
+    model = tiny(qk_norm=True, guidance_embed=True, text_refiner_depth=refiner, text_attention=text_attention)
     out = model(x, t, {**cond, "guidance": torch.full((3,), 4.0), "drop": torch.tensor([False, True, False])})
     assert out.shape == x.shape and torch.all(out == 0)
     plain = build_dit("DiT-tiny", sample_size=8)  # no text at all
     assert torch.all(plain(x, t, {}) == 0)
 
 
-def test_fresh_blocks_are_identities():
-    """adaLN-Zero: zero gates (and zero cross-attention output) make every new block the identity;
-    zero residual outputs make every new refiner layer the identity."""
-    model = tiny(qk_norm=True, text_refiner_depth=2)
+def test_fresh_blocks_are_identities(text_attention: str):
+    """adaLN-Zero: zero gates (and zero cross-attention output) make every new block the identity
+    (a joint block on both streams); zero residual outputs make every new refiner layer the identity."""
+    model = tiny(qk_norm=True, text_refiner_depth=2, text_attention=text_attention, depth=3)
     seen = []
+
+    def unchanged(module, args, out) -> None:
+        if isinstance(out, tuple):  # a joint block: (image tokens, text tokens)
+            seen.append(torch.equal(out[0], args[0]) and torch.equal(out[1], args[2]))
+        else:
+            seen.append(torch.equal(out, args[0]))
+
     for block in [*model.blocks, *model.text_refiner]:
-        block.register_forward_hook(lambda module, args, out: seen.append(torch.equal(out, args[0])))
+        block.register_forward_hook(unchanged)
     x, t, cond = inputs()
     model(x, t, cond)
     assert seen == [True] * (len(model.blocks) + len(model.text_refiner))
@@ -120,8 +134,8 @@ def test_parameter_counts_match_the_dit_paper():
     assert count_parameters(meta_tiny) == count_parameters(build_dit("DiT-tiny"))  # meta and real agree
 
 
-def test_other_resolutions_and_bad_sizes():
-    model = perturbed(tiny())
+def test_other_resolutions_and_bad_sizes(text_attention: str):
+    model = perturbed(tiny(text_attention=text_attention))
     for h, w in [(8, 12), (16, 16), (4, 2)]:
         x, t, cond = inputs(h, w)
         with torch.no_grad():
@@ -140,8 +154,10 @@ def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     return request.param
 
 
-def test_padding_tokens_do_not_change_the_output(attention_path: str, refiner: int):
-    model = perturbed(tiny(qk_norm=True, text_refiner_depth=refiner))
+def test_padding_tokens_do_not_change_the_output(attention_path: str, refiner: int, text_attention: str):
+    """With joint attention, padded text positions are updated in every block but stay masked
+    keys in the next one (depth 3: they pass through two full joint blocks)."""
+    model = perturbed(tiny(qk_norm=True, text_refiner_depth=refiner, text_attention=text_attention, depth=3))
     x, t, cond = inputs()
     with torch.no_grad():
         ref = model(x, t, cond)
@@ -150,8 +166,8 @@ def test_padding_tokens_do_not_change_the_output(attention_path: str, refiner: i
     assert torch.isfinite(ref).all()  # the text-less row attends to the null token
 
 
-def test_full_masks_equal_no_masks(refiner: int):
-    model = perturbed(tiny(text_refiner_depth=refiner))
+def test_full_masks_equal_no_masks(refiner: int, text_attention: str):
+    model = perturbed(tiny(text_refiner_depth=refiner, text_attention=text_attention))
     x, t, cond = inputs()
     full = {**cond, "t5_mask": lengths_mask([5] * 3, 5), "clip_tokens_mask": lengths_mask([4] * 3, 4)}
     bare = {k: v for k, v in cond.items() if not k.endswith("_mask")}
@@ -159,8 +175,8 @@ def test_full_masks_equal_no_masks(refiner: int):
         torch.testing.assert_close(model(x, t, full), model(x, t, bare), atol=1e-5, rtol=1e-5)
 
 
-def test_dropped_rows_ignore_their_text(attention_path: str, refiner: int):
-    model = perturbed(tiny(text_refiner_depth=refiner))
+def test_dropped_rows_ignore_their_text(attention_path: str, refiner: int, text_attention: str):
+    model = perturbed(tiny(text_refiner_depth=refiner, text_attention=text_attention, depth=3))
     x, t, cond = inputs()
     drop = torch.tensor([True, False, True])
     _, _, other = inputs(seed=7)  # different text, pooled vectors and token values for every row
@@ -175,8 +191,8 @@ def test_dropped_rows_ignore_their_text(attention_path: str, refiner: int):
     torch.testing.assert_close(a[1], kept[1], atol=1e-5, rtol=1e-5)  # and only for dropped rows
 
 
-def test_no_text_tokens_at_all_is_finite(attention_path: str, refiner: int):
-    model = perturbed(tiny(text_refiner_depth=refiner))
+def test_no_text_tokens_at_all_is_finite(attention_path: str, refiner: int, text_attention: str):
+    model = perturbed(tiny(text_refiner_depth=refiner, text_attention=text_attention))
     x, t, cond = inputs()
     empty = {**cond, "t5": cond["t5"][:, :0], "t5_mask": cond["t5_mask"][:, :0]}
     empty = {**empty, "clip_tokens": cond["clip_tokens"][:, :0], "clip_tokens_mask": cond["clip_tokens_mask"][:, :0]}
@@ -208,12 +224,13 @@ def test_cond_errors_are_clear():
         model(x, t, {**cond, "clip": torch.zeros(3, CLIP_DIM + 1)})
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    model = perturbed(tiny(qk_norm=True, guidance_embed=True, gradient_checkpointing=True))
+def test_save_pretrained_round_trip(tmp_path, text_attention: str):
+    model = perturbed(tiny(qk_norm=True, guidance_embed=True, gradient_checkpointing=True, text_attention=text_attention))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["text_dim"] == TEXT_DIM and config["qk_norm"] is True and "gradient_checkpointing" not in config
+    assert config["text_attention"] == text_attention
     loaded = DiT.from_pretrained(tmp_path).eval()
     x, t, cond = inputs()
     cond = {**cond, "guidance": torch.full((3,), 3.0), "drop": torch.tensor([False, True, False])}
@@ -221,7 +238,22 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(loaded(x, t, cond), model(x, t, cond))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_configs_from_before_text_attention_load_as_cross(tmp_path):
+    """A checkpoint saved before the option existed (no ``text_attention`` in its config) loads
+    with cross-attention blocks and gives the same output."""
+    model = perturbed(tiny(qk_norm=True))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_attention"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = DiT.from_pretrained(tmp_path).eval()
+    assert loaded.config.text_attention == "cross" and isinstance(loaded.blocks[0], dit_layers.DiTBlock)
+    x, t, cond = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, cond), model(x, t, cond))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(text_attention: str):
     x, t, cond = inputs()
     cond = {**cond, "drop": torch.tensor([False, True, False])}
 
@@ -230,7 +262,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, t, cond).square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    model = perturbed(tiny())
+    model = perturbed(tiny(text_attention=text_attention))
     plain = grads(model)
     model.enable_gradient_checkpointing()
     assert model.is_gradient_checkpointing
@@ -238,7 +270,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
-    assert tiny(gradient_checkpointing=True).is_gradient_checkpointing
+    assert tiny(gradient_checkpointing=True, text_attention=text_attention).is_gradient_checkpointing
 
 
 def test_attention_paths_agree():
@@ -273,6 +305,22 @@ def test_flops_per_sample():
     assert refined == 2 * 2 * (4 * L * D * D + 2 * L * L * D + 2 * L * D * 4 * D)
 
 
+def test_flops_per_sample_joint():
+    """Joint blocks: both streams' projections, MLPs and modulations and (L + N)² attention; the
+    last block has only the text k / v and shift / scale, and N image queries."""
+    model = tiny(text_attention="joint", depth=3)
+    assert flops_per_sample(model, 16) == flops_per_sample(dict(model.config), 16)
+    D, L, n, depth, mlp = 32, 16, 16, 3, 4 * 32  # sample 8, patch 2: 16 image tokens
+    image = 4 * n * D * D + 2 * n * D * mlp + 6 * D * D  # qkv + out, MLP, adaLN
+    text = 4 * L * D * D + 2 * L * D * mlp + 6 * D * D
+    last = image + 2 * L * D * D + 2 * D * D + 2 * n * (n + L) * D  # text kv, text shift / scale, N queries
+    blocks = (depth - 1) * (image + text + 2 * (n + L) ** 2 * D) + last
+    rest = n * 4 * 4 * D + L * TEXT_DIM * D + 2 * D * D + n * D * 4 * 4  # patch embed, text proj, final layer
+    assert flops_per_sample(model, L) == 2 * (blocks + rest)
+    cross = {**model.config, "text_attention": "cross"}
+    assert flops_per_sample(model, L) > flops_per_sample(cross, L)
+
+
 def test_pos_interpolation_spans_the_base_grid_at_any_size():
     """PixArt-α: positions scaled by base / grid on each axis; the default grid is unchanged."""
     plain = dit_layers.sincos_pos_embed_2d(32, 4, 4)
@@ -285,13 +333,13 @@ def test_pos_interpolation_spans_the_base_grid_at_any_size():
     assert torch.equal(model(x, torch.rand(2)), torch.zeros_like(x))  # a fresh model still outputs zero
 
 
-def test_the_refiner_reads_word_order():
+def test_the_refiner_reads_word_order(text_attention: str):
     """With the refiner, swapping two text tokens changes the output (its positions tell words
-    apart); without it, cross-attention is a set operation and the swap changes nothing."""
+    apart); without it, cross- or joint attention is a set operation and the swap changes nothing."""
     x, t, cond = inputs()
     swapped = {**cond, "t5": cond["t5"][:, [1, 0, 2, 3, 4]]}
     for depth, changes in ((0, False), (2, True)):
-        model = perturbed(tiny(text_refiner_depth=depth))
+        model = perturbed(tiny(text_refiner_depth=depth, text_attention=text_attention))
         with torch.no_grad():
             a, b = model(x, t, cond)[0], model(x, t, swapped)[0]
         assert torch.allclose(a, b, atol=1e-5) is not changes, depth
@@ -300,3 +348,83 @@ def test_the_refiner_reads_word_order():
 def test_a_refiner_needs_text():
     with pytest.raises(ValueError, match="text_refiner_depth needs text tokens"):
         DiT(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=4, text_refiner_depth=1)
+
+
+def test_text_attention_errors():
+    with pytest.raises(ValueError, match="text_attention must be one of 'cross', 'joint'"):
+        tiny(text_attention="mmdit")
+    with pytest.raises(ValueError, match="joint.*needs text tokens"):
+        DiT(in_channels=4, sample_size=8, hidden_size=32, depth=1, num_heads=4, clip_dim=CLIP_DIM, text_attention="joint")
+    tiny(text_dim=0, text_attention="joint")  # CLIP tokens alone are text enough
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_last_joint_block_updates_only_the_image(depth: int):
+    """SD3's ``context_pre_only``: the last block's text stream supplies keys and values only, so it
+    holds a kv Linear, its k-norm and a shift / scale modulation, and nothing unused (DDP)."""
+    model = perturbed(tiny(text_attention="joint", qk_norm=True, depth=depth)).train()
+    full = {n.split(".")[0] for n, _ in model.blocks[0].text.named_parameters()} if depth > 1 else None
+    last = model.blocks[-1].text
+    assert {n for n, _ in last.named_parameters()} == {
+        "kv.weight", "kv.bias", "k_norm.weight", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"
+    }
+    assert last.adaLN_modulation[-1].out_features == 2 * 32  # shift and scale, no gates
+    assert depth == 1 or full == {"qkv", "q_norm", "k_norm", "proj", "mlp", "adaLN_modulation"}
+    x, t, cond = inputs()
+    context = []
+    model.blocks[-1].register_forward_hook(lambda module, args, out: context.append(out[1] is args[2]))
+    model(x, t, {**cond, "drop": torch.tensor([False, True, False])}).square().mean().backward()
+    assert context == [True]  # the text stream leaves the last block untouched
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert unused == []
+
+
+def diffusers_state_dict(block: dit_layers.JointBlock, last: bool) -> dict[str, torch.Tensor]:
+    """Our joint block's weights under diffusers' ``JointTransformerBlock`` names."""
+    image, text = block.image, block.text
+    state = {"attn.norm_q.weight": image.q_norm.weight, "attn.norm_k.weight": image.k_norm.weight}
+    state["attn.norm_added_k.weight"] = text.k_norm.weight
+    fused = [(image.qkv, ("to_q", "to_k", "to_v"))]
+    fused.append((text.kv, ("add_k_proj", "add_v_proj")) if last else (text.qkv, ("add_q_proj", "add_k_proj", "add_v_proj")))
+    for linear, names in fused:
+        for name, weight, bias in zip(names, linear.weight.chunk(len(names)), linear.bias.chunk(len(names))):
+            state |= {f"attn.{name}.weight": weight, f"attn.{name}.bias": bias}
+    same = {"attn.to_out.0": image.proj, "norm1.linear": image.adaLN_modulation[1]}
+    same |= {"ff.net.0.proj": image.mlp.fc1, "ff.net.2": image.mlp.fc2}
+    if not last:
+        state["attn.norm_added_q.weight"] = text.q_norm.weight
+        same |= {"attn.to_add_out": text.proj, "norm1_context.linear": text.adaLN_modulation[1]}
+        same |= {"ff_context.net.0.proj": text.mlp.fc1, "ff_context.net.2": text.mlp.fc2}
+    for name, linear in same.items():
+        state |= {f"{name}.weight": linear.weight, f"{name}.bias": linear.bias}
+    if last:  # diffusers' AdaLayerNormContinuous splits its output as (scale, shift), ours as (shift, scale)
+        for kind in ("weight", "bias"):
+            shift, scale = getattr(text.adaLN_modulation[1], kind).chunk(2)
+            state[f"norm1_context.linear.{kind}"] = torch.cat([scale, shift])
+    return state
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_joint_block_matches_the_diffusers_mmdit_block(last: bool):
+    """Same maths as diffusers' ``JointTransformerBlock`` (SD3) with per-head RMS qk-norm, once the
+    weights are copied over; the last block as its ``context_pre_only`` (no mask: it takes none)."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    D, H = 32, 4
+    torch.manual_seed(0)
+    ours = perturbed(dit_layers.JointBlock(D, H, 4.0, qk_norm=True, last=last))
+    ref = JointTransformerBlock(D, H, D // H, context_pre_only=last, qk_norm="rms_norm").eval()
+    missing, unexpected = ref.load_state_dict(diffusers_state_dict(ours, last), strict=False)
+    # diffusers keeps a text query projection in its last block; what it computes is thrown away.
+    text_query = {"attn.add_q_proj.weight", "attn.add_q_proj.bias", "attn.norm_added_q.weight"}
+    assert unexpected == [] and set(missing) == (text_query if last else set())
+    g = torch.Generator().manual_seed(3)
+    x, context, c = torch.randn(2, 16, D, generator=g), torch.randn(2, 5, D, generator=g), torch.randn(2, D, generator=g)
+    with torch.no_grad():
+        x_ours, context_ours = ours(x, c, context)
+        context_ref, x_ref = ref(x, context, c)
+    torch.testing.assert_close(x_ours, x_ref, atol=1e-5, rtol=1e-5)
+    if last:
+        assert context_ref is None and context_ours is context
+    else:
+        torch.testing.assert_close(context_ours, context_ref, atol=1e-5, rtol=1e-5)

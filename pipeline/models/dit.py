@@ -7,7 +7,9 @@ References:
 - Chen et al. 2023, "PixArt-α": cross-attention from image tokens to T5 tokens after the
   self-attention, with a plain pre-LayerNorm and no adaLN.
 - Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3): per-head QK RMS-norm; the model
-  predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §3 "Time").
+  predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §3 "Time"); the MMDiT block
+  (§2, Fig. 2; also Flux's double-stream blocks), ``text_attention="joint"``: text and image
+  tokens as two streams with their own weights, joined in one attention over both.
 - Zhuo et al. 2024, "Lumina-Next" (its context refiner) and Xie et al. 2024, "Sana": transformer
   layers over the text tokens inside the diffusion model (``text_refiner_depth``), so the model
   can learn which words belong together (a colour with its object's position) before the image
@@ -30,6 +32,12 @@ by a learned null vector in ``clip_dim`` space (before the CLIP MLP). A row with
 the model's config does not use are ignored; unknown keys and missing required keys raise
 ``ValueError``.
 
+How the image tokens read the text (``text_attention``): ``"cross"`` (PixArt-α) keeps the text
+fixed after the projections / refiner and adds a cross-attention from image tokens to it in every
+block; ``"joint"`` (SD3 MMDiT) carries the text through the blocks as a second residual stream,
+with one attention over [text; image] per block. Both use the same key mask, so padding and the
+null sequence behave alike.
+
 Activation checkpointing is the diffusers mechanism (``model.enable_gradient_checkpointing()``,
 or ``gradient_checkpointing=True`` at construction; not saved in the config).
 """
@@ -47,6 +55,7 @@ from torch import Tensor, nn
 from pipeline.models.dit_layers import (
     DiTBlock,
     FinalLayer,
+    JointBlock,
     RefinerBlock,
     ScalarEmbedder,
     TokenProjection,
@@ -55,6 +64,7 @@ from pipeline.models.dit_layers import (
 )
 
 COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance"})
+TEXT_ATTENTION = ("cross", "joint")  # how the image tokens read the text: PixArt-α or SD3 MMDiT
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -71,10 +81,14 @@ class DiT(ModelMixin, ConfigMixin):
     default ``sample_size`` grid (PixArt-α), instead of extending the indices (DiT).
     ``text_refiner_depth`` > 0 adds 1D sin-cos positions to each projected token sequence and runs
     that many masked transformer layers over the concatenated text before any block reads it.
+    ``text_attention`` is ``"cross"`` (``DiTBlock``: self-attention, then cross-attention to the
+    text) or ``"joint"`` (``JointBlock``, SD3's MMDiT: text and image tokens in two streams with
+    their own weights and one attention over both; the last block updates only the image tokens;
+    needs text tokens).
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["DiTBlock"]
+    _no_split_modules = ["DiTBlock", "JointBlock"]
     ignore_for_config = ["gradient_checkpointing"]
 
     @register_to_config
@@ -94,6 +108,7 @@ class DiT(ModelMixin, ConfigMixin):
         guidance_embed: bool = False,
         pos_interpolation: bool = False,
         text_refiner_depth: int = 0,
+        text_attention: str = "cross",
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -104,6 +119,11 @@ class DiT(ModelMixin, ConfigMixin):
         self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
         self.pos_base = sample_size // patch_size if pos_interpolation else None
         self.has_text = text_dim > 0 or clip_token_dim > 0
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"text_attention must be one of {', '.join(map(repr, TEXT_ATTENTION))}, got {text_attention!r}")
+        if text_attention == "joint" and not self.has_text:
+            raise ValueError('text_attention="joint" needs text tokens (text_dim or clip_token_dim)')
+        self.joint = text_attention == "joint"
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size)
         self.guidance_embedder = ScalarEmbedder(hidden_size) if guidance_embed else None
@@ -118,7 +138,10 @@ class DiT(ModelMixin, ConfigMixin):
             RefinerBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(text_refiner_depth)
         )
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm) for _ in range(depth)
+            JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, last=i == depth - 1)
+            if self.joint
+            else DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm)
+            for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self._pos_cache: dict[tuple, Tensor] = {}
@@ -136,8 +159,9 @@ class DiT(ModelMixin, ConfigMixin):
 
         xavier-uniform for every Linear and the patch embedding (as a Linear), zero biases;
         normal(0.02) for the timestep / guidance / pooled-CLIP MLPs and the null condition; zero
-        for every adaLN modulation output layer, the cross-attention output projections and the
-        final Linear.
+        for every adaLN modulation output layer (both streams of a joint block), the
+        cross-attention output projections and the final Linear. A fresh block (either kind) is
+        then the identity on every stream it returns.
         """
 
         def basic_init(module: nn.Module) -> None:
@@ -160,6 +184,9 @@ class DiT(ModelMixin, ConfigMixin):
         for layer in self.text_refiner:
             zero_init += [layer.attn.proj, layer.mlp.fc2]
         for block in self.blocks:
+            if isinstance(block, JointBlock):
+                zero_init += [block.image.adaLN_modulation[-1], block.text.adaLN_modulation[-1]]
+                continue
             zero_init.append(block.adaLN_modulation[-1])
             if block.cross_attn is not None:
                 zero_init.append(block.cross_attn.proj)
@@ -183,9 +210,11 @@ class DiT(ModelMixin, ConfigMixin):
         context, mask = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                h = self._gradient_checkpointing_func(block, h, c, context, mask)
+                out = self._gradient_checkpointing_func(block, h, c, context, mask)
             else:
-                h = block(h, c, context, mask)
+                out = block(h, c, context, mask)
+            # DiTBlock -> h (B, N, D); JointBlock -> (h, context): the text stream moves on too.
+            h, context = out if self.joint else (out, context)
         h = self.final_layer(h, c)  # (B, N, p·p·C)
         return self.unpatchify(h, gh, gw)
 
@@ -331,13 +360,18 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
     """Forward FLOPs of one sample at the config's ``sample_size`` (2 × multiply-accumulates).
 
     Counted: patch embedding; per block the self-attention qkv / output projections and its
-    score and value matmuls over the N image tokens; with text (``text_dim`` or
-    ``clip_token_dim``), the cross-attention q / output projections over N, k / v projections over
-    ``tokens_text`` = L keys and its N × L score and value matmuls, plus the text projection
-    (assumed from ``text_dim`` when set); the MLP; the adaLN modulation and the final layer; the
-    text refiner's layers over the L tokens.
-    Not counted: norms, activations, softmax and the timestep / CLIP / guidance MLPs (per sample,
-    tiny). Training (forward + backward) ≈ 3 × this; with activation checkpointing ≈ 4 ×.
+    score and value matmuls over the N image tokens, the MLP and the adaLN modulation; with text
+    (``text_dim`` or ``clip_token_dim``), the text projection (assumed from ``text_dim`` when set)
+    and the text refiner's layers over ``tokens_text`` = L tokens, and per block:
+    - ``text_attention="cross"``: the cross-attention q / output projections over N, k / v
+      projections over the L keys and its N × L score and value matmuls;
+    - ``"joint"``: the text stream's qkv / output projections, MLP and adaLN modulation over L, and
+      the scores and values over all (L + N)² query-key pairs (instead of the image-only N²); in
+      the last block the text stream has only its k / v projections and a shift / scale
+      modulation, and only the N image tokens query the L + N keys.
+    Then the final layer. Not counted: norms, activations, softmax and the timestep / CLIP /
+    guidance MLPs (per sample, tiny). Training (forward + backward) ≈ 3 × this; with activation
+    checkpointing ≈ 4 ×.
     """
     cfg = _full_config(config)
     D, p, C, depth = cfg["hidden_size"], cfg["patch_size"], cfg["in_channels"], cfg["depth"]
@@ -346,14 +380,22 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
     text_width = cfg["text_dim"] or cfg["clip_token_dim"]
     L = tokens_text if text_width else 0
     macs = n * C * p * p * D  # patch embedding
-    block = 4 * n * D * D + 2 * n * n * D  # qkv + out projections, scores + values
-    block += 2 * n * D * hidden_mlp + 6 * D * D  # MLP, adaLN modulation
+    image = 4 * n * D * D + 2 * n * D * hidden_mlp + 6 * D * D  # qkv + out projections, MLP, adaLN modulation
+    if text_width and cfg["text_attention"] == "joint":
+        text = 4 * L * D * D + 2 * L * D * hidden_mlp + 6 * D * D  # the same over the L text tokens
+        joint = 2 * (n + L) * (n + L) * D  # scores + values over [text; image]
+        last = 2 * L * D * D + 2 * D * D + 2 * n * (n + L) * D  # text k + v, its shift / scale; N queries
+        macs += (depth - 1) * (image + text + joint) + image + last
+    else:
+        block = image + 2 * n * n * D  # scores + values
+        if text_width:
+            block += 2 * n * D * D + 2 * L * D * D + 2 * n * L * D  # q + out, k + v, scores + values
+        macs += depth * block
     if text_width:
-        block += 2 * n * D * D + 2 * L * D * D + 2 * n * L * D  # q + out, k + v, scores + values
         macs += L * text_width * D  # text projection
     if L:  # the text refiner: qkv + out projections, scores + values, MLP over the L text tokens
         macs += cfg["text_refiner_depth"] * (4 * L * D * D + 2 * L * L * D + 2 * L * D * hidden_mlp)
-    macs += depth * block + 2 * D * D + n * D * p * p * C  # blocks, final adaLN, final Linear
+    macs += 2 * D * D + n * D * p * p * C  # final adaLN, final Linear
     return 2.0 * macs
 
 
@@ -369,7 +411,8 @@ DIT_CONFIGS: dict[str, dict[str, int]] = {
 def compile_blocks(model: DiT) -> DiT:
     """``torch.compile`` each transformer block in place (torchtitan's per-block compilation): the
     blocks share one compiled graph, so compiling costs one block's time whatever the depth, and
-    parameter names stay as they are. Apply after any copy of the model is taken (an EMA)."""
+    parameter names stay as they are. Apply after any copy of the model is taken (an EMA). With
+    ``text_attention="joint"`` the last block (no text stream after it) compiles once more."""
     for block in model.blocks:
         block.compile()
     return model

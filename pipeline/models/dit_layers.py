@@ -1,12 +1,14 @@
 """The DiT's parts (``pipeline.models.dit`` assembles them): timestep / guidance embedders, the 1D
 and 2D sin-cos position tables, text-token projections, the text refiner, attention, the adaLN-Zero
-block and the final layer.
+block with cross-attention (``DiTBlock``), the two-stream joint-attention block (``JointBlock``)
+and the final layer.
 
 References: Peebles & Xie 2023 (DiT: adaLN-Zero blocks, ``timestep_embedding``, the position
 table); Chen et al. 2023 (PixArt-α: cross-attention to T5 tokens with a pre-LayerNorm, no adaLN);
-Esser et al. 2024 (SD3: per-head QK RMS-norm); Zhuo et al. 2024 (Lumina-Next) and Xie et al. 2024
-(Sana): a few transformer layers that refine the frozen text encoder's tokens inside the
-diffusion model, before the image tokens read them.
+Esser et al. 2024 (SD3: per-head QK RMS-norm; the MMDiT block, §2 and Fig. 2: text and image
+tokens keep their own weights and meet in one attention over both); Zhuo et al. 2024
+(Lumina-Next) and Xie et al. 2024 (Sana): a few transformer layers that refine the frozen text
+encoder's tokens inside the diffusion model, before the image tokens read them.
 """
 
 from __future__ import annotations
@@ -117,6 +119,22 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)
 
 
+def split_heads(fused: Tensor, parts: int, num_heads: int) -> tuple[Tensor, ...]:
+    """A fused projection (B, N, parts · D) -> parts × (B, H, N, Dh).
+
+    Viewed as (B, N, parts, H, Dh) and transposed to (B, H, parts, N, Dh) before the unbind, so the
+    backward stacks the gradients straight into the Linear's layout.
+    """
+    B, N, _ = fused.shape
+    return fused.view(B, N, parts, num_heads, -1).transpose(1, 3).unbind(2)
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """(B, H, N, Dh) -> (B, N, H · Dh)."""
+    B, H, N, Dh = out.shape
+    return out.transpose(1, 2).reshape(B, N, H * Dh)
+
+
 class Attention(nn.Module):
     """Multi-head attention with fused projections and SDPA; self-attention when ``context`` is None.
 
@@ -140,20 +158,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        B, N, D = x.shape
-        H, Dh = self.num_heads, self.head_dim
+        """x (B, N, D), context (B, S, D) or None, mask (B, 1, 1, S) bool or None -> (B, N, D)."""
         if self.cross:
-            S = context.shape[1]
-            q = self.q(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-            kv = self.kv(context).view(B, S, 2, H, Dh).transpose(1, 3)  # (B, H, 2, S, Dh)
-            k, v = kv.unbind(2)  # 2 × (B, H, S, Dh)
+            (q,) = split_heads(self.q(x), 1, self.num_heads)  # (B, H, N, Dh)
+            k, v = split_heads(self.kv(context), 2, self.num_heads)  # 2 × (B, H, S, Dh)
         else:
-            qkv = self.qkv(x).view(B, N, 3, H, Dh).transpose(1, 3)  # (B, H, 3, N, Dh)
-            q, k, v = qkv.unbind(2)  # 3 × (B, H, N, Dh); backward stacks straight into the Linear's layout
+            q, k, v = split_heads(self.qkv(x), 3, self.num_heads)  # 3 × (B, H, N, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = attention(q, k, v, mask)  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D) -> (B, N, D)
+        return self.proj(merge_heads(out))  # (B, N, D) -> (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -189,6 +203,99 @@ class DiTBlock(nn.Module):
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+def joint_mask(text_mask: Tensor | None, num_image: int) -> Tensor | None:
+    """Key mask over the joint sequence [text; image]: (B, 1, 1, S) -> (B, 1, 1, S + N), every
+    image token a key; None (every text token real) stays None."""
+    if text_mask is None:
+        return None
+    image = text_mask.new_ones(*text_mask.shape[:-1], num_image)  # (B, 1, 1, N)
+    return torch.cat([text_mask, image], dim=-1)  # (B, 1, 1, S + N)
+
+
+class JointStream(nn.Module):
+    """One stream (image or text tokens) of a ``JointBlock``, with weights of its own: adaLN-Zero
+    modulation from c, non-affine LayerNorms, a fused qkv Linear, optional per-head qk RMSNorm, an
+    output projection and an MLP.
+
+    ``keys_only`` builds the text stream of the last block (SD3's ``context_pre_only``): its tokens
+    are only read as keys and values, so it holds a fused kv Linear (and the k-norm) and a shift /
+    scale modulation of its pre-attention norm (2·D, SD3's ``AdaLayerNormContinuous``), and no
+    query, output projection, gates or MLP: no parameter is left without a gradient (DDP).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, keys_only: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.keys_only = num_heads, keys_only
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        if keys_only:
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm and not keys_only else None
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
+        self.proj = None if keys_only else nn.Linear(dim, dim)
+        self.norm2 = None if keys_only else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = None if keys_only else Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if keys_only else 6) * dim))
+
+    def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
+        """c (B, D) -> 6 × (B, 1, D): shift, scale, gate for the attention, then for the MLP
+        (with ``keys_only``, 2 × (B, 1, D): the attention's shift and scale)."""
+        return self.adaLN_modulation(c)[:, None].chunk(2 if self.keys_only else 6, dim=-1)
+
+    def heads(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
+        """x (B, L, D) -> q, k, v (B, H, L, Dh) each (k, v with ``keys_only``), from the modulated norm."""
+        x = modulate(self.norm1(x), shift, scale)  # (B, L, D)
+        fused = self.kv(x) if self.keys_only else self.qkv(x)  # (B, L, 2D) or (B, L, 3D)
+        *q, k, v = split_heads(fused, 2 if self.keys_only else 3, self.num_heads)
+        if self.k_norm is not None:
+            q, k = [self.q_norm(q_) for q_ in q], self.k_norm(k)
+        return (*q, k, v)
+
+    def update(
+        self, x: Tensor, out: Tensor, gate_msa: Tensor, shift_mlp: Tensor, scale_mlp: Tensor, gate_mlp: Tensor
+    ) -> Tensor:
+        """x (B, L, D) plus this stream's attention output out (B, H, L, Dh) through its gate, then the gated MLP."""
+        x = torch.addcmul(x, gate_msa, self.proj(merge_heads(out)))  # (B, L, D)
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+
+class JointBlock(nn.Module):
+    """MMDiT block (Esser et al. 2024, "Scaling Rectified Flow Transformers", SD3 §2 and Fig. 2;
+    diffusers' ``JointTransformerBlock``): image and text tokens are two streams with weights of
+    their own (``JointStream``), both modulated by c, and one attention runs over their
+    concatenation [text; image], so every token reads both; each stream adds its share of the
+    output back through its own gate.
+
+    The key mask covers the text keys (padding and the null sequence, as for cross-attention) and
+    lets every image key through; the same text mask is applied in every block, so a masked text
+    position, whatever the block makes of it, is never read by a real token. With ``last`` (the
+    model's last block, SD3's ``context_pre_only``) the text only supplies keys and values: no text
+    queries, and the text stream is returned unchanged.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, last: bool) -> None:
+        super().__init__()
+        self.image = JointStream(hidden_size, num_heads, mlp_ratio, qk_norm)
+        self.text = JointStream(hidden_size, num_heads, mlp_ratio, qk_norm, keys_only=last)
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D), c (B, D), context (B, S, D), mask (B, 1, 1, S) bool or None -> x (B, N, D), context (B, S, D)."""
+        S, N = context.shape[1], x.shape[1]
+        image_mod = self.image.modulation(c)  # 6 × (B, 1, D)
+        text_mod = self.text.modulation(c)  # 6 × (B, 1, D), or 2 (shift, scale) in the last block
+        q_image, k_image, v_image = self.image.heads(x, *image_mod[:2])  # 3 × (B, H, N, Dh)
+        *q_text, k_text, v_text = self.text.heads(context, *text_mod[:2])  # 3 (or 2) × (B, H, S, Dh)
+        q = torch.cat([*q_text, q_image], dim=2)  # (B, H, S + N, Dh); (B, H, N, Dh) in the last block
+        k = torch.cat([k_text, k_image], dim=2)  # (B, H, S + N, Dh)
+        v = torch.cat([v_text, v_image], dim=2)  # (B, H, S + N, Dh)
+        out = attention(q, k, v, joint_mask(mask, N))  # (B, H, S + N, Dh) or (B, H, N, Dh)
+        x = self.image.update(x, out[:, :, -N:], *image_mod[2:])  # (B, N, D)
+        if self.text.keys_only:
+            return x, context
+        return x, self.text.update(context, out[:, :, :S], *text_mod[2:])  # (B, S, D)
 
 
 class RefinerBlock(nn.Module):

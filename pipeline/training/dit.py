@@ -61,7 +61,9 @@ def build_model(cfg: TrainConfig, meta: dict):
         "clip_dim": text["clip"]["width"] if text.get("clip") else 0,
         "clip_token_dim": text["clip"]["token_width"] if text.get("clip") and text["clip"].get("return_tokens") else 0,
     }
-    model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, qk_norm=cfg.model.qk_norm, **widths, **cfg.model.overrides)
+    m = cfg.model
+    options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention}
+    model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, **options, **widths, **cfg.model.overrides)
     check_buckets(meta.get("buckets"), model.patch_size)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()

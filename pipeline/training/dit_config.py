@@ -18,6 +18,8 @@ from pipeline.training.tracking import LoggingConfig
 class ModelConfig:
     name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS
     qk_norm: bool = False
+    text_refiner_depth: int = 0  # transformer layers over the text tokens before the blocks read them (Lumina-Next, Sana)
+    text_attention: Literal["cross", "joint"] = "cross"  # PixArt-α cross-attention, or SD3's joint (MMDiT) blocks
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (one compilation serves all blocks, one more per bucket shape); DDP or ZeRO-2, not ZeRO-3
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4}
@@ -27,6 +29,8 @@ class ModelConfig:
 
         if self.name not in DIT_CONFIGS:
             raise ValueError(f"unknown model '{self.name}' (known: {', '.join(DIT_CONFIGS)})")
+        if self.text_refiner_depth < 0:
+            raise ValueError(f"text_refiner_depth must be >= 0 (got {self.text_refiner_depth})")
 
 
 @dataclass(kw_only=True)

@@ -131,7 +131,7 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
              for spec in jobs.cell_jobs(mode, precision, accum, latent_shards, out)]
     specs += jobs.distill_jobs(teacher_dir, latent_shards, out) + jobs.autoencoder_jobs(image_shards, out)
     specs.append(jobs.ema_copy_job(latent_shards, out))
-    specs += jobs.bucket_jobs(bucketed_latents, out)
+    specs += jobs.bucket_jobs(bucketed_latents, out) + jobs.text_jobs(latent_shards, out)
     inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]

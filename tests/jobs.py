@@ -200,6 +200,17 @@ def bucket_jobs(latents: Path, out: Path) -> list[dict]:
     return cell_jobs(*BUCKET_CELL, latents, out, prefix="buckets-", extra=extra)
 
 
+TEXT_CELL = ("zero3", "bf16", 2)
+
+
+def text_jobs(latents: Path, out: Path) -> list[dict]:
+    """A cell with the text options (``text-zero3-bf16-accum2``): joint (MMDiT) blocks after a text
+    refiner, under ZeRO-3 (two-stream blocks partitioned, the EMA gathers them whole) with the EMA
+    warmup schedule."""
+    extra = ("model.text_attention=joint", "model.text_refiner_depth=1", "ema.warmup_power=0.75")
+    return cell_jobs(*TEXT_CELL, latents, out, prefix="text-", extra=extra)
+
+
 def ema_copy_job(latents: Path, out: Path) -> dict:
     """ZeRO-3 with ``ema.decay=0``: the EMA must then be the weights themselves, read whole."""
     return job("zero3-ema-decay0", "train", [f"data.latents={latents}", f"output_dir={out}", "run=zero3-ema-decay0", *MODES["zero3"],

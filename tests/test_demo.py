@@ -47,11 +47,14 @@ def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
         return {"steps": steps, "adherence_all": adherence, "adherence_vs_teacher": adherence / 0.5,
                 "sampler_speedup_vs_teacher": 50 / steps}
 
-    report = {"autoencoder": {"psnr": 31.0}, "teacher": {"adherence_all": 0.5},
+    report = {"autoencoder": {"psnr": 31.0}, "teacher": {"adherence_all": 0.5, "adherence_by_objects": {"1": 0.91, "2": 0.4}},
               "students": [model(1, 0.42), model(4, 0.47)], "teacher_few_steps": [model(1, 0.0), model(4, 0.45)]}
     by_goal = {g["goal"]: g for g in goals(report)}
     assert by_goal["student_1_beats_teacher_1"]["value"] == pytest.approx(0.42) and by_goal["student_1_beats_teacher_1"]["met"]
     assert by_goal["student_4_beats_teacher_4"]["value"] == pytest.approx(0.02)
     assert by_goal["student_4_beats_teacher_4"]["target"] == BEAT_MARGIN and not by_goal["student_4_beats_teacher_4"]["met"]
     assert by_goal["student_4_vs_teacher"]["value"] == pytest.approx(0.94) and not by_goal["student_4_vs_teacher"]["met"]
-    assert by_goal["student_1_vs_teacher"]["met"] and not by_goal["teacher_adherence_all"]["met"]
+    assert not by_goal["student_1_vs_teacher"]["met"] and not by_goal["teacher_adherence_all"]["met"]  # 0.84 < 0.90, 0.5 < 0.75
+    assert by_goal["teacher_adherence_1_object"]["met"] and not by_goal["teacher_adherence_2_objects"]["met"]
+    report["students"][0]["adherence_vs_teacher"] = 0.9
+    assert {g["goal"]: g for g in goals(report)}["student_1_vs_teacher"]["met"]

@@ -333,12 +333,12 @@ def test_pos_interpolation_spans_the_base_grid_at_any_size():
     assert torch.equal(model(x, torch.rand(2)), torch.zeros_like(x))  # a fresh model still outputs zero
 
 
-def test_the_refiner_reads_word_order(text_attention: str):
-    """With the refiner, swapping two text tokens changes the output (its positions tell words
-    apart); without it, cross- or joint attention is a set operation and the swap changes nothing."""
+def test_word_order_is_read_where_the_model_attends_over_the_text(text_attention: str):
+    """With a refiner or joint blocks, swapping two text tokens changes the output (positions tell
+    words apart); with plain cross-attention, a set operation over the keys, nothing changes."""
     x, t, cond = inputs()
     swapped = {**cond, "t5": cond["t5"][:, [1, 0, 2, 3, 4]]}
-    for depth, changes in ((0, False), (2, True)):
+    for depth, changes in ((0, text_attention == "joint"), (2, True)):
         model = perturbed(tiny(text_refiner_depth=depth, text_attention=text_attention))
         with torch.no_grad():
             a, b = model(x, t, cond)[0], model(x, t, swapped)[0]
@@ -428,3 +428,18 @@ def test_joint_block_matches_the_diffusers_mmdit_block(last: bool):
         assert context_ref is None and context_ours is context
     else:
         torch.testing.assert_close(context_ours, context_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_refines_only_the_kept_rows_and_agrees_with_training(text_attention: str):
+    """Under no_grad, dropped rows skip the refiner (guidance's null half); with gradients every
+    row is refined. Both give the same output."""
+    model = perturbed(tiny(text_refiner_depth=2, text_attention=text_attention))
+    x, t, cond = inputs()
+    cond = {**cond, "drop": torch.tensor([False, True, False])}
+    calls = []
+    model.text_refiner[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        inference = model(x, t, cond)
+    training = model(x, t, cond)
+    assert calls == [2, 3]
+    torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)

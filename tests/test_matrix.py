@@ -112,6 +112,16 @@ def test_zero3_ema_reads_the_whole_weights(launched_jobs):
 
 
 @pytest.mark.slow
+def test_joint_blocks_and_the_refiner_train_under_zero3_and_resume_exactly(launched_jobs):
+    """The text options users launch at scale: joint (MMDiT) blocks after a text refiner, ZeRO-3
+    in bf16 with accumulation 2 and the EMA warmup; the export is a joint model holding the EMA."""
+    name = "text-" + jobs.cell_name(*jobs.TEXT_CELL)
+    check_run_and_resume(launched_jobs, name, 2)
+    config = json.loads((launched_jobs / name / "model/transformer/config.json").read_text())
+    assert (config["text_attention"], config["text_refiner_depth"]) == ("joint", 1)
+
+
+@pytest.mark.slow
 def test_distillation_under_zero3_in_bf16_resumes_exactly(launched_jobs):
     name = "distill-zero3-bf16-accum2"
     check_run_and_resume(launched_jobs, name, 2, extra_states=("target.safetensors",))

@@ -79,8 +79,10 @@ class DiT(ModelMixin, ConfigMixin):
     ``guidance_embed`` adds an embedding of ``cond["guidance"]`` to the conditioning vector (for a
     guidance-distilled student). ``pos_interpolation`` scales every grid's positions to span the
     default ``sample_size`` grid (PixArt-α), instead of extending the indices (DiT).
-    ``text_refiner_depth`` > 0 adds 1D sin-cos positions to each projected token sequence and runs
-    that many masked transformer layers over the concatenated text before any block reads it.
+    ``text_refiner_depth`` > 0 runs that many masked transformer layers over the concatenated text
+    before any block reads it. When the model's own layers read the text with attention over it
+    (a refiner, or joint blocks), 1D sin-cos positions are added to each projected token sequence
+    first: word order is what tells which colour goes with which position.
     ``text_attention`` is ``"cross"`` (``DiTBlock``: self-attention, then cross-attention to the
     text) or ``"joint"`` (``JointBlock``, SD3's MMDiT: text and image tokens in two streams with
     their own weights and one attention over both; the last block updates only the image tokens;
@@ -272,7 +274,14 @@ class DiT(ModelMixin, ConfigMixin):
         first = torch.arange(tokens.shape[1], device=tokens.device)[None] == 0  # (1, L)
         # The refiner sees each row's real tokens (key 0 too, so a text-less row attends to something);
         # a dropped row's refined text is replaced by the null sequence below, whatever it was.
-        tokens = self._refine(tokens, (real | first)[:, None, None, :])
+        refine_mask = (real | first)[:, None, None, :]  # (B, 1, 1, L)
+        if "drop" in cond and len(self.text_refiner) and not torch.is_grad_enabled():
+            # Inference (guidance's null half): only the kept rows are refined. Finding them costs a
+            # device sync, so training (a tenth of the rows dropped) refines every row instead.
+            kept = (~cond["drop"].bool()).nonzero().squeeze(1)  # (K,)
+            tokens = tokens.index_copy(0, kept, self._refine(tokens[kept], refine_mask[kept]))
+        else:
+            tokens = self._refine(tokens, refine_mask)
         if "drop" in cond:
             real = real & ~cond["drop"].bool()[:, None]  # (B, L)
         null_slot = ~real.any(dim=1, keepdim=True) & first  # (B, L): position 0 of null rows
@@ -280,8 +289,8 @@ class DiT(ModelMixin, ConfigMixin):
         return context, (real | null_slot)[:, None, None, :]  # (B, 1, 1, L)
 
     def _text_positions(self, tokens: Tensor) -> Tensor:
-        """(B, L, D) + the 1D sin-cos table when there is a refiner to read word order from it."""
-        if not len(self.text_refiner):
+        """(B, L, D) + the 1D sin-cos table when a refiner or joint blocks read word order from it."""
+        if not len(self.text_refiner) and not self.joint:
             return tokens
         key = ("text", tokens.shape[1], tokens.dtype, tokens.device)
         table = self._pos_cache.get(key)

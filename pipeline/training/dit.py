@@ -63,9 +63,9 @@ def build_model(cfg: TrainConfig, meta: dict):
     }
     m = cfg.model
     options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention}
-    model = build_dit(cfg.model.name, in_channels=channels, sample_size=height, **options, **widths, **cfg.model.overrides)
+    model = build_dit(m.name, in_channels=channels, sample_size=height, **options, **widths, **m.overrides)
     check_buckets(meta.get("buckets"), model.patch_size)
-    if cfg.model.gradient_checkpointing:
+    if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
@@ -91,3 +92,19 @@ def test_reconstruction_samples_the_posterior_or_takes_its_mean():
     sampled, _ = Reconstruction(vae)(x)
     assert torch.equal(mean_a, mean_b) and not torch.equal(mean_a, sampled)
     assert kl.shape == (2,) and (kl > 0).all()
+
+
+def test_discriminator_size_is_the_loss_sections(image_shards, tmp_path, capsys):
+    """``loss.disc_channels`` / ``loss.disc_layers`` (taming's disc_ndf / disc_num_layers) build the
+    patch-GAN that trains and is checkpointed; a zero is one line naming them."""
+    extra = ["steps=2", "loss.disc_start=1", "loss.disc_channels=16", "loss.disc_layers=3", "checkpoint.every=2"]
+    assert train_autoencoder.main(args(image_shards, tmp_path, *extra)) == 0
+    disc = load_file(str(tmp_path / "ae/checkpoints/step-000002/accelerate/model_1.safetensors"))
+    convs = sorted((k for k in disc if k.endswith("weight") and disc[k].ndim == 4), key=lambda k: int(k.split(".")[1]))
+    assert [disc[k].shape[0] for k in convs] == [16, 32, 64, 128, 1]  # widths double per layer, one logit map
+    capsys.readouterr()  # the run's progress bar
+    with pytest.raises(SystemExit) as info:
+        train_autoencoder.main(args(image_shards, tmp_path / "bad", "steps=1", "loss.disc_layers=0"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "disc_layers" in err and len(err.strip().splitlines()) == 1

@@ -64,11 +64,15 @@ class AELossConfig:
     disc_weight: float = 0.5
     disc_start: int = 50001  # optimizer step at which the GAN term and the discriminator start
     disc_lr: float | None = None  # None: optim.lr
+    disc_channels: int = 64  # the patch-GAN's first width (taming's disc_ndf)
+    disc_layers: int = 2  # its strided layers after the first (taming's disc_num_layers)
     sample_posterior: bool = True  # decode a posterior sample (LDM); false: its mean (the KL term still applies)
 
     def __post_init__(self) -> None:
         if min(self.l2_weight, self.kl_weight, self.disc_weight) < 0 or self.disc_start < 0:
             raise ValueError("loss weights and disc_start must be >= 0")
+        if self.disc_channels < 1 or self.disc_layers < 1:
+            raise ValueError(f"disc_channels and disc_layers must be >= 1 (got {self.disc_channels}, {self.disc_layers})")
 
 
 @dataclass(kw_only=True)
@@ -134,7 +138,7 @@ class AutoencoderTrainer(TrainerCore):
         train, held_out = preflight(cfg, dist_env().world_size)
         super().__init__(cfg, create_accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum))
         torch.manual_seed(cfg.seed)
-        vae, disc = build_autoencoder(cfg.model), PatchDiscriminator()
+        vae, disc = build_autoencoder(cfg.model), PatchDiscriminator(cfg.loss.disc_channels, cfg.loss.disc_layers)
         opt_g, sched_g = build_optimizer(vae.parameters(), cfg.optim, cfg.steps)
         disc_optim = OptimConfig(**{**cfg.optim.__dict__, "lr": cfg.loss.disc_lr or cfg.optim.lr})
         opt_d, sched_d = build_optimizer(disc.parameters(), disc_optim, cfg.steps)

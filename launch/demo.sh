@@ -5,7 +5,7 @@
 # Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
 # resumes or recognises its complete output).
 #
-#   bash launch/demo.sh           the demo (runs/demo, about 19 min on 2 cores)
+#   bash launch/demo.sh           the demo (runs/demo, about 18 min on 2 cores)
 #   bash launch/demo.sh --quick   the same chain at toy size (runs/demo-quick, ~2-3 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."

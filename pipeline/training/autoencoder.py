@@ -65,7 +65,7 @@ class AELossConfig:
     disc_start: int = 50001  # optimizer step at which the GAN term and the discriminator start
     disc_lr: float | None = None  # None: optim.lr
     disc_channels: int = 64  # the patch-GAN's first width (taming's disc_ndf)
-    disc_layers: int = 2  # its strided layers after the first (taming's disc_num_layers)
+    disc_layers: int = 2  # its normalised conv layers after the first, the last at stride 1 (taming's disc_num_layers)
     sample_posterior: bool = True  # decode a posterior sample (LDM); false: its mean (the KL term still applies)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config.cli import add_size_args, image_size, shift_arg
+from pipeline.encoders.common import EncoderLoadError
+from pipeline.encoders.locations import add_encoder_args, encoder_paths
 from pipeline.figures.sheets import write_sheet
 from pipeline.inference.pipeline import TextToImage
 
@@ -35,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--output", type=Path, default=Path("grid.png"))
+    add_encoder_args(p)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1 (got {args.steps})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = TextToImage.from_folder(args.model, device)
+    try:
+        pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
+    except (EncoderLoadError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
     try:
         pipe.latent_shape_for(size)

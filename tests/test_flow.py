@@ -119,3 +119,44 @@ def test_auto_shift_is_sd3s_resolution_shift():
         sample_timesteps(2, cfg)
     with pytest.raises(ValueError, match="shift_base_tokens"):
         TimestepConfig(shift="auto", shift_base_tokens=0)
+
+
+@pytest.mark.parametrize("steps", [4, 10, 20])
+def test_strength_starts_where_diffusers_sd3_img2img_starts(steps):
+    """diffusers' ``StableDiffusion3Img2ImgPipeline.get_timesteps``: ``init = min(N·s, N)``,
+    ``t_start = int(max(N − init, 0))``, the shifted schedule from index ``t_start`` on. Our grid
+    is the schedule ``FlowMatchEulerDiscreteScheduler(shift=3)`` builds from
+    ``sigmas = linspace(1, 1/N, N)`` (what ``FluxPipeline`` passes), so the two agree point by point."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist())
+    torch.testing.assert_close(time_grid(steps, 3.0), scheduler.sigmas, atol=1e-6, rtol=0)
+    for strength in (0.25, 0.5, 0.75, 0.3, 0.6, 0.9):
+        if steps * strength != round(steps * strength):
+            continue  # off the grid: diffusers snaps the start up to a grid point, we start at shift_time(s)
+        t_start = int(max(steps - min(steps * strength, steps), 0))
+        grid = time_grid(steps, 3.0, strength=strength)
+        torch.testing.assert_close(grid, scheduler.sigmas[t_start:], atol=1e-6, rtol=0)
+        assert len(grid) - 1 == round(steps * strength)  # steps·strength steps
+    assert time_grid(10, 3.0, strength=0.5)[0].item() == pytest.approx(0.75)  # shift_time(0.5) at shift 3
+
+
+def test_strength_between_grid_points_starts_at_its_shifted_time():
+    grid = time_grid(10, 3.0, strength=0.25)  # 2.5 steps of 10: start at shift_time(0.25), then the grid below it
+    expected = shift_time(torch.tensor([0.25, 0.2, 0.1, 0.0]), 3.0)
+    torch.testing.assert_close(grid, expected, atol=1e-6, rtol=0)
+    assert torch.equal(time_grid(10, 3.0, strength=1.0), time_grid(10, 3.0))  # strength 1: text-to-image
+    two = time_grid(2, 3.0, strength=0.6)  # a 2-step student at 0.6 starts at 0.6 shifted, not from noise
+    torch.testing.assert_close(two, shift_time(torch.tensor([0.6, 0.5, 0.0]), 3.0), atol=1e-6, rtol=0)
+
+
+def test_strength_at_shift_one_starts_at_the_strength_itself():
+    for steps in (1, 2, 4, 10, 50):
+        for strength in (0.05, 0.3, 0.45, 0.6, 0.99):
+            below = [1 - j / steps for j in range(steps + 1) if 1 - j / steps < strength - 1e-9]
+            grid = time_grid(steps, 1.0, strength=strength)
+            torch.testing.assert_close(grid, torch.tensor([strength, *below]), atol=1e-6, rtol=0)
+    # a grid time that equals the strength up to float rounding is the start, not a second, empty step
+    assert len(time_grid(50, strength=0.3)) == 16

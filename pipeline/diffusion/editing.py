@@ -2,7 +2,7 @@
 samplers keep it.
 
 References: Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
-Differential Equations" (start part-way: noise the input to ``t = strength`` and integrate from
+Differential Equations" (start part-way: noise the input to the start time and integrate from
 there); Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models"
 (after every step the known region is replaced by the original noised to the current time;
 optional resampling jumps); Kulikov et al. 2024, "FlowEdit: Inversion-Free Text-Based Editing
@@ -10,9 +10,14 @@ Using Pre-Trained Flow Models" (the ODE on the difference of the target and sour
 
 Conventions (DESIGN.md §3): ``x_t = (1 − t)·x0 + t·ε``. A mask is ``1`` where the model redraws
 and ``0`` where the image is kept (diffusers' convention: white = repaint); soft values blend.
-``Edit`` is what :func:`pipeline.diffusion.samplers.euler` and ``consistency`` take to start at
-``t = strength`` from the noised image and keep its unmasked part; :func:`flow_edit` is the
-text-guided edit.
+``Edit`` is what :func:`pipeline.diffusion.samplers.euler` and ``consistency`` take to start
+part-way from the noised image and keep its unmasked part; :func:`flow_edit` is the text-guided
+edit.
+
+Strength, as diffusers' SD3 image-to-image: ``strength = s`` runs the last ``s`` share of the
+sampler's steps, so the start time is the *shifted* grid's, ``shift_time(s)`` (at shift 3,
+``s = 0.5`` starts at ``t = 0.75``); at shift 1 it is ``s`` itself
+(:func:`pipeline.diffusion.samplers.time_grid`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.diffusion.flow import interpolate
+from pipeline.diffusion.noise import Generators, randn_rows
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x_t, t), guided, its condition bound
 
@@ -49,8 +55,10 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class Edit:
     """An image to start from and the part of it to keep.
 
-    ``latents`` (B, C, h, w): the image's normalised latents; ``strength`` ∈ (0, 1]: the time the
-    samplers start at (1: from pure noise, the image is only the known region); ``mask``
+    ``latents`` (B, C, h, w): the image's normalised latents; ``strength`` ∈ (0, 1]: the share of
+    the sampler's steps to run, which start at ``shift_time(strength)`` (diffusers' SD3
+    image-to-image; ``pipeline.diffusion.samplers.time_grid``; 1: from pure noise, the image is
+    only the known region); ``mask``
     (B, 1, h, w) or None: 1 = redraw, 0 = keep (None redraws everything); ``resample``: RePaint's
     extra jumps per step (back up one step by the forward process, step again; Euler only)."""
 
@@ -70,9 +78,11 @@ class Edit:
                 raise ValueError(f"latent mask {tuple(self.mask.shape)} does not fit latents {tuple(self.latents.shape)}")
             self.mask = self.mask.to(self.latents.device, self.latents.dtype)
 
-    def start(self, noise: torch.Tensor) -> torch.Tensor:
-        """``x_s = (1 − s)·z + s·ε``: the image noised to the starting time."""
-        return interpolate(self.latents, noise, torch.full((noise.shape[0],), self.strength, device=noise.device))
+    def start(self, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """``x_t = (1 − t)·z + t·ε``: the image noised to the sampler's first time ``t``
+        (``shift_time(strength)``; the strength itself at shift 1)."""
+        t = torch.as_tensor(t, device=noise.device, dtype=torch.float32).expand(noise.shape[0])
+        return interpolate(self.latents, noise, t)
 
     def keep(self, x: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """``x`` at time ``t`` with its kept region replaced by the image noised to ``t`` with
@@ -83,14 +93,14 @@ class Edit:
         return self.mask * x + (1 - self.mask) * interpolate(self.latents, noise, t)
 
 
-def renoise(x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def renoise(x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, generator: Generators) -> torch.Tensor:
     """The forward process from ``t_from`` up to ``t_to ≥ t_from`` (RePaint's jump back):
     ``x_to = r·x_from + σ·ε`` with ``r = (1 − t_to)/(1 − t_from)`` and ``σ² = t_to² − r²·t_from²``,
-    so that ``x_from = (1 − t_from)·x0 + t_from·ε'`` lands on the marginal at ``t_to``."""
+    so that ``x_from = (1 − t_from)·x0 + t_from·ε'`` lands on the marginal at ``t_to``; ``ε``
+    from ``generator`` (one per image: row k from its own, ``pipeline.diffusion.noise``)."""
     r = (1 - t_to) / (1 - t_from).clamp(min=1e-6)
     sigma = (t_to**2 - (r * t_from) ** 2).clamp(min=0.0).sqrt()
-    fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return r * x + sigma * fresh
+    return r * x + sigma * randn_rows(x.shape, generator, x.dtype, x.device)
 
 
 @torch.no_grad()
@@ -99,7 +109,7 @@ def flow_edit(
     target_velocity: Velocity,
     source: torch.Tensor,
     grid: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     average: int = 1,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -107,15 +117,16 @@ def flow_edit(
     ``t_max`` down to 0): no inversion. At each ``t``, draw ``ε``, put the source on its path
     ``z_src = (1 − t)·x_src + t·ε`` and the edit beside it ``z_tar = z_edit + z_src − x_src``, and
     step ``z_edit`` by the velocity difference ``v(z_tar, c_tar) − v(z_src, c_src)`` (averaged over
-    ``average`` draws). The velocities are guided, each with its prompt bound. Equal source and
-    target velocities give a zero difference: the source comes back unchanged."""
+    ``average`` draws, from ``generator``: one, or one per image). The velocities are guided,
+    each with its prompt bound. Equal source and target velocities give a zero difference: the
+    source comes back unchanged."""
     edit = source.clone()
     batch = source.shape[0]
     for i in tqdm(range(len(grid) - 1), desc="flowedit", disable=not progress, leave=False):
         t = grid[i].expand(batch)
         delta = torch.zeros_like(source)
         for _ in range(average):
-            noise = torch.randn(source.shape, generator=generator, dtype=source.dtype).to(source.device)
+            noise = randn_rows(source.shape, generator, source.dtype, source.device)
             z_src = interpolate(source, noise, t)
             z_tar = edit + z_src - source
             delta += target_velocity(z_tar, t) - source_velocity(z_src, t)

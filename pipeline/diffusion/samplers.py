@@ -7,8 +7,12 @@
   ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
 - Guidance: ``pipeline.diffusion.guidance``.
 - Editing: both samplers take an ``Edit`` (``pipeline.diffusion.editing``): they start at
-  ``t = strength`` from the noised image, walk only the grid's times below it, and keep the
-  image's unmasked region on its forward path after every step (SDEdit, RePaint).
+  ``shift_time(strength)`` from the noised image (diffusers' SD3 image-to-image start, see
+  :func:`time_grid`), walk only the grid's times below it, and keep the image's unmasked region
+  on its forward path after every step (SDEdit, RePaint).
+- Noise: every draw after the starting noise (a student's fresh noise, RePaint's jumps,
+  FlowEdit's) goes through ``pipeline.diffusion.noise.randn_rows``; given one seed per image,
+  image k draws from its own generator only, so it does not depend on its batch.
 
 :func:`sample` picks the sampler a model folder names ("euler" for a teacher, "consistency" for a
 distilled student), so the inference pipeline and the training-time grids sample alike.
@@ -16,24 +20,43 @@ distilled student), so the inference pipeline and the training-time grids sample
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from tqdm import tqdm
 
 from pipeline.diffusion.editing import Edit, check_strength, flow_edit, renoise
 from pipeline.diffusion.flow import Model, shift_time
 from pipeline.diffusion.guidance import guided_velocity
+from pipeline.diffusion.noise import Generators, continued_generators, randn_rows
+
+Seeds = int | Sequence[int]  # one seed for the batch (training grids), or one per image
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None, strength: float = 1.0) -> torch.Tensor:
-    """``steps + 1`` times from 1 to 0 (uniform, then shifted); with ``strength < 1``, the
-    strength itself followed by the times of that grid below it (about ``steps·strength`` steps,
-    at least one), as diffusers' image-to-image pipelines do."""
+    """``steps + 1`` times from 1 to 0: uniform, then shifted (``shift_time``) — the schedule
+    diffusers' ``FlowMatchEulerDiscreteScheduler(shift=a)`` builds from ``sigmas = linspace(1,
+    1/steps, steps)``, as ``FluxPipeline`` passes them.
+
+    ``strength = s < 1`` starts part-way, as diffusers' SD3 image-to-image does: ``s`` is a share
+    of the *steps*, so the start is ``shift_time(s)`` (at shift 3, ``s = 0.5`` starts at
+    ``t = 0.75``, not 0.5) and the grid's times below it follow. Where ``steps·s`` is whole this is
+    diffusers' ``timesteps[t_start:]`` with ``t_start = steps − steps·s``: exactly ``steps·s``
+    steps. Between grid points, diffusers truncates ``t_start`` and starts at the grid time above
+    (a 2-step student at ``s = 0.6`` would start from pure noise); here the start is
+    ``shift_time(s)`` itself and ``⌊steps·s⌋ + 1`` steps run (at least one). At shift 1 the start
+    is ``s``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
     grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
     if strength >= 1.0:
         return grid
-    return torch.cat([torch.tensor([strength], device=device, dtype=grid.dtype), grid[grid < strength]])
+    first = steps - steps * strength  # the start's place on the grid: diffusers' t_start where it is whole
+    if abs(first - round(first)) < 1e-6 and round(first) < steps:  # whole up to float rounding
+        return grid[round(first):]
+    start = shift_time(torch.tensor([strength], device=device, dtype=grid.dtype), shift)
+    return torch.cat([start, grid[math.ceil(first):]])
 
 
 def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -43,18 +66,19 @@ def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -
 
 @torch.no_grad()
 def consistency(
-    model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: torch.Generator | None = None,
+    model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: Generators = None,
     edit: Edit | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling from ``t = 1`` (``steps`` model evaluations), or from
-    ``t = edit.strength`` (the grid's times below it); an edit's kept region is noised with each
-    step's fresh noise and is exactly the image at the end."""
+    ``edit.strength`` (:func:`time_grid`); an edit's kept region is noised with each step's fresh
+    noise and is exactly the image at the end. Fresh noise: ``randn_rows`` from ``generator``
+    (one per image: row k from its own)."""
     grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)  # t_0 > t_1 > … > 0
     ones = torch.ones(noise.shape[0], device=noise.device)
-    x = noise if edit is None else edit.start(noise)
+    x = noise if edit is None else edit.start(noise, grid[0])
     x0 = consistency_fn(model, x, grid[0] * ones, cond)
     for t_k in grid[1:-1]:
-        fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+        fresh = randn_rows(noise.shape, generator, noise.dtype, noise.device)
         x = (1 - t_k) * x0 + t_k * fresh
         if edit is not None:
             x = edit.keep(x, t_k, fresh)
@@ -72,14 +96,14 @@ def euler(
     shift: float = 1.0,
     progress: bool = False,
     edit: Edit | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``. With an
-    ``edit``: from the image noised to ``t = strength``, its kept region reset to the image on
-    the same noise's path after every step (and ``edit.resample`` RePaint jumps per step, their
-    noise from ``generator``)."""
+    ``edit``: from the image noised to the start of :func:`time_grid`, its kept region reset to
+    the image on the same noise's path after every step (and ``edit.resample`` RePaint jumps per
+    step, their noise from ``generator``: one, or one per image)."""
     grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)
-    x = noise if edit is None else edit.start(noise)
+    x = noise if edit is None else edit.start(noise, grid[0])
     for i in tqdm(range(len(grid) - 1), desc="euler", disable=not progress, leave=False):
         t = grid[i].expand(x.shape[0])
         for jump in range(1 + (edit.resample if edit else 0)):
@@ -104,15 +128,26 @@ def _student_cond(cond: dict, guidance: float, batch: int, device) -> dict:
     return {**cond, "guidance": torch.full((batch,), float(guidance), device=device)}
 
 
+def sampler_generators(seed: Seeds, shape: Sequence[int]) -> Generators:
+    """Where a sampler's fresh noise comes from. One seed (a training grid): one generator for the
+    batch, seeded ``seed + 1``. One seed per image: image k's own generator, continuing the stream
+    its seed started with its starting noise of ``shape`` (C, h, w) — image k then depends on
+    ``seeds[k]`` alone, whatever its batch (``pipeline.diffusion.noise``)."""
+    if isinstance(seed, Sequence):
+        return continued_generators(seed, shape)
+    return torch.Generator().manual_seed(int(seed) + 1)
+
+
 @torch.no_grad()
 def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
-           seed: int = 0, edit: Edit | None = None) -> torch.Tensor:
+           seed: Seeds = 0, edit: Edit | None = None) -> torch.Tensor:
     """Latents from ``noise`` with the named sampler: Euler with classifier-free guidance (a
     teacher), or consistency steps with the guidance scale given to the model as an input (a
     student: one evaluation per step). Fresh noise (a student's steps, RePaint's jumps) comes
-    from ``seed + 1``. ``edit``: start from an image and keep its unmasked part."""
+    from :func:`sampler_generators` (``seed``: one for the batch, or one per image). ``edit``:
+    start from an image and keep its unmasked part."""
     _check_sampler(sampler)
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = sampler_generators(seed, noise.shape[1:])
     if sampler == "euler":
         return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator)
     cond = _student_cond(cond, guidance, noise.shape[0], noise.device)
@@ -130,12 +165,13 @@ def guided(model: Model, sampler: str, guidance: float) -> Model:
 
 @torch.no_grad()
 def text_edit(model: Model, sampler: str, latents: torch.Tensor, source_cond: dict, target_cond: dict, steps: int,
-              strength: float, guidance: float, source_guidance: float = 1.5, shift: float = 1.0, seed: int = 0,
+              strength: float, guidance: float, source_guidance: float = 1.5, shift: float = 1.0, seed: Seeds = 0,
               average: int = 1) -> torch.Tensor:
-    """FlowEdit (``pipeline.diffusion.editing.flow_edit``) from ``t = strength`` over the sampler's
-    grid: the source prompt's velocity at ``source_guidance``, the target's at ``guidance``."""
+    """FlowEdit (``pipeline.diffusion.editing.flow_edit``) from ``strength`` over the sampler's
+    grid (:func:`time_grid`): the source prompt's velocity at ``source_guidance``, the target's at
+    ``guidance``; its noise from :func:`sampler_generators` (one seed per image: image k's own)."""
     check_strength(strength)
     source_v, target_v = guided(model, sampler, source_guidance), guided(model, sampler, guidance)
     grid = time_grid(steps, shift, latents.device, strength)
     return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents, grid,
-                     torch.Generator().manual_seed(seed + 1), average)
+                     sampler_generators(seed, latents.shape[1:]), average)

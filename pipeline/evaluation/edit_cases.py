@@ -5,6 +5,10 @@ Case ``k`` of a task depends only on (task, seed, k, resolution): a scene is ren
 
 - ``inpaint``: one object's box (plus ``MASK_MARGIN`` pixels) is masked and the prompt gives that
   object another colour and shape (same size and place); everything outside the mask must stay.
+- ``inpaint_quarter`` / ``inpaint_half``: large masks — the central quarter of the image, or one
+  half (the side drawn per case) — under the scene's own caption: the scene should come back, and
+  the large new content should not recolour what is outside the mask (the VAE decoder mixes the
+  whole latent; the small boxes of ``inpaint`` hardly show it).
 - ``img2img``: the prompt names another background; the objects must stay as they are.
 - ``flowedit``: the same change as ``img2img`` by FlowEdit, from the source caption to the target.
 - ``outpaint``: a strip of a quarter of the side is cut off one edge (the side drawn per case)
@@ -30,7 +34,8 @@ from pipeline.evaluation.synthetic import (
     render_sample,
 )
 
-TASKS = ("inpaint", "img2img", "flowedit", "outpaint", "superres")
+TASKS = ("inpaint", "img2img", "flowedit", "outpaint", "superres", "inpaint_quarter", "inpaint_half")
+MASKED = ("inpaint", "inpaint_quarter", "inpaint_half")  # the tasks that inpaint a mask
 MASK_MARGIN = 2  # pixels around the object's box that the inpainting mask also covers
 SR_SCALE = 2
 OUTPAINT_FRACTION = 0.25  # of the side, cut off and grown back
@@ -84,6 +89,34 @@ def inpaint_case(index: int, resolution: int, seed: int, second_object_prob: flo
                     mask=mask, original=scene, new_object=new)
 
 
+def large_mask(resolution: int, task: str, side: str) -> np.ndarray:
+    """(H, W) float, 1 = redraw: the central square of half the side (a quarter of the image) or
+    the ``side`` half of the image."""
+    mask = np.zeros((resolution, resolution), dtype=np.float32)
+    half, quarter = resolution // 2, resolution // 4
+    if task == "inpaint_quarter":
+        mask[quarter:quarter + half, quarter:quarter + half] = 1.0
+    else:
+        rows, cols = {"left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+                      "top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None))}[side]
+        mask[rows, cols] = 1.0
+    return mask
+
+
+def large_mask_case(task: str):
+    """The builder of ``inpaint_quarter`` or ``inpaint_half`` cases: the render under a large mask,
+    its own caption as the prompt, itself as the target."""
+
+    def build(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+        image, scene = _scene(index, resolution, seed, second_object_prob)
+        side = random.Random(f"{task}:{seed}:{index}").choice(SIDES)
+        return EditCase(task, index, image, caption_for(scene["background"], scene["objects"]), scene, image,
+                        mask=large_mask(resolution, task, side), original=scene,
+                        notes={"side": side} if task == "inpaint_half" else {})
+
+    return build
+
+
 def img2img_case(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
     image, scene = _scene(index, resolution, seed, second_object_prob)
     rng = random.Random(f"img2img:{seed}:{index}")
@@ -117,7 +150,8 @@ def superres_case(index: int, resolution: int, seed: int, second_object_prob: fl
 
 
 BUILDERS = {"inpaint": inpaint_case, "img2img": img2img_case, "flowedit": flowedit_case, "outpaint": outpaint_case,
-            "superres": superres_case}
+            "superres": superres_case, "inpaint_quarter": large_mask_case("inpaint_quarter"),
+            "inpaint_half": large_mask_case("inpaint_half")}
 
 
 def edit_cases(task: str, count: int, resolution: int, seed: int, second_object_prob: float = 0.25) -> list[EditCase]:

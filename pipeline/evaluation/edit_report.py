@@ -1,8 +1,11 @@
 """``python -m pipeline.evaluate_edits --teacher DIR [--student DIR] --count 256 --output DIR``
 
-Editing without retraining, measured: inpainting, image-to-image (SDEdit, and FlowEdit for the
-same background change), outpainting and 2× super-resolution (``pipeline.evaluation.edit_cases``) by the teacher (Euler, 50 steps) and the
-student (1/2/4 steps), scored by ``pipeline.evaluation.edit_eval``. Writes ``edit_report.json``,
+Editing without retraining, measured: inpainting (object boxes, and large masks: a quarter and
+a half of the image), image-to-image (SDEdit, and FlowEdit for the same background change),
+outpainting and 2× super-resolution (``pipeline.evaluation.edit_cases``) by the teacher (Euler, 50
+steps) and the student (1/2/4 steps), scored by ``pipeline.evaluation.edit_eval``. Masked edits
+paste the input's pixels back outside the feathered mask, as ``pipeline.edit`` does by default
+(``--no-paste-back`` measures the decoder's own pixels). Writes ``edit_report.json``,
 ``edit_report.md``, ``per_case.jsonl`` and ``edit_sheet.png`` (input | mask | target | each model's
 result). Each task also shows its VAE ceiling: the same score for the VAE round trip of the target.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +43,12 @@ PROG = "pipeline.evaluate_edits"
 CASE_SEED = 54321  # neither the demo's training (0) nor its evaluation (12345) seed
 SHEET_CASES = 3  # per task
 GOALS = {"inpaint_vs_t2i_single": 0.8, "inpaint_unmasked_psnr": 30.0, "img2img_background": 0.9, "img2img_objects_kept": 0.9}
+UNMASKED_CEILING = "VAE round trip, no paste-back (dB)"
+RESTORE = [("scene", "caption right"), ("unmasked_psnr", "unmasked PSNR (dB)"), ("vae_unmasked_psnr", UNMASKED_CEILING)]
 COLUMNS = {
     "inpaint": [("new_object", "new object right"), ("new_object_single", "… 1-object scenes"), ("new_object_two", "… 2-object scenes"),
-                ("scene", "whole caption right"), ("unmasked_psnr", "unmasked PSNR (dB)"), ("vae_unmasked_psnr", "VAE ceiling (dB)")],
+                ("scene", "whole caption right"), ("unmasked_psnr", "unmasked PSNR (dB)"),
+                ("vae_unmasked_psnr", UNMASKED_CEILING)],
     "img2img": [("background", "new background"), ("objects_kept", "objects kept"), ("both", "both"),
                 ("vae_objects_kept", "VAE ceiling: objects kept")],
     "flowedit": [("background", "new background"), ("objects_kept", "objects kept"), ("both", "both"),
@@ -50,6 +57,8 @@ COLUMNS = {
                  ("baseline_scene", "edge-filled input: caption"), ("baseline_psnr", "… PSNR"), ("baseline_ssim", "… SSIM")],
     "superres": [("scene", "caption right"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("vae_psnr", "VAE ceiling (dB)"),
                  ("baseline_scene", "bicubic: caption"), ("baseline_psnr", "… PSNR"), ("baseline_ssim", "… SSIM")],
+    "inpaint_quarter": RESTORE,
+    "inpaint_half": RESTORE,
 }
 
 
@@ -64,11 +73,11 @@ def single_object_adherence(eval_dir: Path) -> float | None:
 
 
 def run_model(pipe: TextToImage, label: str, steps: int, cases: dict[str, list[EditCase]], strengths: dict[str, float],
-              guidance: float, seed: int, batch_size: int, ceilings: dict) -> tuple[dict, dict[str, list], list[dict]]:
-    """Every task's summary (plus seconds and the VAE ceiling) for one model at ``steps``, its output
-    images and per-case rows. ``ceilings`` memoises what does not depend on the model — the VAE
-    ceiling and the inputs' own scores — per (VAE, task)."""
-    editor, sampling = ImageEditor(pipe), Sampling(steps=steps, guidance=guidance)
+              sampling: Sampling, seed: int, batch_size: int, ceilings: dict) -> tuple[dict, dict[str, list], list[dict]]:
+    """Every task's summary (plus seconds and the VAE ceiling) for one model at ``steps`` (the rest
+    of ``sampling`` as given), its output images and per-case rows. ``ceilings`` memoises what does
+    not depend on the model — the VAE ceiling and the inputs' own scores — per (VAE, task)."""
+    editor, sampling = ImageEditor(pipe), replace(sampling, steps=steps)
     result, outputs, per_case = {"steps": steps, "sampler": pipe.sampler}, {}, []
     for task, task_cases in cases.items():
         start = clock()
@@ -107,9 +116,12 @@ def goals(runs: dict, t2i_single: float | None) -> list[dict]:
 
 def markdown(report: dict) -> str:
     strengths = ", ".join(f"{t} {s}" for t, s in report["strengths"].items())
+    feather = "auto" if report["feather"] is None else report["feather"]
+    paste = (f"masked edits paste the input back outside the mask (feather {feather} px)"
+             if report["paste_back"] else "no paste-back: the unmasked pixels are the decoder's")
     intro = (f"{report['count']} synthetic cases per task (seed {report['seed']}, {report['resolution']} px), guidance "
-             f"{report['guidance']}; strengths {strengths}. Rates are shares of cases; the analyser reads every result "
-             "back from its pixels.")
+             f"{report['guidance']}; strengths {strengths}; {paste}. Rates are shares of cases; the analyser reads every "
+             "result back from its pixels.")
     lines = ["# Editing without retraining", "", intro, ""]
     if report.get("t2i_single") is not None:
         baseline = (f"Teacher text-to-image, single-object prompts, all attributes right: **{report['t2i_single']:.3f}** "
@@ -162,15 +174,18 @@ def write_report(runs: list[tuple[str, Path, int]], args: argparse.Namespace, de
     resolution = first.latent_shape[-1] * first.vae.downsample
     cases = {task: edit_cases(task, args.count, resolution, args.seed) for task in args.tasks}
     strengths = {"inpaint": args.inpaint_strength, "img2img": args.img2img_strength, "flowedit": args.flowedit_strength,
-                 "outpaint": 1.0, "superres": args.superres_strength}
+                 "outpaint": 1.0, "superres": args.superres_strength, "inpaint_quarter": args.inpaint_strength,
+                 "inpaint_half": args.inpaint_strength}
+    sampling = Sampling(guidance=args.guidance, paste_back=args.paste_back, feather=args.feather)
     results, outputs, per_case, ceilings = {}, {}, [], {}
     for label, folder, steps in runs:
-        results[label], outputs[label], rows = run_model(pipes[folder], label, steps, cases, strengths, args.guidance,
+        results[label], outputs[label], rows = run_model(pipes[folder], label, steps, cases, strengths, sampling,
                                                          args.seed, args.batch_size, ceilings)
         per_case += rows
     t2i_single = single_object_adherence(args.baseline) if args.baseline else None
     report = {"count": args.count, "seed": args.seed, "resolution": resolution, "guidance": args.guidance,
-              "tasks": list(args.tasks), "strengths": {t: strengths[t] for t in args.tasks},
+              "paste_back": args.paste_back, "feather": args.feather, "tasks": list(args.tasks),
+              "strengths": {t: strengths[t] for t in args.tasks},
               "baseline": str(args.baseline) if args.baseline else None, "t2i_single": t2i_single,
               "runs": results, "goals": goals(results, t2i_single)}
     out = args.output
@@ -192,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--seed", type=int, default=CASE_SEED, help="case k: scene and noise from seed + k")
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--inpaint-strength", type=float, default=1.0)
+    p.add_argument("--inpaint-strength", type=float, default=1.0, help="inpainting, large masks included")
+    p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
+                   help="masked edits: the input's pixels back outside the feathered mask (default, as pipeline.edit)")
+    p.add_argument("--feather", type=int, help="paste-back feather in pixels (default: pipeline.edit's)")
     p.add_argument("--img2img-strength", type=float, default=0.6)
     p.add_argument("--flowedit-strength", type=float, default=0.7)
     p.add_argument("--superres-strength", type=float, default=0.4)
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.teacher is None and args.student is None:
         p.error("give --teacher DIR and/or --student DIR")
+    if args.feather is not None and args.feather < 0:
+        p.error(f"--feather must be >= 0 (got {args.feather})")
     for name in ("count", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

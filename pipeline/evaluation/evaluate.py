@@ -33,6 +33,7 @@ from pipeline.config.source import is_url
 from pipeline.data.images import image_to_tensor
 from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
+from pipeline.encoders.locations import add_encoder_args, encoder_paths
 from pipeline.evaluation.adherence import by_object_count
 from pipeline.evaluation.metrics import MetricError
 from pipeline.inference.pipeline import TextToImage
@@ -109,8 +110,9 @@ def read_reference(shards: str | Path, count: int | None) -> tuple[list[Image.Im
 def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0,
                     seed: int = 0, batch_size: int = 16, desc: str = "generate",
                     size: tuple[int, int] | None = None) -> tuple[list[Image.Image], dict]:
-    """One image per prompt (image k from seed + k; ``size`` (width, height), default the model's),
-    and wall seconds per image: in all (``seconds_per_image``) and for each part — text encoding,
+    """One image per prompt (image k from seed + k alone — its starting noise and a student's fresh
+    noise — whatever ``batch_size``; ``size`` (width, height), default the model's), and wall
+    seconds per image: in all (``seconds_per_image``) and for each part — text encoding,
     the sampler, VAE decoding.
 
     A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
@@ -119,11 +121,12 @@ def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance:
     images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
-        noise = pipe.noise_per_image(list(range(seed + start, seed + start + len(batch))), shape)
+        seeds = list(range(seed + start, seed + start + len(batch)))
+        noise = pipe.noise_per_image(seeds, shape)
         t0 = clock()
         cond = pipe.text.encode(batch)
         t1 = clock()
-        latents = pipe.sample(cond, noise, steps, guidance, shift, seed + start)
+        latents = pipe.sample(cond, noise, steps, guidance, shift, seeds)  # every draw of image k from seed + k
         t2 = clock()
         images += pipe.images(latents)
         t3 = clock()
@@ -280,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", help="open_clip model name for CLIP score, with --clip-checkpoint")
     p.add_argument("--clip-checkpoint", help="local checkpoint for --clip-model")
     p.add_argument("--no-adherence", dest="adherence", action="store_false", help="skip the synthetic-set analyser")
+    add_encoder_args(p)
     return p
 
 
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         prompts = load_inputs(args)
-        pipe = TextToImage.from_folder(args.model, device)
+        pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
         pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
         args.vae_ceiling = ceiling_or_none(pipe, prompts, args)  # once per model, for every --steps
         for steps in args.steps:

@@ -8,8 +8,10 @@ image-to-image. ``--image`` is a file, a folder of images (``--mask`` then a fol
 with the same names; ``--output`` a folder) or a ``.jsonl`` manifest whose rows give ``image``
 and any of ``mask``, ``prompt``, ``source_prompt``, ``target_prompt``, ``strength``,
 ``outpaint``, ``scale`` (relative paths from the manifest's folder; the command line gives the
-rest). Image k uses seed + k; edits of one mode, size and settings run in batches of
-``--batch-size``. A sheet of input | mask | output is written beside the results.
+rest). Image k draws all its noise from seed + k; edits of one mode, size and settings run in
+batches of ``--batch-size``, which does not change the results. Masked edits (``--mask``,
+``--outpaint``) put the input's pixels back outside the feathered mask after decoding unless
+``--no-paste-back``. A sheet of input | mask | output is written beside the results.
 """
 
 from __future__ import annotations
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="what the result should show")
     p.add_argument("--source-prompt", help="FlowEdit: what the image shows")
     p.add_argument("--target-prompt", help="FlowEdit: what it should show")
-    p.add_argument("--strength", type=float, help="start time in (0, 1]; default per mode: "
+    p.add_argument("--strength", type=float, help="share of the steps to run, in (0, 1]: the start is the shifted "
+                   "grid's time shift_time(strength), as diffusers' SD3 img2img; default per mode: "
                    + ", ".join(f"{m} {s}" for m, s in DEFAULT_STRENGTH.items()))
     p.add_argument("--outpaint", help="grow the canvas by L,T,R,B pixels")
     p.add_argument("--scale", type=float, help="super-resolution factor (e.g. 2)")
@@ -203,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-guidance", type=float, default=1.5, help="FlowEdit: guidance of the source prompt")
     p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--resample", type=int, default=0, help="RePaint jumps per step (teacher)")
-    p.add_argument("--paste-back", action="store_true", help="put the original pixels back outside the mask")
+    p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
+                   help="masked edits: put the input's pixels back outside the feathered mask after decoding "
+                        "(default; --no-paste-back keeps the decoder's pixels, which it recolours)")
+    p.add_argument("--feather", type=int, help="paste-back feather in pixels (default: 1/32 of the shorter side, "
+                   "at least 2; 0: a hard edge)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=8, help="edits of one mode, size and settings run together")
     p.add_argument("--output", type=Path, required=True, help="OUT.png, or a folder for a folder/manifest")
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         items = items_from(args)
         sampling = Sampling(steps=args.steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
-                            paste_back=args.paste_back)
+                            paste_back=args.paste_back, feather=args.feather)
         inputs = [load_inputs(item) for item in items]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         editor = ImageEditor(TextToImage.from_folder(args.model, device))

@@ -4,12 +4,17 @@ methods and their papers).
 
 ``ImageEditor(pipe)`` wraps a :class:`~pipeline.inference.pipeline.TextToImage`. Images are PIL
 RGB; masks are PIL images or arrays, white (1) where the model redraws. Every call takes one
-seed per image: image k's starting noise depends only on its seed, as in ``pipeline.evaluate``.
+seed per image: all of image k's noise (its starting noise and every later draw: a student's
+steps, RePaint's jumps, FlowEdit's) comes from its seed alone, so a result does not depend on its
+batch, as in ``pipeline.evaluate``. ``strength`` is the share of the steps that run
+(``pipeline.diffusion.editing``): the start is ``shift_time(strength)``, as in diffusers.
 
-- ``edit(images, prompts, strength, masks)``: start at ``t = strength`` from the noised image
-  (SDEdit); with masks, the unmasked region is kept on its forward path after every step
-  (RePaint-style blending, optional resampling jumps). ``strength = 1`` with a mask is plain
-  inpainting; without a mask it is text-to-image.
+- ``edit(images, prompts, strength, masks)``: run the last ``strength`` share of the steps,
+  from the image noised to their first time (SDEdit; ``pipeline.diffusion.samplers.time_grid``);
+  with masks, the unmasked region is kept on its forward path after every step (RePaint-style
+  blending, optional resampling jumps), and after decoding the input's pixels are pasted back
+  outside the feathered mask (``Sampling.paste_back``, on by default). ``strength = 1`` with a
+  mask is plain inpainting; without a mask it is text-to-image.
 - ``outpaint(images, prompts, (left, top, right, bottom))``: the canvas grows by those pixels,
   filled by repeating the edge, and the new border is inpainted.
 - ``super_resolve(images, prompts, scale)``: bicubic upsampling, encoded at the target size and
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
@@ -42,20 +48,25 @@ class EditInputError(ValueError):
 @dataclass(kw_only=True)
 class Sampling:
     """How an edit samples: ``steps`` of the full grid (only those below the strength run),
-    ``guidance``, ``shift``, RePaint ``resample`` jumps per step, and ``paste_back`` (put the
-    original pixels back outside the mask after decoding, as diffusers' ``apply_overlay``)."""
+    ``guidance``, ``shift``, RePaint ``resample`` jumps per step; for masked edits,
+    ``paste_back`` (default on: the input's pixels back outside the mask after decoding, as
+    diffusers' ``apply_overlay``) over a ``feather`` of that many pixels (None:
+    :func:`feather_radius` of the image; 0: a hard edge)."""
 
     steps: int = 50
     guidance: float = 4.0
     shift: float = 1.0
     resample: int = 0
-    paste_back: bool = False
+    paste_back: bool = True
+    feather: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise EditInputError(f"steps must be >= 1 (got {self.steps})")
         if self.resample < 0:
             raise EditInputError(f"resample must be >= 0 (got {self.resample})")
+        if self.feather is not None and self.feather < 0:
+            raise EditInputError(f"feather must be >= 0 pixels (got {self.feather})")
 
 
 def check_strength(strength: float) -> float:
@@ -80,6 +91,37 @@ def mask_tensor(mask: Image.Image | np.ndarray | torch.Tensor, size: tuple[int, 
         if array.min() < 0 or array.max() > 1:
             raise EditInputError("mask values must be in [0, 1]")
     return torch.from_numpy(array.copy())[None, None]
+
+
+def feather_radius(size: tuple[int, int]) -> int:
+    """The default paste-back feather for an image of ``size`` (width, height): 1/32 of its shorter
+    side, at least 2 pixels (2 px at 32 px, 16 at 512: the share of diffusers' documented
+    ``mask_processor.blur(mask, blur_factor=33)`` at 1024 px)."""
+    return max(2, round(min(size) / 32))
+
+
+def feather_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """The share of the model's pixels in a paste-back, (B, 1, H, W): 1 on the mask, then falling
+    linearly to 0 over ``radius`` pixels outside it — ``(radius + 1 − d)/(radius + 1)`` at
+    Chebyshev distance ``d`` — and exactly 0 beyond. The mean of the mask grown by 0, 1, …,
+    ``radius`` pixels (max pooling): soft masks stay soft, and unlike diffusers' centred blur the
+    seam lies outside the mask, so all of the masked region stays the model's."""
+    mask = mask.float()
+    if radius <= 0:
+        return mask
+    grown = [F.max_pool2d(mask, 2 * r + 1, stride=1, padding=r) for r in range(radius + 1)]
+    return torch.stack(grown).mean(0)
+
+
+def paste_back(decoded: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, feather: int | None = None) -> torch.Tensor:
+    """``w·decoded + (1 − w)·original`` with ``w = feather_mask(mask, feather)`` (images (B, 3, H, W),
+    mask (B, 1, H, W); ``feather`` None: :func:`feather_radius`). The samplers keep the unmasked
+    latents exactly, but the VAE decoder mixes the whole latent (GroupNorm statistics, mid-block
+    attention), so new content inside the mask recolours the rest; this puts the input back
+    there, exactly beyond the feather (diffusers' ``apply_overlay``)."""
+    radius = feather_radius((decoded.shape[-1], decoded.shape[-2])) if feather is None else feather
+    weight = feather_mask(mask.to(decoded.device), radius)
+    return weight * decoded + (1 - weight) * original.to(decoded.device)
 
 
 def outpaint_canvas(image: Image.Image, padding: Padding) -> tuple[Image.Image, np.ndarray]:
@@ -126,7 +168,9 @@ class ImageEditor:
     @torch.no_grad()
     def edit(self, images: list[Image.Image], prompts: list[str], strength: float, masks: list | None = None,
              sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
-        """SDEdit from ``t = strength``; with ``masks``, RePaint-style inpainting of their white part."""
+        """SDEdit at ``strength``; with ``masks``, RePaint-style inpainting of their white part and
+        (``sampling.paste_back``) the input's pixels back outside it. Image k draws all its noise
+        from ``seeds[k]``, so it does not depend on the rest of the batch."""
         sampling = sampling or Sampling()
         seeds = list(range(len(images))) if seeds is None else seeds
         if not len(images) == len(prompts) == len(seeds) or (masks is not None and len(masks) != len(images)):
@@ -139,12 +183,11 @@ class ImageEditor:
         noise = self.pipe.noise_per_image(seeds, list(latents.shape[1:]))
         cond = self.pipe.text.encode(prompts)
         out = sample(self.pipe.transformer, self.pipe.sampler, cond, noise, sampling.steps, sampling.guidance,
-                     sampling.shift, seeds[0], edit)
+                     sampling.shift, seeds, edit)
         decoded = self.pipe.vae.decode(out)  # (B, 3, H, W)
         if sampling.paste_back and pixel_masks is not None:
-            original = torch.stack([image_to_tensor(to_rgb(im)) for im in images]).to(decoded.device)
-            weight = pixel_masks.to(decoded.device)
-            decoded = weight * decoded + (1 - weight) * original
+            original = torch.stack([image_to_tensor(to_rgb(im)) for im in images])
+            decoded = paste_back(decoded, original, pixel_masks, sampling.feather)
         return tensor_to_images(decoded)
 
     def outpaint(self, images: list[Image.Image], prompts: list[str], padding: Padding, sampling: Sampling | None = None,
@@ -155,13 +198,14 @@ class ImageEditor:
 
     def super_resolve(self, images: list[Image.Image], prompts: list[str], scale: float, strength: float = 0.4,
                       sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
-        """Bicubic ×``scale``, then refined from ``t = strength``."""
+        """Bicubic ×``scale``, then refined at ``strength`` (a low one: the last steps only)."""
         return self.edit([upscale(im, scale) for im in images], prompts, strength, None, sampling, seeds)
 
     @torch.no_grad()
     def text_edit(self, images: list[Image.Image], source_prompts: list[str], target_prompts: list[str], strength: float,
                   sampling: Sampling | None = None, seeds: list[int] | None = None, source_guidance: float = 1.5) -> list[Image.Image]:
-        """FlowEdit from ``t = strength``: the images change as far as the prompts differ."""
+        """FlowEdit at ``strength``: the images change as far as the prompts differ; image k's
+        noise from ``seeds[k]`` alone."""
         sampling = sampling or Sampling()
         seeds = list(range(len(images))) if seeds is None else seeds
         if not len(images) == len(source_prompts) == len(target_prompts):
@@ -169,5 +213,5 @@ class ImageEditor:
         latents = self.encode(images)
         source, target = self.pipe.text.encode(source_prompts), self.pipe.text.encode(target_prompts)
         out = text_edit(self.pipe.transformer, self.pipe.sampler, latents, source, target, sampling.steps,
-                        check_strength(strength), sampling.guidance, source_guidance, sampling.shift, seeds[0])
+                        check_strength(strength), sampling.guidance, source_guidance, sampling.shift, seeds)
         return tensor_to_images(self.pipe.vae.decode(out))

@@ -16,10 +16,12 @@ from PIL import Image
 
 from pipeline.config import from_dict
 from pipeline.data.images import tensor_to_images
-from pipeline.data.model_folder import read_model_info
+from pipeline.data.model_folder import PIPELINE_FILE, read_model_info
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolve_shift
-from pipeline.diffusion.samplers import SAMPLERS, sample
+from pipeline.diffusion.noise import image_generators, randn_rows
+from pipeline.diffusion.samplers import SAMPLERS, Seeds, sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
+from pipeline.encoders.locations import EncoderPaths, locate_encoders
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.timing import clock
 
@@ -32,12 +34,15 @@ class LoadedPipeline:
     info: dict
 
 
-def load_pipeline(folder: Path, device: str | torch.device = "cpu") -> LoadedPipeline:
-    """A model folder written by ``pipeline.data.model_folder.export_model``."""
+def load_pipeline(folder: Path, device: str | torch.device = "cpu", encoders: EncoderPaths | None = None) -> LoadedPipeline:
+    """A model folder written by ``pipeline.data.model_folder.export_model``; ``encoders`` replaces
+    the encoder locations it records (checked before anything is loaded: ``EncoderLoadError``)."""
     from pipeline.models.dit import DiT
 
     folder = Path(folder)
     info = read_model_info(folder)
+    located = locate_encoders({"vae": info["vae"], "text": info["text"]}, encoders, str(folder / PIPELINE_FILE), "--encoder-{name}")
+    info = {**info, **located}
     transformer = DiT.from_pretrained(folder / info["transformer"]).to(device).eval()
     vae = FrozenVAE(from_dict(VAEConfig, info["vae"]), device)
     text = TextEncoders(from_dict(TextEncodersConfig, info["text"]), device)
@@ -59,8 +64,8 @@ class TextToImage:
         self.shift_base_tokens = shift_base_tokens  # for shift "auto" (SD3's resolution shift)
 
     @classmethod
-    def from_folder(cls, folder: Path, device: str | torch.device = "cpu") -> TextToImage:
-        loaded = load_pipeline(folder, device)
+    def from_folder(cls, folder: Path, device: str | torch.device = "cpu", encoders: EncoderPaths | None = None) -> TextToImage:
+        loaded = load_pipeline(folder, device, encoders)
         base = loaded.info.get("timesteps", {}).get("shift_base_tokens", SHIFT_BASE_TOKENS)
         return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"), base)
 
@@ -86,21 +91,26 @@ class TextToImage:
         return torch.randn(count, *(shape or self.latent_shape), generator=g).to(self.vae.device)  # (B, C, h, w)
 
     def noise_per_image(self, seeds: list[int], shape: list[int] | None = None) -> torch.Tensor:
-        """One generator per image: image k's noise depends on its seed only, not on the batch."""
-        return torch.cat([self.noise(1, s, shape) for s in seeds])  # (B, C, h, w)
+        """One generator per image: image k's noise depends on its seed only, not on the batch
+        (the first draw of the stream the samplers continue when given the same ``seeds``)."""
+        shape = list(shape or self.latent_shape)
+        return randn_rows([len(seeds), *shape], image_generators(seeds), device=self.vae.device)  # (B, C, h, w)
 
     @torch.no_grad()
-    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0, seed: int = 0,
+    def latents(self, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0, seed: Seeds = 0,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the batch noise drawn
-        from ``seed``."""
-        noise = self.noise(len(prompts), seed) if noise is None else noise.to(self.vae.device)
-        return self.sample(self.text.encode(prompts), noise, steps, guidance, shift, seed)
+        """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the noise drawn from
+        ``seed``: one seed, the batch's noise in one draw; one seed per prompt, each image's own
+        (``noise_per_image``), its later draws too, so image k does not depend on its batch."""
+        if noise is None:
+            noise = self.noise(len(prompts), seed) if isinstance(seed, int) else self.noise_per_image(list(seed))
+        return self.sample(self.text.encode(prompts), noise.to(self.vae.device), steps, guidance, shift, seed)
 
     @torch.no_grad()
     def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float | str = 1.0,
-               seed: int = 0) -> torch.Tensor:
-        """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it)."""
+               seed: Seeds = 0) -> torch.Tensor:
+        """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it);
+        ``seed``: one for the batch, or one per image (``noise_per_image``'s seeds)."""
         return sample(self.transformer, self.sampler, cond, noise, steps, guidance, self.resolve_shift(shift, noise), seed)
 
     @torch.no_grad()

@@ -163,6 +163,16 @@ def test_a_shard_that_ends_early_is_counted_not_hung(tmp_path):
     assert math.isfinite(loader.state_dict()["epoch"])
 
 
+def test_samples_beyond_a_shards_recorded_size_are_counted(tmp_path):
+    shards = write_bucketed_shards(tmp_path, 2, 10, weights=(1, 0, 0))
+    write_json_atomic(stats_path(Path(shards[0])), {"successes": 6})  # the tar holds 10
+    loader = latent_loader(shards, LoaderConfig(batch_size=4, shuffle_buffer=3))
+    got = keys(itertools.islice(loader, 8))  # 32 samples: two epochs of the 16 recorded ones
+    assert Counter(got) == Counter({f"s{k:05d}": 2 for k in [*range(6), *range(10, 20)]})
+    assert loader.skipped["beyond_recorded_size"] == 8  # 4 in the tar but not in its stats, per epoch
+    assert loader.report()["samples_skipped"] == 8
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from pipeline.data.latents import latent_loader, pad_sequences
 from pipeline.data.stream import LoaderConfig
-from pipeline.data.shards import shard_name, write_tar_atomic
+from pipeline.data.shards import shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -21,13 +22,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_latent_shards(folder: Path, shards: int, per_shard: int) -> list[str]:
-    """Tiny latent shards; sample k has t5 length 1 + k % 5 and latent filled with k."""
+def write_latent_shards(folder: Path, shards: int, per_shard: int | list[int], stats: bool = False) -> list[str]:
+    """Tiny latent shards (``per_shard`` samples each, or one count per shard: 0 writes an empty
+    tar, as encode does when every sample failed); sample k has t5 length 1 + k % 5 and latent
+    filled with k; ``stats``: a ``_stats.json`` beside each, as encode writes."""
     folder.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * shards
+    first = [sum(counts[:s]) for s in range(len(counts))]
+    for s, count in enumerate(counts):
         samples = []
-        for i in range(per_shard):
-            k = s * per_shard + i
+        for i in range(count):
+            k = first[s] + i
             members = {
                 "latent.npy": npy_bytes(np.full((4, 2, 2), k, np.float16)),
                 "t5.npy": npy_bytes(np.full((1 + k % 5, 8), k, np.float16)),
@@ -35,6 +40,8 @@ def write_latent_shards(folder: Path, shards: int, per_shard: int) -> list[str]:
                 "txt": f"caption {k}".encode(),
             }
             samples.append((f"s{k:05d}", members))
+        if stats:
+            write_json_atomic(stats_path(folder / shard_name("latents", s)), {"successes": count})
         write_tar_atomic(folder / shard_name("latents", s), samples)
     return sorted(str(p) for p in folder.glob("*.tar"))
 
@@ -118,3 +125,62 @@ def test_too_few_shards_is_an_error_or_resamples(tmp_path):
     cfg = LoaderConfig(batch_size=2, on_too_few_shards="resample")
     for rank in range(4):  # every rank still gets data, no hang
         assert len(keys(itertools.islice(latent_loader(shards, cfg, rank=rank, world_size=4), 6))) == 12
+
+
+# ---------------------------------------------------------------------------- empty shards
+
+
+@pytest.mark.parametrize("stats", [True, False], ids=["stats-say-0", "no-stats"])
+def test_an_empty_shard_is_skipped_and_counted_on_every_rank(tmp_path, stats):
+    """Sizes [0, 5, 5, 5] on 4 ranks: each epoch one stream's group is the empty shard; it goes on
+    to the next epoch instead of failing, and every sample still comes."""
+    shards = write_latent_shards(tmp_path, 4, [0, 5, 5, 5], stats=stats)
+    cfg = LoaderConfig(batch_size=2)
+    loaders = [latent_loader(shards, cfg, rank=rank, world_size=4) for rank in range(4)]
+    seen = [k for loader in loaders for k in keys(itertools.islice(loader, 10))]  # 20 samples a rank: several epochs
+    assert set(seen) == {f"s{k:05d}" for k in range(15)}
+    assert all(loader.report()["shards_empty"] == 1 and loader.report()["epoch"] >= 1 for loader in loaders)
+
+
+def test_one_empty_shard_among_16_streams_for_200_epochs(tmp_path):
+    """16 shards, 16 streams (4 ranks × 4 workers), one empty shard: every stream's position maps
+    to a sample of its own groups for 200 epochs, the empty one passed over; a stream reads on."""
+    counts = [3] * 16
+    counts[5] = 0
+    shards = write_latent_shards(tmp_path, 16, counts, stats=True)
+    cfg = LoaderConfig(batch_size=3, num_workers=4)
+    schedule = latent_loader(shards, cfg, rank=0, world_size=4).schedule
+    for stream in range(16):
+        offset, epochs = 0, []
+        while True:
+            epoch, position, k = schedule.seek(stream, offset)
+            if epoch >= 200:
+                break
+            group = schedule.groups(epoch, stream)[position]
+            assert 5 not in group and k < 3 * len(group)  # never lands in the empty shard
+            epochs.append(epoch)
+            offset += 1
+        assert len(set(epochs)) >= 180  # ~one epoch in 16 holds only the empty shard for this stream
+    loader = latent_loader(shards, LoaderConfig(batch_size=3), rank=1, world_size=16)
+    assert len(keys(itertools.islice(loader, 40))) == 120
+
+
+def test_only_empty_shards_is_one_clear_error(tmp_path):
+    shards = write_latent_shards(tmp_path, 3, [0, 0, 0], stats=True)
+    with pytest.raises(ValueError, match="all 3 shard\\(s\\) are empty"):
+        latent_loader(shards, LoaderConfig(batch_size=2))
+
+
+def test_an_empty_shard_in_a_folder_and_over_http(tmp_path):
+    """The same loader from a folder (its dataset.json's shard_samples) and its URL (no stats files)."""
+    from tests.shard_server import serving
+
+    folder = tmp_path / "latents"
+    shards = write_latent_shards(folder, 4, [5, 0, 5, 5])
+    (folder / "dataset.json").write_text(json.dumps({"shards": [Path(s).name for s in shards],
+                                                      "shard_samples": {Path(s).name: n for s, n in zip(shards, [5, 0, 5, 5])}}))
+    local = keys(itertools.islice(latent_loader(folder, LoaderConfig(batch_size=3), rank=0, world_size=2), 6))
+    (folder / "dataset.json").write_text(json.dumps({"shards": [Path(s).name for s in shards]}))
+    with serving(tmp_path) as server:
+        loader = latent_loader(server.url + "latents/", LoaderConfig(batch_size=3), rank=0, world_size=2)
+        assert keys(itertools.islice(loader, 6)) == local and loader.report()["shards_empty"] == 1

@@ -11,19 +11,12 @@ and named in one warning line; a bad source is one clear line; and ``pipeline.tr
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import json
-import re
 import shutil
-import socket
 import sys
 import tarfile
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,87 +24,18 @@ import pytest
 from pipeline import train
 from pipeline.config import load_config, save_config
 from pipeline.config.source import URL
-from pipeline.data import remote
+from pipeline.data import remote, sizes
 from pipeline.data.latents import latent_loader, latent_meta, shard_list
 from pipeline.data.paths import map_paths, resolved_from
 from pipeline.data.shards import complete_shards, iter_samples
 from pipeline.data.stream import LoaderConfig
+from pipeline.encoders import TextEncodersConfig
 from pipeline.training.dit_config import TrainConfig
 from tests.helpers import free_port
+from tests.shard_server import serving
 
 CUT = 10_000  # bytes a faulty connection delivers before it drops (the shards are ~10x larger)
 NO_STATS = "latents-000001"  # the served copy has no _stats.json for this shard: sizes come from the stream
-
-
-class ShardServer(ThreadingHTTPServer):
-    """``http.server`` on 127.0.0.1 (a free port) over ``root``, with faults by file name.
-
-    ``cuts``: name -> (bytes, times): the first ``times`` GETs (all when -1) send the full
-    Content-Length but only ``bytes`` of the body, then drop the connection. ``unavailable``:
-    names answered with 503. ``ranges``: honour ``Range: bytes=N-`` (206) instead of ignoring it."""
-
-    daemon_threads = True
-
-    def __init__(self, root: Path, *, ranges: bool = False, cuts: dict | None = None, unavailable: tuple = ()) -> None:
-        super().__init__(("127.0.0.1", 0), functools.partial(FaultyHandler, directory=str(root)))
-        self.ranges, self.cuts, self.unavailable = ranges, dict(cuts or {}), set(unavailable)
-        self.requests: list[tuple[str, str | None]] = []  # (file name, Range header) of every GET
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/"
-
-    def handle_error(self, request, client_address) -> None:  # the connections dropped on purpose
-        pass
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, _ in self.requests if n == name)
-
-
-class FaultyHandler(SimpleHTTPRequestHandler):
-    server: ShardServer
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = Path(self.translate_path(self.path))
-        with self.server.lock:
-            self.server.requests.append((path.name, self.headers.get("Range")))
-            nth = self.server.count(path.name)
-        if not path.is_file():
-            return super().do_GET()  # 404, directory listings
-        if path.name in self.server.unavailable:
-            return self.send_error(503)
-        data = path.read_bytes()
-        asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        start = int(asked.group(1)) if asked and self.server.ranges else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        cut, times = self.server.cuts.get(path.name, (None, 0))
-        if cut is not None and (times < 0 or nth <= times):
-            self.wfile.write(data[start : start + cut])
-            self.connection.shutdown(socket.SHUT_RDWR)  # mid-body: the client sees the stream end early
-            self.close_connection = True
-            return
-        self.wfile.write(data[start:])
-
-
-@contextlib.contextmanager
-def serving(root: Path, **faults) -> Iterator[ShardServer]:
-    server = ShardServer(root, **faults)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +76,11 @@ def test_a_folder_url_lists_streams_and_sizes_its_shards_like_the_local_folder(s
             samples = list(remote.read_shard(url))
             assert {s["__url__"] for s in samples} == {url}
             assert without_url(samples) == read_local([path])  # every key, extension and byte
-        assert remote.shard_sizes(urls) == remote.shard_sizes(local) == [12, 12, 12, 12]
-        assert server.count(f"{NO_STATS}.tar") == 2  # no stats: counted by streaming (and read once above)
+        before = len(server.requests)
+        assert sizes.shard_sizes(urls) == sizes.shard_sizes(local) == [12, 12, 12, 12]
+        assert [name for name, _ in server.requests[before:]] == ["dataset.json"]  # its shard_samples: one read
+        assert sizes.shard_sizes(urls, meta={}) == [12, 12, 12, 12]  # a dataset.json without them: the stats files
+        assert server.count(f"{NO_STATS}.tar") == 2  # no stats either: counted by streaming (and read once above)
         assert latent_meta(base) == json.loads((served / "latents/dataset.json").read_text())
         assert latent_meta(base + "latents-{000000..000003}.tar") == latent_meta(base)
 
@@ -206,7 +133,7 @@ def test_brace_patterns_lists_and_pipes(served):
     pipe = f"pipe:cat '{local[0]}'"
     assert remote.list_shards(pipe) == [pipe] and remote.list_shards([pipe, local[1]]) == [pipe, local[1]]
     assert without_url(list(remote.read_shard(pipe))) == read_local(local[:1])
-    assert remote.shard_sizes([pipe]) == [12]
+    assert sizes.shard_sizes([pipe]) == [12]
 
 
 def test_a_bad_source_is_one_clear_line(served, tmp_path, monkeypatch):
@@ -349,7 +276,7 @@ def test_tar_files_reads_what_tarfile_reads(tmp_path, fmt):
     empty file, a metadata member (skipped as webdataset skips it); truncation is an EOFError."""
     import io as _io
 
-    from pipeline.data.remote import tar_files
+    from pipeline.data.tars import tar_files
 
     long = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60
     files = {f"{long}/k1.latent.npy": b"x" * 1000, "k1.txt": "é caption".encode(), "k2.empty": b"", "__meta__": b"m",
@@ -375,3 +302,106 @@ def _dir_info() -> tarfile.TarInfo:
     info = tarfile.TarInfo("folder")
     info.type = tarfile.DIRTYPE
     return info
+
+
+def test_a_resume_reads_each_waiting_sample_alone_not_its_shard(tmp_path):
+    """With many buckets, samples wait in partial buckets across many shards. A resume over HTTP
+    fetches each of them by its byte span (a bounded Range of exactly its bytes), not by reading its
+    shard again from the start: whole shards are read only where the stream's schedule goes on."""
+    from tests.test_buckets import write_bucketed_shards
+
+    folder = tmp_path / "latents"
+    shards = write_bucketed_shards(folder, 12, 10, weights=(4, 3, 3))
+    names = [Path(p).name for p in shards]
+    (folder / "dataset.json").write_text(json.dumps({"shards": names, "shard_samples": dict.fromkeys(names, 10)}))
+    cfg = LoaderConfig(batch_size=6, shuffle_buffer=4, seed=2)
+    with serving(tmp_path, ranges=True) as server:
+        url = server.url + "latents/"
+        reference = keys(itertools.islice(latent_loader(url, cfg), 16))
+        stopped = latent_loader(url, cfg)
+        before = keys(itertools.islice(stopped, 11))
+        state = json.loads(json.dumps(stopped.state_dict()))
+        server.sent.clear()
+        resumed = latent_loader(url, cfg)
+        resumed.load_state_dict(state)
+        after = keys(itertools.islice(resumed, 5))
+    assert before + after == reference
+    schedule, waiting = resumed.schedule, state["waiting"]["0"]
+    ahead = scheduled_shards(schedule, state["offsets"]["0"], resumed.state_dict()["offsets"]["0"])
+    elsewhere = [w for w in waiting if w[1] not in ahead]
+    assert len(elsewhere) >= 4, "the test must stop with samples waiting in shards the stream does not read next"
+    ranged = [(name, asked, sent) for name, asked, sent in server.sent if asked]
+    assert sorted(ranged) == sorted((names[shard], f"bytes={start}-{end - 1}", end - start) for _, shard, start, end in waiting)
+    whole = {name for name, asked, _ in server.sent if not asked and name != "dataset.json"}
+    assert whole <= {names[i] for i in ahead}
+
+
+def scheduled_shards(schedule, first: int, last: int) -> set[int]:
+    """The shards stream 0 reads from emission offset ``first`` to ``last``."""
+    found = set()
+    for offset in range(first, last):
+        epoch, position, _ = schedule.seek(0, offset)
+        found.update(schedule.groups(epoch, 0)[position])
+    return found
+
+
+@pytest.mark.slow
+def test_latents_away_from_their_encoders_stop_before_step_1_or_train_with_encoders_given(
+        latent_shards, tiny_vae_dir, tiny_text_encoders_dir, tmp_path, capsys):
+    """A latent folder's dataset.json names its encoders relative to it. Streamed from a URL, or
+    copied elsewhere, those paths resolve nowhere: the run stops before step 1 with one line naming
+    the option; with ``encoders.*`` it trains through the final grid, and its export names the
+    local encoders, so ``pipeline.sample`` runs from it."""
+    from pipeline import sample
+
+    root = tmp_path / "served"
+    shutil.copytree(latent_shards, root / "latents")  # dataset.json as encode wrote it: encoder paths relative to it
+    recorded = json.loads((root / "latents/dataset.json").read_text())["config"]["vae"]["path"]
+    assert recorded.startswith("../")
+    text = load_config(TextEncodersConfig, tiny_text_encoders_dir / "encoders.yaml")
+    given = [f"encoders.vae={tiny_vae_dir}", f"encoders.t5={text.t5.path}", f"encoders.clip={text.clip.path}"]
+    tiny = [f"output_dir={tmp_path / 'runs'}", *TINY[:-2], "steps=2"]
+    with serving(root) as server:
+        for latents, run in ((root / "latents", "moved"), (server.url + "latents/", "streamed")):
+            capsys.readouterr()
+            assert train.main([f"data.latents={latents}", f"run={run}", *tiny]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"'{recorded}'" in err and "give encoders.vae=PATH" in err, err
+            assert not (tmp_path / "runs" / run / "checkpoints").exists()  # stopped before step 1
+        assert train.main([f"data.latents={server.url}latents/", "run=ok", *tiny, *given]) == 0
+    assert "encoders from encoders.vae=" in capsys.readouterr().out
+    assert (tmp_path / "runs/ok/samples/final.png").is_file()
+    exported = json.loads((tmp_path / "runs/ok/model/pipeline.json").read_text())
+    assert (tmp_path / "runs/ok/model" / exported["vae"]["path"]).resolve() == Path(tiny_vae_dir).resolve()
+    out = tmp_path / "grid.png"
+    assert sample.main(["--model", str(tmp_path / "runs/ok/model"), "--prompt", "a red circle", "--steps", "2", "--output", str(out)]) == 0
+    assert out.is_file()
+    shutil.copytree(tmp_path / "runs/ok/model", tmp_path / "elsewhere/much/deeper/model")  # a model moved without its encoders
+    args = ["--model", str(tmp_path / "elsewhere/much/deeper/model"), "--prompt", "a red circle", "--steps", "2", "--output", str(out)]
+    capsys.readouterr()
+    assert sample.main(args) == 2
+    assert "give --encoder-vae=PATH" in capsys.readouterr().err
+    assert sample.main([*args, *(f"--encoder-{g.split('=')[0][9:]}={g.split('=')[1]}" for g in given)]) == 0
+
+
+def test_pipe_latents_need_their_dataset_json_named_then_train(latent_shards, tmp_path, capsys):
+    """``pipe:`` commands have no folder holding a dataset.json: one line naming ``data.meta``; with
+    it the run trains, its shards sized once by streaming (no stats or shard list to read)."""
+    pipe = f"pipe:cat {latent_shards}/latents-{{000000..000003}}.tar"
+    tiny = [f"data.latents={pipe}", f"output_dir={tmp_path}", *TINY[:-2], "steps=1"]
+    assert train.main([*tiny, "run=no_meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "give data.meta=" in err, err
+    assert train.main([*tiny, "run=meta", f"data.meta={latent_shards / 'dataset.json'}"]) == 0
+    cached = json.loads((tmp_path / "meta/shard_sizes.json").read_text())
+    assert cached["sizes"] == [12, 12, 12, 12] and cached["shards"][0] == f"pipe:cat {latent_shards}/latents-000000.tar"
+
+
+def test_stats_files_answering_403_are_counted_around_not_fatal(served, capsys):
+    """S3 without ListBucket answers 403 for a key that is not there: the shard is counted instead."""
+    with serving(served, forbidden=r"_stats\.json$") as server:
+        urls = shard_list(server.url + "latents/")
+        assert sizes.shard_sizes(urls, meta={}) == [12, 12, 12, 12]
+        assert all(server.count(Path(url).name) == 1 for url in urls)  # each shard read once to count it
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 of 4 shard(s) have no recorded size" in err[0]

@@ -112,11 +112,13 @@ def collate_images(samples: list[dict]) -> dict:
 
 
 def image_loader(
-    shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1, resolution: int | None = None
+    shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1, resolution: int | None = None,
+    sizes: list[int] | None = None,
 ) -> ShardLoader:
-    """Endless, resumable batches of images from an image-shard folder (or a shard list)."""
+    """Endless, resumable batches of images from an image-shard folder (or a shard list); ``sizes``:
+    the shards' sample counts when the caller found them (``pipeline.data.sizes.sizes_once``)."""
     decode = partial(decode_image_sample, resolution=resolution)
-    return ShardLoader(shard_list(shards), cfg, decode, collate_images, rank, world_size, image_size)
+    return ShardLoader(shard_list(shards), cfg, decode, collate_images, rank, world_size, image_size, sizes)
 
 
 def image_size(sample: dict) -> tuple[int, ...]:

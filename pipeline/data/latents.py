@@ -80,10 +80,12 @@ def latent_bucket(sample: dict) -> tuple[int, ...]:
     return tuple(sample["latent"].shape)
 
 
-def latent_loader(shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> ShardLoader:
+def latent_loader(shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                  sizes: list[int] | None = None) -> ShardLoader:
     """Endless, resumable batches over a latent-shard folder (or an explicit shard list); each
-    batch holds latents of one shape (aspect-ratio buckets, ``pipeline.data.buckets``)."""
-    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size, latent_bucket)
+    batch holds latents of one shape (aspect-ratio buckets, ``pipeline.data.buckets``). ``sizes``:
+    the shards' sample counts when the caller found them (``pipeline.data.sizes.sizes_once``)."""
+    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size, latent_bucket, sizes)
 
 
 def shard_list(shards: str | Path | list[str]) -> list[str]:
@@ -92,12 +94,19 @@ def shard_list(shards: str | Path | list[str]) -> list[str]:
     return list_shards(shards)
 
 
-def latent_meta(folder: str | Path | list[str]) -> dict:
-    """The dataset.json of a latent folder (local or URL, or of a pattern's / shard list's folder);
-    paths in it are resolved (``pipeline.data.paths``) when it is local, kept as written when remote."""
-    where = dataset_json_of(folder)
+def latent_meta(folder: str | Path | list[str], meta: str | Path | None = None) -> dict:
+    """The dataset.json of a latent folder (local or URL, or of a pattern's / shard list's folder),
+    or the one ``meta`` names (for sources that have no folder: ``pipe:``); paths in it are resolved
+    (``pipeline.data.paths``) when it is local, kept as written when remote. ``FileNotFoundError``
+    (one line) when there is none."""
     try:
-        meta = read_json(where)
+        where = str(meta) if meta is not None else dataset_json_of(folder)
+    except ValueError as err:  # a pipe: source
+        raise FileNotFoundError(f"{err}: give data.meta=PATH_OR_URL of the latent folder's dataset.json") from None
+    try:
+        found = read_json(where)
     except SourceNotFound:
+        if meta is not None:
+            raise FileNotFoundError(f"data.meta: {meta} not found") from None
         raise FileNotFoundError(f"{folder} has no dataset.json: is it a latent folder written by data_tools.encode?") from None
-    return meta if is_url(where) else map_paths(meta, resolved_from(Path(where).parent))
+    return found if is_url(where) else map_paths(found, resolved_from(Path(where).parent))

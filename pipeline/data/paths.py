@@ -27,8 +27,15 @@ def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:
 
 
 def relative_to(folder: Path) -> Callable[[str], str]:
-    """Existing local paths -> relative to ``folder``; anything else unchanged."""
-    return lambda p: os.path.relpath(Path(p).resolve(), Path(folder).resolve()) if os.path.exists(p) else p
+    """Existing local paths -> relative to ``folder``, always starting with ``./`` or ``../`` (so a
+    reader tells them from hub ids such as ``org/name``); anything else unchanged."""
+    def convert(p: str) -> str:
+        if not os.path.exists(p):
+            return p
+        relative = os.path.relpath(Path(p).resolve(), Path(folder).resolve())
+        return relative if relative.startswith("..") else f"./{relative}"
+
+    return convert
 
 
 def resolved_from(folder: Path) -> Callable[[str], str]:

@@ -38,18 +38,16 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import braceexpand
-from webdataset.tariterators import group_by_keys
-
 from pipeline.config.source import is_url
+from pipeline.data.tars import SPAN, group_samples, tar_members
 
 __all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "is_url", "iter_shard", "list_shards",
-           "open_stream", "read_bytes", "read_json", "read_shard", "shard_sizes"]
+           "open_stream", "read_bytes", "read_json", "read_shard", "read_span"]
 
 PROG = "pipeline.data.remote"
 BACKOFF_S = 0.5  # the first retry waits this long, each next one twice as long
@@ -58,7 +56,6 @@ _BRACES = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
 _LIST_SEP = re.compile(r"::(?![^\[\]]*\])")  # WebDataset's "a.tar::b.tar" ("::" inside [IPv6] excluded)
 _RETRIED_STATUS = {408, 425, 429}  # and every 5xx; other 4xx answers are final
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts and resets are OSErrors
-_SIZE_THREADS = 16  # parallel *_stats.json requests of shard_sizes
 
 
 class SourceError(OSError):
@@ -72,20 +69,34 @@ class SourceNotFound(SourceError, FileNotFoundError):
 # ---------------------------------------------------------------------------- opening one source
 
 
-def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S) -> BinaryIO:
+def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
+                start: int = 0, stop: int | None = None) -> BinaryIO:
     """A readable binary stream of one file-like source (a local path, ``file://``, ``http(s)://``,
-    ``pipe:CMD``, or an fsspec URL); :class:`SourceError` when it cannot be opened.
+    ``pipe:CMD``, or an fsspec URL) from byte ``start``; :class:`SourceError` when it cannot be opened.
 
     HTTP: up to ``retries`` reconnections in a row without progress, waiting ``backoff``·2^k
-    seconds; ``timeout`` is per connection attempt and socket read."""
+    seconds; ``timeout`` is per connection attempt and socket read; ``start``/``stop`` ask for just
+    those bytes (``Range: bytes=start-(stop-1)``). Elsewhere ``stop`` is a hint: read no further."""
     text = str(source)
     if text.startswith("pipe:"):
-        return io.BufferedReader(_PipeStream(text), _CHUNK)
-    if not is_url(text) or text.startswith("file://"):
-        return _open_local(text)
+        stream = io.BufferedReader(_PipeStream(text), _CHUNK)
+        _skip(stream, start, text)
+        return stream
     if urlsplit(text).scheme.lower() in ("http", "https"):
-        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff), _CHUNK)
-    return _open_fsspec(text, retries, backoff)
+        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _CHUNK)
+    stream = _open_local(text) if not is_url(text) or text.startswith("file://") else _open_fsspec(text, retries, backoff)
+    if start:
+        stream.seek(start)
+    return stream
+
+
+def _skip(stream: BinaryIO, count: int, source: str) -> None:
+    """Read and drop ``count`` bytes of a stream that cannot seek."""
+    while count:
+        chunk = stream.read(min(count, _CHUNK))
+        if not chunk:
+            raise SourceError(f"{source}: ended while skipping to byte {count}")
+        count -= len(chunk)
 
 
 def read_bytes(source: str | Path, retries: int = 3, timeout: float = 60.0) -> bytes:
@@ -161,10 +172,11 @@ class _HTTPStream(io.RawIOBase):
     ``retries`` counts failures in a row without a byte of progress; any progress resets it, so
     a link that drops every few megabytes still delivers the whole file."""
 
-    def __init__(self, url: str, retries: int, timeout: float, backoff: float) -> None:
+    def __init__(self, url: str, retries: int, timeout: float, backoff: float, start: int = 0, stop: int | None = None) -> None:
         super().__init__()
         self.url, self.retries, self.timeout, self.backoff = url, retries, timeout, backoff
-        self.pos, self.length, self.version, self.failures = 0, None, None, 0
+        self.pos, self.stop, self.length, self.version, self.failures = start, stop, stop, None, 0
+        self.opened = False  # a first response was checked (its length and version recorded)
         self.response: http.client.HTTPResponse | None = None
         while self.response is None:
             self._reopen()
@@ -177,6 +189,8 @@ class _HTTPStream(io.RawIOBase):
             if self.response is None:
                 self._reopen()
                 continue
+            if self.stop is not None:  # a server that ignores Range would send the rest of the file
+                buffer = memoryview(buffer)[: max(0, self.stop - self.pos)]
             try:
                 n = self.response.readinto(buffer)
                 if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
@@ -216,7 +230,8 @@ class _HTTPStream(io.RawIOBase):
 
     def _request(self) -> http.client.HTTPResponse:
         """GET from ``self.pos``; a final HTTP error is a :class:`SourceError`, others are retried."""
-        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        end = "" if self.stop is None else str(self.stop - 1)
+        headers = {"Range": f"bytes={self.pos}-{end}"} if self.pos or end else {}
         try:
             response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
         except urllib.error.HTTPError as err:
@@ -234,13 +249,14 @@ class _HTTPStream(io.RawIOBase):
         return response
 
     def _check_resumed(self, response: http.client.HTTPResponse) -> None:
-        """Position ``response`` at ``self.pos``: a 206 must start there; a 200 is skipped to it."""
+        """Position ``response`` at ``self.pos``: a 206 must start there; a 200 is skipped to it.
+        The first response records the file's version (ETag / Last-Modified) and where it ends."""
         version = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        if self.pos == 0:
-            size = response.headers.get("Content-Length")
-            self.length, self.version = (int(size) if size is not None else None), version
-            return
-        if version is not None and self.version is not None and version != self.version:
+        if not self.opened:
+            self.opened, self.version = True, version
+            if self.length is None:
+                self.length = _total_length(response)
+        elif version is not None and self.version is not None and version != self.version:
             raise SourceError(f"{self.url}: changed while being read ({self.version} -> {version})")
         if response.status == 206:
             found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
@@ -254,6 +270,15 @@ class _HTTPStream(io.RawIOBase):
             if not chunk:
                 raise ConnectionError(f"connection closed while skipping to byte {self.pos}")
             left -= len(chunk)
+
+
+def _total_length(response: http.client.HTTPResponse) -> int | None:
+    """The whole file's length: a 206's ``Content-Range`` total, a 200's ``Content-Length``."""
+    if response.status == 206:
+        found = re.search(r"/(\d+)$", response.headers.get("Content-Range") or "")
+        return int(found.group(1)) if found else None
+    size = response.headers.get("Content-Length")
+    return int(size) if size is not None else None
 
 
 class _PipeStream(io.RawIOBase):
@@ -383,109 +408,49 @@ def _listed_shards(folder: str) -> list[str]:
 # ---------------------------------------------------------------------------- reading shards
 
 
-def shard_sizes(shards: list[str]) -> list[int]:
-    """Samples per shard: each shard's ``{stem}_stats.json`` ``"successes"`` (local or remote, read
-    in parallel); without one, a local tar's headers are listed and a remote one is streamed once."""
-    shards = [str(s) for s in shards]
-    if not any(is_url(s) for s in shards):
-        return [_shard_size(s) for s in shards]
-    with ThreadPoolExecutor(max_workers=max(1, min(_SIZE_THREADS, len(shards)))) as pool:
-        return list(pool.map(_shard_size, shards))
-
-
-def _shard_size(shard: str) -> int:
-    if shard.endswith(".tar") and not shard.startswith("pipe:"):
-        try:
-            stats = read_json(shard[: -len(".tar")] + "_stats.json")
-            if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
-                return stats["successes"]
-        except SourceNotFound:
-            pass
-    if not is_url(shard):
-        with tarfile.open(shard) as tar:  # headers only: no sample data is read
-            return len({m.name.split(".", 1)[0] for m in tar if m.isfile()})
-    return sum(1 for _ in read_shard(shard))
-
-
-_BLOCK = 512
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members such as __meta__
-
-
-def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """The regular files of a tar stream as ``(name, bytes)``, in order, filtered as webdataset's
-    ``tar_file_iterator`` filters them (``__meta__`` names skipped).
-
-    Headers are parsed by ``tarfile.TarInfo.frombuf`` (ustar, GNU; pax ``path`` and GNU long names
-    applied to the next member); each file's bytes are one ``read`` from the stream. This is 1.8×
-    the speed of ``tarfile``'s stream mode, which reassembles every member from small buffers: it
-    was the largest cost left in the latent loader (``benchmarks/loader_throughput.py``).
-    Truncation raises ``EOFError``, a damaged header ``tarfile.TarError``."""
-    long_name: str | None = None
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header == bytes(_BLOCK):  # the end-of-archive blocks (or none)
-            if header and len(header) < _BLOCK:
-                raise EOFError("unexpected end of data in a tar header")
-            return
-        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        data = _read_exact(stream, info.size)
-        _read_exact(stream, -info.size % _BLOCK)
-        if info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
-            long_name = _pax_path(data) or long_name
-        elif info.type == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif info.type == tarfile.XGLTYPE:
-            continue
-        else:
-            name, long_name = long_name or info.name, None
-            if info.isreg() and not _META.match(name):
-                yield name, data
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size) if size else b""
-    while len(data) < size:  # a network stream may return less than asked
-        more = stream.read(size - len(data))
-        if not more:
-            raise EOFError(f"unexpected end of data: {len(data)} of {size} bytes")
-        data += more
-    return data
-
-
-def _pax_path(records: bytes) -> str | None:
-    """The ``path`` of a pax extended header (records ``"LEN key=value\n"``), if any."""
-    position = 0
-    while position < len(records):
-        length = int(records[position : records.index(b" ", position)])
-        key, _, value = records[records.index(b" ", position) + 1 : position + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        position += length
-    return None
-
-
-def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S) -> Iterator[dict]:
+def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
+               spans: bool = False) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, streamed, grouped as
-    ``webdataset.WebDataset`` groups them; :class:`SourceError` (one line) when the shard cannot
-    be read to its end. The samples before the error have been yielded, whole."""
+    ``webdataset.WebDataset`` groups them (``pipeline.data.tars``; with ``spans``, each sample's
+    byte span as ``"__span__"``); :class:`SourceError` (one line) when the shard cannot be read to
+    its end. The samples before the error have been yielded, whole."""
     url = str(source)
     try:
         with open_stream(url, retries, timeout, backoff) as stream:
-            files = ({"fname": name, "data": data, "__url__": url} for name, data in tar_files(stream))
-            yield from group_by_keys(files)
+            yield from group_samples(tar_members(stream), url, spans)
     except SourceError:
         raise
     except (_NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:  # truncated, corrupt, duplicate member
         raise SourceError(f"{url}: {_reason(err)}") from err
 
 
+def read_span(source: str | Path, start: int, end: int, *, retries: int = 3, timeout: float = 60.0,
+              backoff: float = BACKOFF_S) -> dict:
+    """The one sample whose bytes are ``[start, end)`` of a shard (a span :func:`read_shard` gave),
+    reading only those bytes (a seek, an HTTP ``Range``; a ``pipe:`` skips the bytes before it);
+    :class:`SourceError` when they cannot be read or do not hold one whole sample."""
+    url = str(source)
+    try:
+        with open_stream(url, retries, timeout, backoff, start=start, stop=end) as stream:
+            data = stream.read(end - start)
+        samples = list(group_samples(tar_members(io.BytesIO(data)), url, spans=True))
+    except SourceError:
+        raise
+    except (_NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:
+        raise SourceError(f"{url}: bytes {start}-{end}: {_reason(err)}") from err
+    if len(samples) != 1 or len(data) != end - start:
+        raise SourceError(f"{url}: bytes {start}-{end} do not hold one whole sample (the shard changed?)")
+    samples[0][SPAN] = (start, end)
+    return samples[0]
+
+
 def iter_shard(source: str | Path, skipped: Counter | None = None, *, retries: int = 3, timeout: float = 60.0,
-               backoff: float = BACKOFF_S) -> Iterator[dict]:
+               backoff: float = BACKOFF_S, spans: bool = False) -> Iterator[dict]:
     """:func:`read_shard` that stops a shard it cannot read: one warning line on stderr, one more
     ``skipped["unreadable_shard"]``, and a normal return (the caller counts what it did not get)."""
     count = 0
     try:
-        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff):
+        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff, spans=spans):
             count += 1
             yield sample
     except SourceError as err:

@@ -9,7 +9,7 @@ How samples are ordered (everything follows from ``seed``, so a run can stop and
 - A group's samples are read in file order and shuffled through a buffer of ``shuffle_buffer``
   samples (webdataset's scheme: each new sample takes the place of a random one, which is
   emitted). Which sample leaves at each step depends only on ``rng(seed, e, group)`` and the
-  group's size (known from ``*_stats.json``), so the *emission order* is computed without
+  group's size (``pipeline.data.sizes``), so the *emission order* is computed without
   reading (:func:`buffer_order`) and memory stays at ``shuffle_buffer`` samples, flat in shard
   size. With a buffer at least the group's size it is a full permutation of the group.
 - Each stream is endless (epoch after epoch) and batches its own samples, so every rank yields
@@ -20,11 +20,16 @@ How samples are ordered (everything follows from ``seed``, so a run can stop and
   different buckets may meet in one step on different ranks; that is fine for DDP and DeepSpeed.
 - With fewer groups than streams, ``on_too_few_shards="error"`` stops with a clear message;
   ``"resample"`` lets each stream draw groups with replacement from ``rng(seed, e, g)``.
+- Empty shards (an encode whose every sample failed, img2dataset's, one emptied by ``--dedup``)
+  are kept in the schedule and hold nothing: a stream whose groups of an epoch are all empty
+  goes on to the next epoch. The loader counts them (``shards_empty``); only a dataset whose every
+  shard is empty is an error. Samples beyond a shard's recorded size are counted, not read.
 
-Resume: each batch carries its stream, the number of samples the stream had emitted after it and
-the emission offsets of the samples left waiting in partial buckets. The loader records these per
-stream, plus the batches consumed; a restored loader seeks each stream to its offset (arithmetic
-over the shard sizes), re-reads just the waiting samples from their shards, and rotates the
+Resume: each batch carries its stream, the number of samples the stream had emitted after it and,
+for each sample left waiting in a partial bucket, its emission offset, shard and byte span. The
+loader records these per stream, plus the batches consumed; a restored loader seeks each stream to
+its offset (arithmetic over the shard sizes), reads each waiting sample alone by its byte span (a
+seek, an HTTP Range: no shard prefix is read again, however many buckets wait), and rotates the
 DataLoader's round-robin so the next batches are the ones an uninterrupted run would have
 produced. Exact when the settings the order depends on match (world size, ``num_workers``, seed,
 batch size, ``shards_per_group``, ``shuffle_buffer``, the shards): the position records them and
@@ -33,6 +38,7 @@ a restore with others is refused.
 from __future__ import annotations
 
 import io
+import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -42,8 +48,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.remote import shard_sizes
-from pipeline.data.shards import iter_samples
+from pipeline.data.remote import PROG as SOURCE_PROG
+from pipeline.data.remote import SourceError, iter_shard, read_span
+from pipeline.data.sizes import shard_sizes
+from pipeline.data.tars import SPAN
 
 Decode = Callable[[dict], dict | None]  # raw tar sample (bytes by extension) -> sample, or None to skip
 Collate = Callable[[list[dict]], dict]  # samples -> batch
@@ -106,16 +114,17 @@ class StreamSchedule:
             self._orders[key] = buffer_order(size, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, epoch, gid]))
         return self._orders[key]
 
-    def raw_samples(self, group: list[int], skipped: Counter | None = None) -> Iterator[tuple[int, dict]]:
-        """``(raw index, raw sample)`` of a group's shards in file order; a shard that ends early
-        (unreadable: counted in ``skipped``) leaves its remaining indices out, one with extra
-        samples is cut to its size."""
+    def raw_samples(self, group: list[int], skipped: Counter) -> Iterator[tuple[int, int, dict]]:
+        """``(raw index, shard, raw sample with its byte span)`` of a group's shards in file order; a
+        shard that ends early (unreadable: counted in ``skipped``) leaves its remaining indices out;
+        samples beyond a shard's recorded size are counted (``beyond_recorded_size``), not read."""
         base = 0
         for shard in group:
-            for index, raw in enumerate(iter_samples([self.shards[shard]], skipped)):
+            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True)):
                 if index >= self.sizes[shard]:
-                    break
-                yield base + index, raw
+                    skipped["beyond_recorded_size"] += 1
+                    continue
+                yield base + index, shard, raw
             base += self.sizes[shard]
 
     def locate(self, stream: int, offset: int) -> tuple[int, int]:
@@ -129,13 +138,14 @@ class StreamSchedule:
         raise AssertionError("offset beyond its group")
 
     def seek(self, stream: int, offset: int) -> tuple[int, int, int]:
-        """Emission ``offset`` of a stream -> (epoch, group position in epoch, offset in group)."""
+        """Emission ``offset`` of a stream -> (epoch, group position in epoch, offset in group). An
+        epoch whose groups for this stream hold no sample (empty shards) is passed over."""
+        if not any(self.sizes):
+            raise ValueError(f"all {len(self.shards)} shards are empty: there is no sample to read")
         epoch = 0
         while True:
             groups = self.groups(epoch, stream)
             sizes = [sum(self.sizes[i] for i in g) for g in groups]
-            if sum(sizes) == 0:
-                raise ValueError("the shards hold no samples")
             for position, size in enumerate(sizes):
                 if offset < size:
                     return epoch, position, offset
@@ -159,10 +169,16 @@ def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class Emitted:
-    """One sample leaving a stream: its emission offset, raw tar members (None: missing)."""
+    """One sample leaving a stream: its emission offset, raw tar members (None: missing) and the
+    shard they came from (their byte span is ``raw["__span__"]``)."""
 
     offset: int
     raw: dict | None
+    shard: int = -1
+
+    def where(self) -> list[int]:
+        """``[offset, shard, start, end]``: how a resumed stream reads this sample alone."""
+        return [self.offset, self.shard, *self.raw[SPAN]]
 
 
 class ShardStream(IterableDataset):
@@ -179,18 +195,17 @@ class ShardStream(IterableDataset):
         local = ((info.id if info else 0) + self.start["rotation"]) % workers
         stream = self.rank * workers + local
         offset = int(self.start["offsets"].get(str(stream), 0))
-        waiting = [int(o) for o in self.start.get("waiting", {}).get(str(stream), [])]
-        yield from self._batches(stream, offset, waiting)
+        yield from self._batches(stream, offset, self.start.get("waiting", {}).get(str(stream), []))
 
-    def _batches(self, stream: int, offset: int, waiting: list[int]) -> Iterator[tuple[int, int, list[int], dict, dict]]:
-        buckets: dict[Any, list[tuple[int, dict]]] = {}  # bucket -> [(offset, decoded sample)]
+    def _batches(self, stream: int, offset: int, waiting: list) -> Iterator[tuple[int, int, list[list[int]], dict, dict]]:
+        buckets: dict[Any, list[tuple[list[int], dict]]] = {}  # bucket -> [(where, decoded sample)] (Emitted.where)
         skipped: Counter = Counter()
         for item in self._rewind(stream, waiting):
             self._add(buckets, item, skipped)
         for item in self._emitted(stream, offset):
             full = self._add(buckets, item, skipped)
             if full is not None:
-                left = sorted(o for samples in buckets.values() for o, _ in samples)
+                left = sorted(where for samples in buckets.values() for where, _ in samples)
                 skipped.update(self.unreadable)
                 yield stream, item.offset + 1, left, dict(skipped), self.collate([s for _, s in full])
                 skipped = Counter()
@@ -204,7 +219,7 @@ class ShardStream(IterableDataset):
             return None
         key = self.bucket(sample) if self.bucket else None
         samples = buckets.setdefault(key, [])
-        samples.append((item.offset, sample))
+        samples.append((item.where(), sample))
         return buckets.pop(key) if len(samples) == self.schedule.cfg.batch_size else None
 
     def _emitted(self, stream: int, offset: int) -> Iterator[Emitted]:
@@ -228,28 +243,50 @@ class ShardStream(IterableDataset):
         for k in range(skip, len(order)):
             want = int(order[k])
             while want not in held and read < want:
-                read, raw = next(reader, (len(order), None))
+                read, shard, raw = next(reader, (len(order), -1, None))
                 if raw is not None and wanted[read]:
-                    held[read] = raw
-            yield Emitted(base + k, held.pop(want, None))
+                    held[read] = (shard, raw)
+            shard, raw = held.pop(want, (-1, None))
+            yield Emitted(base + k, raw, shard)
+        if read == len(order) - 1:  # all read: what is left are samples beyond the recorded sizes, to count
+            for _ in reader:
+                pass
 
-    def _rewind(self, stream: int, waiting: list[int]) -> Iterator[Emitted]:
-        """The samples that were waiting in partial buckets when the state was saved, re-read
-        from their shards (each shard once), in offset order."""
-        located: dict[int, list[tuple[int, int]]] = {}  # shard -> [(index in shard, offset)]
-        for offset in waiting:
+    def _rewind(self, stream: int, waiting: list) -> Iterator[Emitted]:
+        """The samples that were waiting in partial buckets when the state was saved, in offset
+        order, each read alone from its byte span (a seek, an HTTP Range): a resume reads no shard
+        prefix, however many buckets wait. A position saved before spans were recorded lists bare
+        offsets: those are located and read from their shards, each shard once."""
+        spans = sorted([int(v) for v in entry] for entry in waiting if isinstance(entry, list))
+        legacy = [int(entry) for entry in waiting if not isinstance(entry, list)]
+        found = {offset: (shard, self._read_span(shard, start, end)) for offset, shard, start, end in spans}
+        found.update(self._read_located(stream, legacy))
+        for offset in sorted(found):
+            yield Emitted(offset, found[offset][1], found[offset][0])
+
+    def _read_span(self, shard: int, start: int, end: int) -> dict | None:
+        """One waiting sample by its byte span; None (counted as missing) when it cannot be read."""
+        try:
+            return read_span(self.schedule.shards[shard], start, end)
+        except SourceError as err:
+            self.unreadable["unreadable_shard"] += 1
+            print(f"{SOURCE_PROG}: warning: a waiting sample could not be read again: {err}", file=sys.stderr, flush=True)
+            return None
+
+    def _read_located(self, stream: int, offsets: list[int]) -> dict[int, tuple[int, dict | None]]:
+        """Samples by emission offset, located by arithmetic and read from their shards, each shard once."""
+        located: dict[int, dict[int, int]] = {}  # shard -> {index in shard: offset}
+        for offset in offsets:
             shard, index = self.schedule.locate(stream, offset)
-            located.setdefault(shard, []).append((index, offset))
-        found: dict[int, dict | None] = dict.fromkeys(waiting)
-        for shard, entries in located.items():
-            by_index = dict(entries)
-            for index, raw in enumerate(iter_samples([self.schedule.shards[shard]], self.unreadable)):
+            located.setdefault(shard, {})[index] = offset
+        found: dict[int, tuple[int, dict | None]] = {offset: (-1, None) for offset in offsets}
+        for shard, by_index in located.items():
+            for index, raw in enumerate(iter_shard(self.schedule.shards[shard], self.unreadable, spans=True)):
                 if index in by_index:
-                    found[by_index[index]] = raw
+                    found[by_index[index]] = (shard, raw)
                 if index >= max(by_index):
                     break
-        for offset in sorted(found):
-            yield Emitted(offset, found[offset])
+        return found
 
 
 class ShardLoader:
@@ -257,17 +294,25 @@ class ShardLoader:
 
     def __init__(
         self, shards: list[str], cfg: LoaderConfig, decode: Decode, collate: Collate, rank: int = 0, world_size: int = 1,
-        bucket: Bucket | None = None,
+        bucket: Bucket | None = None, sizes: list[int] | None = None,
     ) -> None:
+        """``sizes``: samples per shard when the caller found them (a run counts them once:
+        ``pipeline.data.sizes.sizes_once``); else they are looked up here."""
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.cfg, self.decode, self.collate, self.bucket = list(shards), cfg, decode, collate, bucket
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, cfg.num_workers)
-        self.schedule = StreamSchedule(self.shards, shard_sizes(self.shards), cfg, world_size * self.workers)
+        sizes = shard_sizes(self.shards) if sizes is None else list(sizes)
+        if len(sizes) != len(self.shards):
+            raise ValueError(f"{len(sizes)} sizes for {len(self.shards)} shards")
+        if not any(sizes):
+            raise ValueError(f"all {len(sizes)} shard(s) are empty (first: {self.shards[0]}): there is no sample to read")
+        self.empty_shards = sizes.count(0)  # skipped: their groups hold nothing
+        self.schedule = StreamSchedule(self.shards, sizes, cfg, world_size * self.workers)
         self.batches = 0  # consumed by this rank
         self.offsets: dict[str, int] = {}  # stream -> samples emitted up to the last consumed batch
-        self.waiting: dict[str, list[int]] = {}  # stream -> emission offsets waiting in partial buckets
+        self.waiting: dict[str, list[list[int]]] = {}  # stream -> [offset, shard, start, end] of samples in partial buckets
         self.skipped: Counter = Counter()  # samples that could not be read or decoded, by reason
 
     def __iter__(self) -> Iterator[dict]:
@@ -278,7 +323,7 @@ class ShardLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator, **extra)
         for stream, offset, waiting, skipped, batch in loader:
-            self.offsets[str(stream)], self.waiting[str(stream)] = int(offset), [int(o) for o in waiting]
+            self.offsets[str(stream)], self.waiting[str(stream)] = int(offset), [[int(v) for v in w] for w in waiting]
             self.skipped.update(skipped)
             self.batches += 1
             yield batch
@@ -309,14 +354,14 @@ class ShardLoader:
             if saved != mine:
                 raise ValueError(f"data position was saved with {key}={saved}, this run has {mine}: resume would not be exact")
         self.batches, self.offsets = int(state["batches"]), {str(k): int(v) for k, v in state["offsets"].items()}
-        self.waiting = {str(k): [int(o) for o in v] for k, v in state.get("waiting", {}).items()}
+        self.waiting = {str(k): list(v) for k, v in state.get("waiting", {}).items()}  # [offset, shard, start, end] (or an offset)
         self.skipped = Counter(state.get("skipped", {}))
 
     def report(self) -> dict[str, int]:
         """For the metrics: the epoch, samples waiting in partial buckets, samples skipped so far."""
         samples = sum(n for reason, n in self.skipped.items() if reason != "unreadable_shard")
         return {"epoch": self.epoch(), "samples_waiting": sum(len(v) for v in self.waiting.values()),
-                "samples_skipped": samples, "shards_unreadable": self.skipped["unreadable_shard"]}
+                "samples_skipped": samples, "shards_unreadable": self.skipped["unreadable_shard"], "shards_empty": self.empty_shards}
 
     def epoch(self) -> int:
         """The oldest epoch any of this rank's streams is in (for logging)."""

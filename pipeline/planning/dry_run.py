@@ -46,7 +46,8 @@ from typing import TextIO
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data.remote import dataset_meta, shard_sizes
+from pipeline.data.remote import dataset_meta
+from pipeline.data.sizes import shard_sizes
 from pipeline.data.stream import LoaderConfig, ShardLoader
 from pipeline.training.distributed import deepspeed_config, dist_env
 from pipeline.training.preflight import PlanError, TrainingPlan, check_shard_count, preflight
@@ -100,8 +101,8 @@ class DataPlan:
 def data_plan(latents: Path, loader: LoaderConfig, world_size: int) -> DataPlan:
     """Shard listing + ``*_stats.json`` -> the schedule of every stream in epoch 0."""
     shards = check_shard_count(latents, loader, world_size)
-    sizes = shard_sizes(shards)  # *_stats.json; a shard without one is listed (its tar headers)
-    schedule = ShardLoader(shards, loader, lambda s: s, lambda b: b, 0, world_size).schedule
+    sizes = shard_sizes(shards)  # dataset.json's shard_samples, else *_stats.json, else a local tar's headers
+    schedule = ShardLoader(shards, loader, lambda s: s, lambda b: b, 0, world_size, sizes=sizes).schedule
     per_stream = [schedule.groups(0, s) for s in range(schedule.n_streams)]
     return DataPlan(
         shards=len(shards),

@@ -145,7 +145,7 @@ class AutoencoderTrainer(TrainerCore):
         self.schedules = {"sched_g": sched_g, "sched_d": sched_d}
         self.model, self.disc, self.opt_g, self.opt_d = self.accelerator.prepare(Reconstruction(vae, cfg.loss.sample_posterior), disc, opt_g, opt_d)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.loader = image_loader(train, cfg.data.loader, rank, world, cfg.data.resolution)
+        self.loader = image_loader(train, cfg.data.loader, rank, world, cfg.data.resolution, self.shard_sizes(train))
         self.held_out = held_out_images(held_out, cfg.data.held_out, cfg.data.resolution)
         self.last_lr = cfg.optim.lr
 

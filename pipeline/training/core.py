@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.data.remote import SourceError
+from pipeline.data.sizes import CACHE_FILE, sizes_once
+from pipeline.encoders.common import EncoderLoadError
 from pipeline.training.checkpoint import Checkpoints, load_tensors, read_train_state, save_tensors, write_train_state
 from pipeline.training.distributed import shutdown
 from pipeline.training.preflight import PlanError
@@ -81,6 +83,17 @@ class TrainerCore:
         state = read_train_state(folder)
         self.step, self.bad_steps, self.skipped = state["step"], state.get("bad_steps", 0), state.get("skipped", 0)
         self.accelerator.print(f"{self.prog}: resumed from {folder} at step {self.step}")
+
+    def shard_sizes(self, shards: list[str], meta: dict | None = None) -> list[int]:
+        """Samples per shard, found once for the run: by the main process (from ``meta``'s
+        ``shard_samples``, the stats files, or by reading; cached in the run folder for resumes) and
+        broadcast, so no other rank reads a byte of it (``pipeline.data.sizes``)."""
+        from accelerate.utils import broadcast_object_list
+
+        def share(value):
+            return broadcast_object_list([value], from_process=0)[0] if self.accelerator.num_processes > 1 else value
+
+        return sizes_once(shards, self.cfg.run_dir / CACHE_FILE, self.is_main, share, meta)
 
     def save_extra(self, folder: Path) -> None:
         """More state for a recipe to checkpoint (main process)."""
@@ -195,6 +208,9 @@ def run_training(trainer_cls: type[TrainerCore], cfg, prog: str) -> int:
         return 1
     except (FileNotFoundError, SourceError) as e:  # a data folder or URL that is not there or not readable
         print(f"{prog}: data error: {e}", file=sys.stderr)
+        return 2
+    except EncoderLoadError as e:  # an encoder the latents name is not where they say (encoders.* moves it)
+        print(f"{prog}: encoder error: {e}", file=sys.stderr)
         return 2
     try:
         trainer.fit()

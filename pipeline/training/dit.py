@@ -31,12 +31,14 @@ import torch
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.data.images import tensor_to_images
-from pipeline.data.latents import latent_loader, latent_meta
+from pipeline.data.latents import latent_loader, latent_meta, shard_list
+from pipeline.data.remote import dataset_json_of
 from pipeline.data.model_folder import export_model
 from pipeline.figures.sheets import write_sheet
 from pipeline.diffusion.flow import flow_loss, loss_by_t, resolve_shift, sample_timesteps
 from pipeline.diffusion.samplers import sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
+from pipeline.encoders.locations import locate_encoders
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.models.dit import build_dit, compile_blocks, flops_per_sample
 from pipeline.training.core import TrainerCore
@@ -68,6 +70,19 @@ def build_model(cfg: TrainConfig, meta: dict):
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def located_meta(cfg: TrainConfig, prog: str) -> dict:
+    """The latent folder's dataset.json with its encoders moved where ``encoders.*`` say and checked
+    (``pipeline.encoders.locations``): a run whose encoders are missing stops before step 1."""
+    meta = latent_meta(cfg.data.latents, cfg.data.meta)
+    where = str(cfg.data.meta) if cfg.data.meta is not None else dataset_json_of(cfg.data.latents)
+    meta["config"] = locate_encoders(meta["config"], cfg.encoders, where)
+    given = cfg.encoders.given()
+    if given and dist_env().is_main:
+        moved = ", ".join(f"encoders.{name}={path}" for name, path in given.items())
+        print(f"{prog}: encoders from {moved}, instead of where {where} says")
+    return meta
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -123,7 +138,7 @@ class Trainer(TrainerCore):
     prog = PROG
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.meta = latent_meta(cfg.data.latents)
+        self.meta = located_meta(cfg, self.prog)  # the encoders checked before any work
         world = dist_env().world_size  # before any collective: a plan that cannot run stops every rank alike
         preflight(cfg.data.latents, cfg.data.loader, world, deepspeed=cfg.deepspeed.enabled, zero_stage=cfg.deepspeed.zero_stage,
                   resume_from=resume_target(cfg))
@@ -140,7 +155,9 @@ class Trainer(TrainerCore):
         self.schedules = {"scheduler": scheduler}
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
-        self.loader = latent_loader(cfg.data.latents, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes)
+        shards = shard_list(cfg.data.latents)
+        self.loader = latent_loader(shards, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes,
+                                    self.shard_sizes(shards, self.meta))
         tokens = math.prod(self.meta["latent_shape"][1:]) // self.model_patch**2  # image tokens of the default grid (buckets: about as many)
         self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
         self.last_lr = cfg.optim.lr
@@ -291,7 +308,7 @@ class Trainer(TrainerCore):
 def plan(cfg: TrainConfig, prog: str = PROG) -> TrainingPlan:
     """This recipe for the dry run: one DiT, trained, with an fp32 EMA (built on ``meta``)."""
     with torch.device("meta"):
-        model = build_model(cfg, latent_meta(cfg.data.latents))
+        model = build_model(cfg, latent_meta(cfg.data.latents, cfg.data.meta))
     spec = ModelSpec(cfg.model.name, model, trained=True, fp32_copies=("EMA",), gradient_checkpointing=cfg.model.gradient_checkpointing)
     return training_plan(cfg, prog, (spec,))
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pipeline.config.source import Source
 from pipeline.data.stream import LoaderConfig
 from pipeline.diffusion.flow import TimestepConfig
+from pipeline.encoders.locations import EncoderPaths
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.optim import OptimConfig
 from pipeline.training.tracking import LoggingConfig
@@ -36,6 +37,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     latents: Source = Path("runs/demo/latents")  # a latent-shard folder written by data_tools.encode, or its URL / a URL pattern
+    meta: Source | None = None  # its dataset.json, when latents cannot name it (pipe: commands); None: the folder's
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # loader.batch_size is the per-device micro-batch
 
 
@@ -103,6 +105,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderPaths = field(default_factory=EncoderPaths)  # where the VAE / T5 / CLIP are, if not where data.latents says
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -8,7 +8,10 @@ encoders, so the next stage needs no flags this one knew.
 
 Input shard ``i`` becomes ``latents-i.tar`` and rank ``r`` of ``N`` encodes the shards with
 ``i % N == r``: the result is the same set of keys for any number of processes. A shard is
-committed atomically; a rerun skips finished shards.
+committed atomically; a rerun skips finished shards. After the start the ranks never meet in a
+collective: each leaves a completion file when its share is done and the main process waits for
+them (``wait_timeout``, a day by default) before writing ``dataset.json``, so a rank far behind
+the others trips no process-group timeout (``group_timeout``).
 
 Aspect-ratio buckets (``--buckets BASE`` or ``buckets: BASE``; ``pipeline.data.buckets``): each image
 is cropped to the bucket of about BASE² pixels nearest its aspect, its latent stored at that shape
@@ -28,9 +31,11 @@ import io
 import json
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -42,15 +47,17 @@ from pipeline.config import ConfigError, exit_on_config_error, load_config, to_d
 from pipeline.config.source import Source
 from pipeline.data.buckets import Bucketing, bucket_name, nearest_bucket, parse_bucket
 from pipeline.data.images import decode_image_sample
-from pipeline.training.distributed import create_accelerator, dist_env, shutdown, slurm_array, work_split
+from pipeline.training.distributed import array_task, create_accelerator, dist_env
 from data_tools.shard import PLAN_FILE
-from data_tools.split import claim, missing, owned, progress_line, require_complete
+from data_tools.split import (claim, mark_done, missing, progress_line, record_split, refuse_beside_workers, require_complete,
+                              wait_for_ranks, worker_split)
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
 from pipeline.data.paths import map_paths, relative_to
-from pipeline.data.remote import SourceError, SourceNotFound, dataset_meta, is_url, list_shards, read_shard, shard_sizes
+from pipeline.data.remote import SourceError, SourceNotFound, dataset_meta, is_url, list_shards, read_shard
+from pipeline.data.sizes import shard_sizes
 from pipeline.planning.dry_run import DryRunOptions, spread
-from pipeline.data.shards import complete_shards, remove_partials, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.shards import complete_shards, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
 NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -71,6 +78,8 @@ class EncodeConfig:
     buckets: int | None = None  # aspect-ratio buckets of about buckets² pixels (pipeline.data.buckets); None: one square size
     bucket_table: Path | None = None  # or a YAML list of [width, height] buckets (PixArt/SDXL tables)
     bucket_step: int | None = None  # bucket sides are multiples of this; None: about buckets / 16 in whole DiT patches (VAE factor × 2)
+    wait_timeout: float = 86_400.0  # seconds the main process of an accelerate launch waits for the other ranks' shards
+    group_timeout: float | None = None  # seconds, the process group's (torch's 30 min when None); only the start uses it
 
     def __post_init__(self) -> None:
         if self.input is None or self.output is None:
@@ -83,6 +92,8 @@ class EncodeConfig:
             raise ValueError(f"buckets must be >= 8 pixels (got {self.buckets})")
         if (self.buckets or self.bucket_table) and self.resolution is not None:
             raise ValueError("resolution and buckets/bucket_table exclude each other: buckets set each image's size")
+        if self.wait_timeout <= 0 or (self.group_timeout is not None and self.group_timeout <= 0):
+            raise ValueError(f"wait_timeout and group_timeout must be > 0 seconds (got {self.wait_timeout}, {self.group_timeout})")
 
     def bucketing(self, vae_factor: int) -> Bucketing | None:
         """The bucket table, or None for one square size. Sides are multiples of ``bucket_step``,
@@ -202,10 +213,11 @@ def encode_shard(src: Path, dst: Path, cfg: EncodeConfig, encoders: Encoders, de
 
 def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
     """dataset.json of the latent folder, from every shard's stats and the encoders."""
-    samples, skipped, sizes = 0, Counter(), Counter()
+    samples, skipped, sizes, per_shard = 0, Counter(), Counter(), {}
     for shard in shards:
         stats = json.loads(stats_path(shard).read_text())
         samples += stats["successes"]
+        per_shard[shard.name] = stats["successes"]
         skipped.update(stats["failures"])
         sizes.update(stats.get("buckets", {}))
     resolution, down, channels = input_resolution(cfg), encoders.vae.downsample, encoders.vae.latent_channels
@@ -223,6 +235,7 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         "samples": samples,
         "skipped": dict(sorted(skipped.items())),
         "shards": [s.name for s in shards],
+        "shard_samples": per_shard,  # the loader's sizes in one read (pipeline.data.sizes)
         "resolution": resolution,
         "latent_shape": latent_shape,
         "latent_dtype": cfg.store_dtype,
@@ -242,29 +255,46 @@ def bucket_histogram(sizes: Counter, channels: int, down: int) -> dict:
 
 
 def run(cfg: EncodeConfig) -> dict | None:
-    """Encode this rank's share of the shards; the main process writes dataset.json."""
-    accelerator = create_accelerator()
+    """One launch of N processes (``accelerate launch``, or one plain process): rank ``r`` encodes
+    the shards ``i % N == r``; the main process writes dataset.json once every rank is done."""
+    refuse_beside_workers(cfg.output, "a launch without --rank/--world-size")
+    accelerator = create_accelerator(timeout=timedelta(seconds=cfg.group_timeout) if cfg.group_timeout else None)
     try:
         return encode(cfg, accelerator)
-    finally:
-        shutdown(accelerator)
+    finally:  # no barrier: the main process knows from the ranks' completion files that they are done
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def encode(cfg: EncodeConfig, accelerator) -> dict | None:
-    """:func:`run` on a given ``Accelerator`` (left running)."""
+    """:func:`run` on a given ``Accelerator``. The one collective is at the start (the launch's id);
+    then each rank removes only its own shards' temporaries, encodes them and leaves a completion
+    file, and the main process waits for the others' files (``cfg.wait_timeout``), not at a barrier:
+    a rank hours behind the rest (a rerun after a crash, slow remote reads) trips no process-group
+    timeout (``data_tools.split.wait_for_ranks``)."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    launch = launch_id(accelerator)
     sources, targets = shard_pairs(cfg)
-    if accelerator.is_main_process:
-        remove_partials(cfg.output)
-    accelerator.wait_for_everyone()
-    mine = [i for i in owned(len(sources), rank, world) if not targets[i].exists()]
-    encoders = build_encoders(cfg, accelerator.device)
+    mine = claim(cfg.output, targets, rank, world)
+    encoders = build_encoders(cfg, accelerator.device) if mine or accelerator.is_main_process else None
     encode_shards(cfg, [(sources[i], targets[i]) for i in mine], encoders, accelerator.device, rank, world)
-    accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
+        mark_done(cfg.output, rank, launch)
         return None
+    wait_for_ranks(cfg.output, world, launch, cfg.wait_timeout, PROG)
     require_read(targets)
     return write_summary(cfg, encoders, targets)
+
+
+def launch_id(accelerator) -> str:
+    """An id of this launch, the same on every rank, so completion files of an earlier launch never
+    count. Broadcast right after the process group is made, while every rank is there, over a gloo
+    group: on GPUs no NCCL communicator is ever made, so a rank that is done tears its process group
+    down at once instead of waiting there for the slowest rank."""
+    ids = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(ids, src=0, group=torch.distributed.new_group(backend="gloo"))
+    return ids[0]
 
 
 def require_read(targets: list[Path]) -> None:
@@ -275,15 +305,18 @@ def require_read(targets: list[Path]) -> None:
                           "rerun the same command to encode just those")
 
 
-def encode_worker(cfg: EncodeConfig, rank: int, world_size: int) -> dict | None:
-    """Independent worker ``rank`` of ``world_size`` (a SLURM array task; no process group, no
-    waiting): encodes input shards ``i % world_size == rank`` on this machine's GPU (else the CPU).
-    The worker that finds every latent shard complete when it is done writes dataset.json."""
+def encode_worker(cfg: EncodeConfig, rank: int | None = None, world_size: int | None = None) -> dict | None:
+    """Independent worker ``rank`` of ``world_size`` (each from the flags, else a SLURM array task read
+    through the split recorded in the output folder: ``data_tools.split.worker_split``; no process
+    group, no waiting): encodes input shards ``i % world_size == rank`` on this machine's GPU (else
+    the CPU). The worker that finds every latent shard complete when it is done writes dataset.json."""
     launch = dist_env()
     if launch.launcher == "torchrun" and launch.world_size > 1:  # its processes would all do this worker's share
         raise ConfigError(f"an independent worker (--rank/--world-size, a SLURM array task) is one process, but this launch "
                           f"started {launch.world_size}: start one process per worker, or drop --rank/--world-size")
+    rank, world_size, workers = worker_split(cfg.output, rank, world_size, PROG)
     sources, targets = shard_pairs(cfg)
+    record_split(cfg.output, workers)
     todo = claim(cfg.output, targets, rank, world_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = build_encoders(cfg, device) if todo else None
@@ -437,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         with exit_on_config_error(PROG):
             if args.merge:
                 merge(cfg)
-            elif args.rank is not None or args.world_size is not None or slurm_array() is not None:
-                encode_worker(cfg, *work_split(args.rank, args.world_size))
+            elif args.rank is not None or args.world_size is not None or array_task() is not None:
+                encode_worker(cfg, args.rank, args.world_size)
             else:
-                run(cfg)  # one accelerate launch: its processes split the shards and wait for each other
-    except SourceError as err:
+                run(cfg)  # one accelerate launch: its processes split the shards, the main one waits for the others
+    except (SourceError, TimeoutError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0

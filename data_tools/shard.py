@@ -46,9 +46,8 @@ from tqdm import tqdm
 
 from data_tools.images import ImageOptions, Skipped, prepare_image
 from data_tools.sources import CAPTION_KEYS, Candidate, Discovery, SourceError, discover
-from data_tools.split import claim, missing, progress_line, require_complete
+from data_tools.split import claim, missing, progress_line, record_split, require_complete, worker_split
 from pipeline.config import ConfigError, exit_on_config_error, from_dict
-from pipeline.training.distributed import work_split
 from pipeline.data.shards import complete_shards, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.shard"
@@ -385,13 +384,14 @@ def drop_repeats(tars: list[Path]) -> int:
 
 def summarize(cfg: ShardConfig, found: Discovery, n_shards: int, duration: float) -> dict:
     """dataset.json: counts over every shard's stats plus what discovery skipped."""
-    skipped, samples, names = Counter(found.skipped), 0, []
+    skipped, samples, names, per_shard = Counter(found.skipped), 0, [], {}
     for index in range(n_shards):
         tar_path = cfg.output / shard_name(cfg.name, index)
         stats = json.loads(stats_path(tar_path).read_text())
         samples += stats["successes"]
         skipped.update(stats["failures"])
         names.append(tar_path.name)
+        per_shard[tar_path.name] = stats["successes"]
     options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "max_shards"}
     return {
         "kind": "image_shards",
@@ -400,6 +400,7 @@ def summarize(cfg: ShardConfig, found: Discovery, n_shards: int, duration: float
         "skipped": dict(sorted(skipped.items())),
         "warnings": dict(sorted(found.warnings.items())),
         "shards": names,
+        "shard_samples": per_shard,  # the loader's sizes in one read (pipeline.data.sizes)
         "shard_pattern": f"{cfg.name}-{{000000..{max(n_shards - 1, 0):06d}}}.tar",
         "resolution": None if cfg.resize == "none" else cfg.resolution,
         "format": cfg.format,
@@ -418,13 +419,17 @@ def summary_line(summary: dict, handled: int, duration: float) -> str:
     )
 
 
-def run(cfg: ShardConfig, rank: int = 0, world_size: int = 1) -> dict | None:
+def run(cfg: ShardConfig, rank: int | None = None, world_size: int | None = None) -> dict | None:
     """Shard ``cfg.input`` into ``cfg.output`` as worker ``rank`` of ``world_size`` (the shards
-    ``i % world_size == rank``); returns dataset.json's content when every shard is complete."""
+    ``i % world_size == rank``; each from the flags, else a SLURM array task read through the split
+    recorded in the folder: ``data_tools.split.worker_split``); returns dataset.json's content when
+    every shard is complete."""
     start = time.time()
+    rank, world_size, workers = worker_split(cfg.output, rank, world_size, PROG)
     found, plan, tars = planned(cfg)
     cfg.output.mkdir(parents=True, exist_ok=True)
     check_plan(cfg, plan_fingerprint(cfg, plan), len(plan))
+    record_split(cfg.output, workers)
     todo = claim(cfg.output, tars, rank, world_size)
     now = todo[: cfg.max_shards]
     handled = write_shards(cfg, plan, now)
@@ -494,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error(PROG):
         cfg = from_dict(ShardConfig, args)
         try:
-            summary = merge(cfg) if merging else run(cfg, *work_split(rank, world_size))
+            summary = merge(cfg) if merging else run(cfg, rank, world_size)
         except SourceError as e:
             raise ConfigError(str(e)) from None
     if summary is not None and summary["samples"] == 0:

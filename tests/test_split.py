@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_tools import encode, shard
+from data_tools import encode, shard, split
 from pipeline.config import ConfigError
 from pipeline.training.distributed import slurm_array, work_split
 from tests import imagebytes as ib
@@ -230,3 +231,95 @@ def test_preprocess_sbatch_array_tasks_then_merge(tmp_path):
     assert dataset(tmp_path / "two")["samples"] == dataset(tmp_path / "one")["samples"] == 14
     wrong = subprocess.run(["bash", str(script), "train"], cwd=tmp_path, env=base, capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "shard or encode" in wrong.stderr
+
+
+# ---------------------------------------------------------------------------- rerunning one task (--array=17)
+
+
+def set_env(monkeypatch, env: dict[str, str]) -> None:
+    """This process as a SLURM array task described by ``env`` (no other SLURM variables)."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_rerun_of_one_array_task_keeps_its_rank_and_spares_a_live_tasks_temporaries(tmp_path, monkeypatch, capsys):
+    """``--array=0-2`` (3 workers, 6 shards): task 0 is done, task 1 is still writing shard 1 (its
+    ``*.tmp-HOST-PID`` file), task 2 failed and is rerun alone (``--array=2``: SLURM says task 2 of
+    1). The rerun is rank 2 of 3 from the worker plan: it writes shards 2 and 5 only, and task 1's
+    temporary stays. When task 1 ends, the folder equals one process's."""
+    pairs(tmp_path / "in")
+    assert shard.main(shard_args(tmp_path, "one")) == 0
+    set_env(monkeypatch, array_env(0, 3))
+    assert shard.main(shard_args(tmp_path, "out")) == 0
+    live = tmp_path / "out/images-000001.tar.tmp-otherhost-123"
+    live.write_bytes(b"task 1's shard, being written now")
+    capsys.readouterr()
+    set_env(monkeypatch, array_env(2, 1, low=2))  # sbatch --array=2
+    assert shard.main(shard_args(tmp_path, "out")) == 0
+    said = capsys.readouterr().out
+    assert "data_tools.shard: SLURM array task 2 is worker 2 of 3" in said, said
+    assert live.exists()
+    assert sorted(tar_bytes(tmp_path / "out")) == [f"images-00000{i}.tar" for i in (0, 2, 3, 5)]
+    assert not (tmp_path / "out/dataset.json").exists()
+    set_env(monkeypatch, array_env(1, 3))  # task 1 (its leftover temporary is its own)
+    assert shard.main(shard_args(tmp_path, "out")) == 0
+    assert tar_bytes(tmp_path / "out") == tar_bytes(tmp_path / "one") and not list((tmp_path / "out").glob("*.tmp-*"))
+    assert dataset(tmp_path / "out")["samples"] == dataset(tmp_path / "one")["samples"]
+
+
+def test_a_rerun_task_maps_its_index_through_the_first_array(tmp_path, capsys):
+    """The first workers record their split (``worker_plan.json``); a later array of another size
+    (``--array=17``, ``--array=17,40``) takes rank ``(task - min) / step`` of their world size."""
+    out = tmp_path / "out"
+    rank, world, plan = split.worker_split(out, None, None, "p", env=array_env(5, 64, low=1))  # --array=1-64
+    assert (rank, world) == (4, 64) and capsys.readouterr().out == ""
+    split.record_split(out, plan)
+    assert json.loads((out / split.WORKER_PLAN).read_text())["world_size"] == 64
+    assert split.worker_split(out, None, None, "p", env=array_env(17, 1, low=17))[:2] == (16, 64)  # --array=17
+    assert capsys.readouterr().out.strip() == f"p: SLURM array task 17 is worker 16 of 64, as the first array (1-64:1) recorded in {out / split.WORKER_PLAN}"
+    listed = {**array_env(40, 2, low=17), "SLURM_ARRAY_TASK_MAX": "40"}  # --array=17,40
+    assert split.worker_split(out, None, None, "p", env=listed)[:2] == (39, 64)
+    assert split.worker_split(out, None, None, "p", env=array_env(5, 64))[:2] == (5, 64)  # --array=0-63 again: its own positions
+    assert split.worker_split(out, 16, 64, "p", env={})[:2] == (16, 64)  # the flags
+    assert split.worker_split(out, 0, 1, "p", env={})[:2] == (0, 1)  # one process, asked for
+    stepped = tmp_path / "stepped"
+    split.record_split(stepped, split.worker_split(stepped, None, None, "p", env=array_env(0, 64, step=2))[2])  # --array=0-126:2
+    assert split.worker_split(stepped, None, None, "p", env=array_env(34, 1, low=34))[:2] == (17, 64)
+
+
+@pytest.mark.parametrize("first,rerun,flags,says", [
+    (array_env(5, 64, low=1), {}, (None, None), "holds the shards of 64 workers"),  # no flags, no array
+    (array_env(5, 64, low=1), array_env(70, 1, low=70), (None, None), "SLURM array task 70 is not one of the first array's (1-64:1, 64 workers)"),
+    (array_env(5, 64, low=1), {}, (None, 8), "holds the shards of 64 workers (worker_plan.json); --world-size 8 would take their shards"),
+    (array_env(0, 64, step=2), array_env(35, 1, low=35), (None, None), "SLURM array task 35 is not one of the first array's (0-126:2, 64 workers)"),
+    (None, array_env(1, 1, low=1), (None, None), "holds the shards of 2 workers (worker_plan.json); a SLURM array of 1 task(s)"),  # first split by flags
+])
+def test_a_split_that_cannot_be_recovered_is_refused_in_one_line(tmp_path, first, rerun, flags, says):
+    out = tmp_path / "out"
+    split.record_split(out, split.worker_split(out, None, None, "p", env=first)[2] if first else split.worker_split(out, 1, 2, "p", env={})[2])
+    with pytest.raises(ConfigError, match=re.escape(says)) as err:
+        split.worker_split(out, *flags, "p", env=rerun)
+    assert "\n" not in str(err.value) and "--rank" in str(err.value)
+
+
+def test_plain_runs_into_a_folder_of_several_workers_are_refused(image_shards, encode_yaml, tmp_path, capsys, monkeypatch):
+    """Neither a plain shard run nor an accelerate encode launch claims the shards of the recorded workers."""
+    set_env(monkeypatch, {})
+    pairs(tmp_path / "in")
+    assert shard.main(shard_args(tmp_path, "out", "--rank", "0", "--world-size", "2")) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        shard.main(shard_args(tmp_path, "out"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--world-size 1" in err, err
+    assert shard.main(shard_args(tmp_path, "out", "--world-size", "1")) == 0  # one process, asked for: does the rest
+    assert dataset(tmp_path / "out")["samples"] == 14
+    capsys.readouterr()
+    lat = tmp_path / "lat"
+    split.record_split(lat, split.WorkerPlan(2))
+    with pytest.raises(SystemExit) as exit_:
+        encode.main(encode_args(image_shards, lat, encode_yaml))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "holds the shards of 2 workers" in err, err

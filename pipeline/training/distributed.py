@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 
@@ -67,14 +68,32 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
 _ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")
 
 
-def slurm_array(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """``(rank, world size)`` of this SLURM job-array task; None outside an array.
+@dataclass(frozen=True)
+class ArrayRange:
+    """A SLURM job array's indices as sbatch states them: ``low``, ``low + step``, … ``high``, and
+    how many tasks it has (``--array=1-64`` is 1, 64, 1, 64; a list ``--array=17,40`` is 17, 40, 1, 2)."""
 
-    sbatch sets ``SLURM_ARRAY_TASK_ID`` with the array's ``_MIN``, ``_MAX``, ``_STEP`` and ``_COUNT``:
-    ``--array=0-7`` gives ranks 0..7 of 8, and ``--array=1-16`` or ``--array=0-14:2`` work too (the
-    rank is the task's position in the range). A list (``--array=1,5,9``) has no such position and
-    is refused. A ``%`` limit (``--array=0-63%8``) only delays tasks: workers never wait for each other.
-    """
+    low: int
+    high: int
+    step: int
+    count: int
+
+    @property
+    def plain(self) -> bool:
+        """Whether the indices are one range ``A-B[:STEP]`` (a list is not)."""
+        return self.step >= 1 and (self.high - self.low) // self.step + 1 == self.count
+
+    def rank_of(self, task: int) -> int | None:
+        """Task index ``task``'s position in the range; None when it is not one of its indices."""
+        rank, off = divmod(task - self.low, max(self.step, 1))
+        return rank if not off and 0 <= rank < self.count else None
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}:{self.step}"
+
+
+def array_task(env: Mapping[str, str] | None = None) -> tuple[int, ArrayRange] | None:
+    """This SLURM array task's index and its array (unchecked); None outside a job array."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
@@ -83,20 +102,48 @@ def slurm_array(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     low, step = int(low or 0), int(step or 1)
     count = int(count) if count else (int(high if high else task) - low) // step + 1
     high = int(high) if high else low + (count - 1) * step
-    if step < 1 or (task - low) % step or (high - low) // step + 1 != count:
-        raise ConfigError(f"SLURM array task {task} of {count} (indices {low}-{high}:{step}) is not in a plain range: "
+    return task, ArrayRange(low, high, step, count)
+
+
+def slurm_array(env: Mapping[str, str] | None = None, first: ArrayRange | None = None) -> tuple[int, int] | None:
+    """``(rank, world size)`` of this SLURM job-array task; None outside an array.
+
+    sbatch sets ``SLURM_ARRAY_TASK_ID`` with the array's ``_MIN``, ``_MAX``, ``_STEP`` and ``_COUNT``:
+    ``--array=0-7`` gives ranks 0..7 of 8, and ``--array=1-16`` or ``--array=0-14:2`` work too (the
+    rank is the task's position in the range). A list (``--array=1,5,9``) has no such position and
+    is refused. A ``%`` limit (``--array=0-63%8``) only delays tasks: workers never wait for each other.
+
+    ``first``: the array that started the first workers of this job (``data_tools.split`` records
+    it). A task of an array of another size, a rerun of some of them (``--array=17``, a list too),
+    is the rank its index had there, of that array's size.
+    """
+    found = array_task(env)
+    if found is None:
+        return None
+    task, here = found
+    if first is not None and here.count != first.count:
+        rank = first.rank_of(task)
+        if rank is None:
+            raise ConfigError(f"SLURM array task {task} is not one of the first array's ({first}, {first.count} workers): "
+                              "rerun with the first array's task indices, or pass --rank and --world-size")
+        return rank, first.count
+    rank = here.rank_of(task) if here.plain else None
+    if rank is None:
+        raise ConfigError(f"SLURM array task {task} of {here.count} (indices {here}) is not in a plain range: "
                           "submit with --array=A-B[:STEP], or pass --rank and --world-size")
-    return (task - low) // step, count
+    return rank, here.count
 
 
-def work_split(rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+def work_split(rank: int | None = None, world_size: int | None = None, env: Mapping[str, str] | None = None,
+               first: ArrayRange | None = None) -> tuple[int, int]:
     """``(rank, world size)`` of an independent worker: each value from the flags when given, else
-    from a SLURM job array, else ``(0, 1)``. Not from torchrun or SLURM task variables: one
-    process in an ``sbatch --ntasks=4`` script sees ``SLURM_PROCID=0``, ``SLURM_NTASKS=4`` and would
-    silently do a quarter of the work (``srun`` tasks pass ``--rank $SLURM_PROCID --world-size
-    $SLURM_NTASKS``). Raises ``ConfigError`` (one line) unless ``0 <= rank < world size``."""
+    from a SLURM job array (:func:`slurm_array`, with the ``first`` array of the job), else ``(0, 1)``.
+    Not from torchrun or SLURM task variables: one process in an ``sbatch --ntasks=4`` script sees
+    ``SLURM_PROCID=0``, ``SLURM_NTASKS=4`` and would silently do a quarter of the work (``srun`` tasks
+    pass ``--rank $SLURM_PROCID --world-size $SLURM_NTASKS``). Raises ``ConfigError`` (one line)
+    unless ``0 <= rank < world size``."""
     if rank is None or world_size is None:
-        found = slurm_array(env) or (0, 1)
+        found = slurm_array(env, first) or (0, 1)
         rank = found[0] if rank is None else rank
         world_size = found[1] if world_size is None else world_size
     if world_size < 1:
@@ -106,7 +153,7 @@ def work_split(rank: int | None = None, world_size: int | None = None, env: Mapp
     return rank, world_size
 
 
-def create_accelerator(**kwargs):
+def create_accelerator(*, timeout: timedelta | None = None, **kwargs):
     """An ``accelerate.Accelerator`` that is really distributed on CPU-only machines too.
 
     Without a GPU, a multi-process launch leaves accelerate's process group unset and each
@@ -116,20 +163,25 @@ def create_accelerator(**kwargs):
     The LR scheduler is never stepped by accelerate (``step_scheduler_with_optimizer=False``): its
     wrapper steps a prepared scheduler once per process per optimizer step, so a 2-process warmup
     ended twice as early. The trainers step their schedule once per optimizer step themselves.
+
+    ``timeout``: the process group's, for every collective (None: torch's default, 30 min).
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     check_precision(kwargs.get("mixed_precision") or "no")
     handlers = list(kwargs.pop("kwargs_handlers", []))
+    group = {} if timeout is None else {"timeout": timeout}
     deepspeed = _deepspeed_launch() or kwargs.get("deepspeed_plugin") is not None
     if deepspeed and dist_env().launcher == "none":
         _single_process_group_env()
     if not torch.cuda.is_available() and dist_env().world_size > 1:
         if deepspeed:
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
         else:
             kwargs.setdefault("cpu", True)
+    if group:
+        handlers.append(InitProcessGroupKwargs(**group))
     kwargs.setdefault("step_scheduler_with_optimizer", False)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
 

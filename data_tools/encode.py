@@ -57,7 +57,7 @@ from pipeline.data.paths import map_paths, relative_to
 from pipeline.data.remote import SourceError, SourceNotFound, dataset_meta, is_url, list_shards, read_shard
 from pipeline.data.sizes import shard_sizes
 from pipeline.planning.dry_run import DryRunOptions, spread
-from pipeline.data.shards import complete_shards, shard_name, stats_path, write_json_atomic, write_tar_atomic
+from pipeline.data.shards import complete_shards, shard_key, shard_name, stats_path, write_json_atomic, write_tar_atomic
 
 PROG = "data_tools.encode"
 NUMPY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -144,11 +144,18 @@ def batches(shard: Path, size: int, resolution: int | None, bucketing: Bucketing
     """Decoded samples of one image shard in batches of one image size; undecodable ones are
     counted and dropped. A size's batch is yielded when full, the partial ones at the end."""
     pending: dict[tuple[int, ...], list[dict]] = {}
+    keys: set[str] = set()
     for raw in read_shard(shard):  # strict: a shard cut short raises SourceError, and nothing of it is committed
+        key = shard_key(raw["__key__"])  # part1/000001 (a tar of folders) -> part1__000001
+        if key in keys:
+            skipped["duplicate_key"] += 1
+            continue
+        keys.add(key)
         sample = decode_image_sample(raw, resolution, bucketing.assign if bucketing else None)
         if sample is None:
-            skipped["undecodable_image"] += 1
+            skipped["undecodable_image"] += 1  # also a decompression bomb (over 2× PIL's MAX_IMAGE_PIXELS)
             continue
+        sample["key"] = key
         if not sample["caption"].strip():
             skipped["empty_caption"] += 1
             continue

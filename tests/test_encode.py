@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -109,6 +110,43 @@ def test_bad_samples_are_skipped_and_counted(image_shards, encode_config, tmp_pa
     run_encode(bad, tmp_path / "lat", encode_config)
     meta = json.loads((tmp_path / "lat/dataset.json").read_text())
     assert meta["samples"] == 47 and meta["skipped"] == {"undecodable_image": 1}
+
+
+def png_bytes(side: int, value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (value, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_tars_of_folders_repeated_keys_and_decompression_bombs_are_normalised_or_counted(
+        encode_config, tmp_path, monkeypatch):
+    """A tar made with ``tar -cf x.tar .`` or of folders (members ``./000001.png``,
+    ``part1/000002.png``, ``part.v2/000003.png``), a key seen twice, and an image over PIL's
+    decompression-bomb limit: encode normalises the keys, counts the rest, and keeps every valid sample."""
+    import tarfile
+
+    from pipeline.data.images import image_loader
+    from pipeline.data.stream import LoaderConfig
+
+    members = [("./000001", 32, 0), ("part1/000002", 32, 1), ("part.v2/000003", 32, 2), ("./000001", 32, 3),
+               ("000004", 64, 4)]  # 64² = 4096 pixels > 2 × the limit below: PIL refuses it as a bomb
+    shard = tmp_path / "in" / shard_name("images", 0)
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for key, side, value in members:
+            for ext, data in (("png", png_bytes(side, value)), ("txt", f"a red square {value}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    run_encode(shard.parent, tmp_path / "lat", encode_config)
+    meta = json.loads((tmp_path / "lat/dataset.json").read_text())
+    assert meta["skipped"] == {"duplicate_key": 1, "undecodable_image": 1} and meta["samples"] == 3
+    assert sorted(latent_samples(tmp_path / "lat")) == ["000001", "part1__000002", "part_v2__000003"]
+    loader = image_loader([str(shard)], LoaderConfig(batch_size=2))  # a loader's decode skips and counts the bomb too
+    seen = [key for batch in itertools.islice(loader, 3) for key in batch["key"]]  # epoch 0's 5 samples, and 2 more
+    assert sorted(seen[:4]) == ["000001", "000001", "part.v2/000003", "part1/000002"]
+    assert loader.skipped["undecodable"] in (1, 2) and "beyond_recorded_size" not in loader.skipped  # once an epoch
 
 
 def test_config_errors_are_one_line(image_shards, tmp_path):

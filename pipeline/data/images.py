@@ -82,7 +82,7 @@ def decode_image(raw: dict) -> tuple[Image.Image, str] | None:
     try:
         image = to_rgb(Image.open(io.BytesIO(raw[ext])))
         image.load()
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # a bomb: over 2× Image.MAX_IMAGE_PIXELS
         return None
     return image, raw.get("txt", b"").decode("utf-8", "replace")
 

@@ -78,6 +78,12 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def shard_key(key: str) -> str:
+    """A sample key as our writers store it: folders (``part1/000001``, from a tar of folders) joined
+    by ``__`` and dots made ``_`` (WebDataset splits a member name at its first dot)."""
+    return key.replace("/", "__").replace(".", "_")
+
+
 def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
     """Write ``(key, {ext: bytes})`` samples as a WebDataset tar; returns the sample count.
 

@@ -95,7 +95,8 @@ def _count(shard: str) -> int:
     """Samples in a shard: a local tar's headers (no data read), else the shard streamed once."""
     if not is_url(shard):
         with tarfile.open(shard) as tar:
-            return len({sample_key(m.name)[0] for m in tar if m.isfile()} - {None})
+            keys = [key for key in (sample_key(m.name)[0] for m in tar if m.isfile()) if key is not None]
+        return sum(1 for i, key in enumerate(keys) if i == 0 or key != keys[i - 1])  # a sample: a run of one key
     return sum(1 for _ in read_shard(shard))
 
 

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.data.images import IMAGE_EXTENSIONS, to_rgb
 from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
+from pipeline.encoders.locations import add_encoder_args, encoder_paths
 from pipeline.figures.sheets import strips_sheet
 from pipeline.inference.editing import (
     EditInputError,
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="edits of one mode, size and settings run together")
     p.add_argument("--output", type=Path, required=True, help="OUT.png, or a folder for a folder/manifest")
     p.add_argument("--sheet", type=Path, help="input | mask | output sheet (default: beside the output)")
+    add_encoder_args(p)
     return p
 
 
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                             paste_back=args.paste_back, feather=args.feather)
         inputs = [load_inputs(item) for item in items]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        editor = ImageEditor(TextToImage.from_folder(args.model, device))
+        editor = ImageEditor(TextToImage.from_folder(args.model, device, encoder_paths(args)))
         rows: list = [None] * len(items)
         for batch in batches(items, inputs, args.batch_size):
             shown, masks, outs = run_batch(editor, [items[k] for k in batch], [inputs[k][0] for k in batch],

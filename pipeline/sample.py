@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (1 = none); a student takes it as an input")
     p.add_argument("--shift", type=shift_arg, default=1.0, help="time-grid shift: a number, or auto (SD3's, from the image's tokens)")
     add_size_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (as pipeline.evaluate)")
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--output", type=Path, default=Path("grid.png"))
     add_encoder_args(p)

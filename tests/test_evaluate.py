@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -158,3 +159,17 @@ def test_several_steps_load_the_model_once_and_match_single_runs(teacher_dir, im
     with pytest.raises(SystemExit):
         evaluate.main([*base, "--steps", "1", "2", "--output", str(tmp_path / "no_placeholder")])
     assert "--output must contain {steps}" in capsys.readouterr().err
+
+
+def test_sample_draws_image_k_from_seed_plus_k_as_evaluate_does(teacher_dir):
+    """``pipeline.sample``'s ``generate``: image k comes from seed + k alone, the image ``pipeline.evaluate``
+    draws for prompt k; its batch partners do not change it."""
+    from pipeline.inference.pipeline import TextToImage
+
+    pipe = TextToImage.from_folder(teacher_dir)
+    prompts = ["a small red circle at the top left on a white background", "a large blue square at the center on a navy background"]
+    together, _ = pipe.generate(prompts, steps=3, seed=5)
+    alone, _ = pipe.generate(prompts[1:], steps=3, seed=6)
+    evaluated, _ = evaluate.generate_images(pipe, prompts, 3, 4.0, seed=5, batch_size=1)
+    for a, b in ((together[1], alone[0]), (together[1], evaluated[1]), (together[0], evaluated[0])):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # the VAE's CPU kernels: 1 level

@@ -119,9 +119,10 @@ class TextToImage:
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float | str = 1.0, seed: int = 0,
                  size: tuple[int, int] | None = None) -> tuple[list[Image.Image], float]:
-        """Images for ``prompts`` (``size`` (width, height) px, default the model's) and the wall
-        seconds per image."""
+        """Images for ``prompts`` (``size`` (width, height) px, default the model's; image k from
+        seed + k alone, as ``pipeline.evaluate`` draws it) and the wall seconds per image."""
         start = clock()
-        noise = self.noise(len(prompts), seed, self.latent_shape_for(size))
-        images = self.images(self.latents(prompts, steps, guidance, shift, seed, noise))
+        seeds = list(range(seed, seed + len(prompts)))
+        noise = self.noise_per_image(seeds, self.latent_shape_for(size))
+        images = self.images(self.latents(prompts, steps, guidance, shift, seeds, noise))
         return images, (clock() - start) / len(prompts)

@@ -226,8 +226,10 @@ def test_preview_pairs_bucketed_latents_with_their_originals(bucketed_latents, t
     from data_tools import preview_latents
 
     result = preview_latents.preview(bucketed_latents, tmp_path / "preview.png", count=9)
-    assert result["paired"] and result["samples"] == 9
-    assert Image.open(tmp_path / "preview.png").size[0] > 0
+    assert result["paired"] and result["samples"] == 9 and (tmp_path / "preview.png").is_file()
+    _, samples, pixels = preview_latents.decode_first(bucketed_latents, 9)  # each latent decoded at its own bucket's size
+    assert [tuple(p.shape) for p in pixels] == [(3, 4 * s["latent"].shape[1], 4 * s["latent"].shape[2]) for s in samples]
+    assert len({tuple(p.shape) for p in pixels}) == 3
 
 
 def test_evaluate_at_a_bucket_size_skips_the_square_analyser(teacher_dir, image_shards, tmp_path, capsys):

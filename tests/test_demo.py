@@ -22,12 +22,13 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "demo/report.json").read_text())
     assert isinstance(report["teacher"]["adherence_all"], float)
-    assert report["teacher"]["seconds_per_image"] > 0
+    teacher = report["teacher"]
+    assert teacher["seconds_per_image"] > teacher["sampler_seconds_per_image"] > 0  # the sampler is a part of the whole
     assert [s["steps"] for s in report["students"]] == [1, 2, 4]
     assert [t["steps"] for t in report["teacher_few_steps"]] == [1, 2, 4]  # the same-steps baseline
     assert {g["goal"] for g in report["goals"]} >= {f"student_{n}_beats_teacher_{n}" for n in (1, 2, 4)}
-    for s in report["students"]:
-        assert 0 <= s["adherence_all"] <= 1 and s["seconds_per_image"] > 0
+    for s in report["students"]:  # 1-4 model calls against the teacher's 50 (x2 with guidance)
+        assert 0 <= s["adherence_all"] <= 1 and s["sampler_seconds_per_image"] < teacher["sampler_seconds_per_image"] / 5
     assert report["autoencoder"]["psnr"] > 10
     md = (tmp_path / "demo/report.md").read_text()
     assert "all correct, 1-object prompts" in md and "Autoencoder ceiling" in md

@@ -20,12 +20,15 @@ def test_a_non_editable_install_trains_with_deepspeed(latent_shards, tmp_path):
     source, site = tmp_path / "source", tmp_path / "site"  # a copy: setuptools builds in the source folder
     for folder in ("pipeline", "data_tools", "benchmarks"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(source)]
     done = subprocess.run(install, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (site / "pipeline/training/ds_templates").glob("*.json")) == ["zero2.json", "zero3.json"]
+    info = next(site.glob("latent_diffusion_pipeline-*.dist-info"))  # an SPDX license, not the deprecated TOML table
+    assert "License-Expression: Apache-2.0" in (info / "METADATA").read_text() and (info / "licenses/LICENSE").is_file()
+    assert "deprecated" not in done.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = [f"data.latents={latent_shards}", f"output_dir={elsewhere}", "run=t", "deepspeed.enabled=true", "mixed_precision=bf16", "steps=2",

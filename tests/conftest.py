@@ -113,8 +113,9 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
                   bucketed_latents) -> Path:
     """Every multi-process training job of the suite in one 2-process gloo launch (``tests.jobs``):
     the DDP / ZeRO-2 / ZeRO-3 × fp32 / bf16 × accumulation 1 / 2 cells (each run and resumed),
-    distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, and every
-    config in ``configs/``, shrunk. Returns the
+    distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, an
+    overflowing optimizer step under DDP fp16 (``jobs.loss_scaler``) and ZeRO-2 bf16, and every config in
+    ``configs/``, shrunk. Returns the
     folder of their runs and ``NAME.rank{r}.json`` results; ``launch.log`` holds the output."""
     import json
     import os
@@ -131,6 +132,7 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
              for spec in jobs.cell_jobs(mode, precision, accum, latent_shards, out)]
     specs += jobs.distill_jobs(teacher_dir, latent_shards, out) + jobs.autoencoder_jobs(image_shards, out)
     specs.append(jobs.ema_copy_job(latent_shards, out))
+    specs += [jobs.overflow_job(mode, precision, latent_shards, out) for mode, precision in jobs.OVERFLOW_CELLS]
     specs += jobs.bucket_jobs(bucketed_latents, out) + jobs.text_jobs(latent_shards, out)
     inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}

@@ -9,7 +9,8 @@ build) serves them all. One-process cells call :func:`run_job` in the pytest pro
 
 Each rank writes ``OUT/NAME.rank{r}.json``: ``{"ok", "error", "world", "allreduce_micro"}``, where
 ``allreduce_micro`` lists, for each gradient bucket DDP all-reduced, the index of the micro-batch
-in its accumulation window (DDP runs only). A job that fails on every rank is recorded and the next
+in its accumulation window (DDP runs only); a job with ``overflow_at`` adds ``windows`` and
+``ema_updates`` (:func:`probe_overflow`). A job that fails on every rank is recorded and the next
 one runs; a failure on one rank alone leaves the other waiting, and the launch's timeout ends it.
 """
 
@@ -21,16 +22,20 @@ import os
 import shutil
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def job(name: str, stage: str, overrides: list[str], config: str | None = None, resume_from: dict | None = None,
-        count_allreduce: bool = False) -> dict:
+        count_allreduce: bool = False, loss_scaler: bool = False, overflow_at: int | None = None) -> dict:
     """A job description (JSON-ready). ``resume_from={"run": DIR, "step": N}``: before training,
     copy that run folder with its checkpoints after step N, its export and its metrics after N
-    removed, so this run resumes from step N of that one."""
+    removed, so this run resumes from step N of that one. ``loss_scaler``: fp16's loss scaler in
+    fp32 compute, on the CPU too (:func:`loss_scaler`); ``overflow_at``: the optimizer step that would be step N
+    overflows (:func:`probe_overflow`, a DiT stage)."""
     return {"name": name, "stage": stage, "config": config, "overrides": overrides, "resume_from": resume_from,
-            "count_allreduce": count_allreduce}
+            "count_allreduce": count_allreduce, "loss_scaler": loss_scaler, "overflow_at": overflow_at}
 
 
 def copy_run(src: Path, dst: Path, step: int) -> None:
@@ -93,6 +98,82 @@ def _count_allreduce(trainer, calls: list[int]) -> None:
             model.register_comm_hook(state=None, hook=hook)
 
 
+LOSS_SCALE = 2.0**10  # the test scaler's first scale: not 1, so an unscaling too many or too few shows
+
+
+@contextmanager
+def loss_scaler(enabled: bool = True) -> Iterator[None]:
+    """fp16's loss scaling in fp32 compute, through accelerate's own code, on the CPU too. Without a
+    GPU accelerate builds no ``GradScaler`` and ``check_precision`` refuses fp16; inside this context
+    a recipe's ``mixed_precision=fp16`` accelerator is let through and gets torch's ``GradScaler``
+    for its device (first scale ``LOSS_SCALE``) before ``prepare``, so ``backward`` scales the loss,
+    ``unscale_gradients`` / ``clip_grad_norm_`` unscale, and each prepared optimizer steps through
+    ``scaler.step`` (inf/nan check, skipped step, ``step_was_skipped``) and ``scaler.update``. The
+    forward stays fp32 (accelerate's autocast is off: ``AutocastKwargs(enabled=False)``), so
+    gradients compare at fp32 tolerance, on any device."""
+    if not enabled:
+        yield
+        return
+    from unittest import mock
+
+    import torch
+    from accelerate.utils import AutocastKwargs, DistributedType
+
+    from pipeline.training import autoencoder, distributed, dit
+
+    real = distributed.create_accelerator
+
+    def create(**kwargs):
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), AutocastKwargs(enabled=False)]
+        accelerator = real(**kwargs)
+        if accelerator.mixed_precision == "fp16" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+            accelerator.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=LOSS_SCALE)
+            accelerator.native_amp = True
+        return accelerator
+
+    with (mock.patch.object(distributed, "check_precision", lambda mixed_precision: None),
+          mock.patch.object(dit, "create_accelerator", create), mock.patch.object(autoencoder, "create_accelerator", create)):
+        yield
+
+
+def probe_overflow(trainer, at: int, rank: int, record: dict) -> None:
+    """Make the optimizer step that would be step ``at`` overflow, once: rank 0 turns every gradient
+    of that window's first micro-batch into inf (other ranks get it through the all-reduce). Records
+    in ``record["windows"]`` the state at each window's start (:func:`window_state`) and in
+    ``record["ema_updates"]`` ``[window, decay]`` of each EMA update."""
+    import torch
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        hit = rank == 0 and trainer.micro == 0 and trainer.step == at - 1 and trainer.overflow_steps == 0
+        return torch.full_like(grad, float("inf")) if hit else grad
+
+    for p in trainer.accelerator.unwrap_model(trainer.model).parameters():
+        if p.requires_grad:
+            p.register_hook(poison)
+    windows, updates = record.setdefault("windows", []), record.setdefault("ema_updates", [])
+    micro_step, ema_update = trainer.micro_step, trainer.ema.update
+
+    def recorded_micro_step(batch: dict):
+        if trainer.micro == 0:
+            windows.append(window_state(trainer))
+        return micro_step(batch)
+
+    def recorded_update(group, decay=None):
+        updates.append([len(windows) - 1, decay])
+        return ema_update(group, decay)
+
+    trainer.micro_step, trainer.ema.update = recorded_micro_step, recorded_update
+
+
+def window_state(trainer) -> dict:
+    """What a skipped optimizer step must leave alone, with the counter and the loss scale."""
+    scaler = trainer.accelerator.scaler
+    return {"step": trainer.step, "overflow_steps": trainer.overflow_steps, "lr_steps": trainer.schedules["scheduler"].last_epoch,
+            "ema": sum(float(p.double().sum()) for p in trainer.ema.module.parameters()),
+            "weights": sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.model).parameters()),
+            "scale": scaler.get_scale() if scaler is not None else None}
+
+
 def run_job(spec: dict, rank: int = 0) -> dict:
     """Run one job in this process; what happened, as a dict."""
     result = {"name": spec["name"], "ok": False, "error": None, "world": None, "allreduce_micro": []}
@@ -106,11 +187,16 @@ def run_job(spec: dict, rank: int = 0) -> dict:
         if spec["stage"] == "encode":
             result["world"] = _encode(spec)
         else:
-            trainer = _build(spec["stage"], spec["config"], spec["overrides"])
+            with loss_scaler(spec.get("loss_scaler", False)):
+                trainer = _build(spec["stage"], spec["config"], spec["overrides"])
             result["world"] = trainer.accelerator.num_processes
             if spec.get("count_allreduce"):
                 _count_allreduce(trainer, result["allreduce_micro"])
+            if spec.get("overflow_at"):
+                probe_overflow(trainer, spec["overflow_at"], rank, result)
             trainer.fit()
+            if spec.get("overflow_at"):
+                result["windows"].append(window_state(trainer))  # the end
             trainer.accelerator.wait_for_everyone()
         result["ok"] = True
     except BaseException as err:  # recorded; the next job runs
@@ -280,3 +366,19 @@ def autoencoder_jobs(images: Path, out: Path, mode: str = "ddp", precision: str 
     return [job(name, "autoencoder", [*common, f"run={name}"], count_allreduce=ddp),
             job(f"{name}-resumed", "autoencoder", [*common, f"run={name}-resumed"],
                 resume_from={"run": str(out / name), "step": CELL_RESUME_AT}, count_allreduce=ddp)]
+
+
+OVERFLOW_AT, OVERFLOW_STEPS = 2, 3
+OVERFLOW_CELLS = (("ddp", "fp16"), ("zero2", "bf16"))  # in the 2-process launch; the one-process cell runs in pytest
+OVERFLOW_EMA = {"decay": 0.9, "warmup_power": 0.75}  # the decay ramps with the step
+
+
+def overflow_job(mode: str, precision: str, latents: Path, out: Path, accum: int = 2) -> dict:
+    """A 3-step DiT run whose optimizer step that would be step 2 overflows (inf gradients from rank
+    0): under fp16 through the loss scaler (:func:`loss_scaler`, on the CPU too), under DeepSpeed
+    bf16 through its own overflow check."""
+    name = f"overflow-{cell_name(mode, precision, accum)}"
+    overrides = [f"data.latents={latents}", f"output_dir={out}", f"run={name}", "model.overrides={depth: 2}", "data.loader.batch_size=4",
+                 f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={OVERFLOW_STEPS}",
+                 f"checkpoint.every={OVERFLOW_STEPS}", "logging.every=1", "sampling.steps=2", *(f"ema.{k}={v}" for k, v in OVERFLOW_EMA.items())]
+    return job(name, "train", overrides, loss_scaler=precision == "fp16", overflow_at=OVERFLOW_AT)

@@ -1,5 +1,6 @@
 """pipeline.train_autoencoder: the losses by hand, a smoke run that exports a loadable VAE with
-measured factors, exact resume across the discriminator's start, one-line config errors."""
+measured factors, exact resume across the discriminator's start, one-line config errors, and fp16
+loss scaling per optimizer (skipped steps, the discriminator's accumulated gradients)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,93 @@ def test_discriminator_size_is_the_loss_sections(image_shards, tmp_path, capsys)
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert "disc_layers" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- fp16 loss scaling (torch's GradScaler)
+
+
+def probed_trainer(image_shards, out, *extra: str):
+    """An ``AutoencoderTrainer`` under fp16 with torch's loss scaler (``tests.jobs.loss_scaler``, on
+    the CPU too) that records the gradients each optimizer applies (``applied["g"|"d"]``, after
+    unscaling and clipping), the counters at each window's start (``windows``), and turns a
+    network's gradients into inf before its update when asked (``poison``: a set of ``(network,
+    step)``, each used once). The discriminator's BatchNorm is in eval mode: with batch statistics
+    a batch of 8 and two of 4 differ by design."""
+    from pipeline.config import load_config
+    from pipeline.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
+    from tests import jobs
+
+    class Probed(AutoencoderTrainer):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.accelerator.unwrap_model(self.disc).eval()
+            self.applied, self.poison, self.windows = {}, set(), []
+            for name, opt in (("g", self.opt_g), ("d", self.opt_d)):
+                opt.optimizer.register_step_pre_hook(lambda o, args, kwargs, name=name: self.applied.__setitem__(
+                    name, [p.grad.detach().clone() for group in o.param_groups for p in group["params"]]))
+
+        def micro_step(self, batch):
+            if self.micro == 0:
+                self.windows.append((self.step, *(self.schedules[s].last_epoch for s in ("sched_g", "sched_d")),
+                                     self.overflow_steps, self.disc_overflow_steps))
+            return super().micro_step(batch)
+
+        def update(self, model, optimizer, scheduler):
+            key = ("g" if optimizer is self.opt_g else "d", self.step)
+            if key in self.poison:
+                self.poison.discard(key)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("inf"))
+            return super().update(model, optimizer, scheduler)
+
+    jobs._reset_accelerate()
+    overrides = args(image_shards, out, "mixed_precision=fp16", "loss.sample_posterior=false", "factor_samples=16", "eval_every=0", *extra)
+    with jobs.loss_scaler():
+        trainer = Probed(load_config(AutoencoderTrainConfig, None, overrides))
+    assert trainer.accelerator.scaler.get_scale() == jobs.LOSS_SCALE
+    return trainer
+
+
+def test_each_optimizer_skips_its_own_overflowing_step(image_shards, tmp_path):
+    """fp16: an overflowing generator step is skipped and counted (``overflow_steps``): the step
+    counter and the generator's schedule stay, the discriminator steps; an overflowing
+    discriminator step skips its own schedule only (``disc_overflow_steps``)."""
+    from tests import jobs
+
+    trainer = probed_trainer(image_shards, tmp_path, "steps=3", "loss.disc_start=1", "checkpoint.every=3")
+    trainer.poison = {("g", 1), ("d", 2)}
+    trainer.fit()
+    # at each window's start: step, generator / discriminator schedule steps, overflow_steps, disc_overflow_steps
+    assert trainer.windows == [(0, 0, 0, 0, 0), (1, 1, 0, 0, 0), (1, 1, 1, 1, 0), (2, 2, 2, 1, 0)]
+    assert (trainer.step, trainer.schedules["sched_g"].last_epoch, trainer.schedules["sched_d"].last_epoch) == (3, 3, 2)
+    lines = [json.loads(line) for line in (tmp_path / "ae/metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["overflow_steps"], m["disc_overflow_steps"]) for m in lines] == [(1, 0, 0), (2, 1, 0), (3, 1, 1)]
+    state = json.loads((tmp_path / "ae/checkpoints/step-000003/train_state.json").read_text())
+    assert (state["overflow_steps"], state["disc_overflow_steps"]) == (1, 1)
+    jobs._reset_accelerate()
+
+
+def test_discriminator_gradient_with_accumulation_is_the_large_batch_one(image_shards, tmp_path):
+    """fp16 loss scaling, clipping and accumulation 2 against one batch of twice the size: the
+    discriminator's gradient its optimizer applies is the same (unscaled once, by its own optimizer,
+    though the generator's update ran between its micro-batches), also when the generator's step
+    overflowed there and the scaler backed off mid-window."""
+    from tests import jobs
+
+    clip = ["optim.grad_clip=1e-3", "loss.disc_start=0"]
+    large = probed_trainer(image_shards, tmp_path / "large", "data.loader.batch_size=8", *clip)
+    batch = next(iter(large.loader))
+    large.micro_step(batch)
+    scale = max(g.abs().max().item() for g in large.applied["d"])  # fp32 sums in another order: 1e-5 of the largest entry
+    assert scale > 0
+    for poison in (set(), {("g", 0)}):
+        small = probed_trainer(image_shards, tmp_path / f"small{len(poison)}", "data.loader.batch_size=4", "optim.grad_accum=2", *clip)
+        small.poison = set(poison)
+        small.micro_step({k: v[:4] for k, v in batch.items()})
+        small.micro = 1
+        small.micro_step({k: v[4:] for k, v in batch.items()})
+        assert ("g" in small.applied) == (not poison) and small.accelerator.scaler.get_scale() == jobs.LOSS_SCALE / (2 if poison else 1)
+        for big, got in zip(large.applied["d"], small.applied["d"], strict=True):
+            assert (got - big).abs().max().item() <= 1e-5 * scale, f"poison {poison}"
+    jobs._reset_accelerate()

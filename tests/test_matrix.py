@@ -12,7 +12,9 @@ micro-batch of each accumulation window. The multi-process cells share one launc
 (``launched_jobs`` in conftest); the one-process cells run here.
 
 Also: accumulated gradients equal the large batch's; sample grids during training leave the
-weights bit-identical; fp16 without a GPU is one clear line.
+weights bit-identical; fp16 without a GPU is one clear line; an optimizer step that overflows
+(fp16's loss scaler, on the CPU through ``jobs.loss_scaler``; DeepSpeed's own check) advances
+nothing but its counter, on one process, under DDP and under ZeRO-2.
 """
 
 from __future__ import annotations
@@ -145,6 +147,66 @@ def test_autoencoder_under_ddp_in_bf16_with_accumulation(launched_jobs):
     for state in ("accelerate/model.safetensors", "accelerate/model_1.safetensors"):  # the VAE, the discriminator
         a, b = (load_file(str(launched_jobs / run / final / state)) for run in (name, f"{name}-resumed"))
         assert all(np.array_equal(a[k], b[k]) for k in a), state
+
+
+# ---------------------------------------------------------------------------- overflowing optimizer steps
+
+
+def check_overflow_skipped(out: Path, name: str, world: int) -> None:
+    """The optimizer step that would have been step ``OVERFLOW_AT`` saw inf gradients (rank 0's): that
+    window advanced nothing (step, LR schedule, weights, EMA and its warm-up, log line, checkpoint)
+    but ``overflow_steps``; the next window trained as step ``OVERFLOW_AT``."""
+    from pipeline.training.dit_config import EMAConfig
+
+    at, steps = jobs.OVERFLOW_AT, jobs.OVERFLOW_STEPS
+    ema = EMAConfig(**jobs.OVERFLOW_EMA)
+    for result in jobs.results(out, name, world):
+        assert result["ok"], result["error"]
+        windows = result["windows"]  # the state at each window's start, then at the end
+        assert len(windows) == steps + 2, windows  # one window more than steps: the skipped one
+        hit, after, following = windows[at - 1], windows[at], windows[at + 1]
+        frozen = ("step", "lr_steps", "weights", "ema")
+        assert {k: after[k] for k in frozen} == {k: hit[k] for k in frozen}, "the skipped step advanced something"
+        assert (hit["overflow_steps"], after["overflow_steps"]) == (0, 1)
+        if hit["scale"] is not None:  # the loss scaler really skipped (and backed off)
+            assert after["scale"] == hit["scale"] / 2
+        assert (following["step"], following["lr_steps"]) == (at, at)
+        assert following["weights"] != after["weights"] and following["ema"] != after["ema"], "the next window did not train"
+        assert (windows[-1]["step"], windows[-1]["lr_steps"], windows[-1]["overflow_steps"]) == (steps, steps, 1)
+        expected = [[w, ema.decay_at(w + (w < at))] for w in range(steps + 1) if w != at - 1]  # window, decay
+        assert result["ema_updates"] == expected, "the EMA was updated on the skipped window or its warm-up advanced"
+    lines = metrics(out / name)
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
+    assert [m["lr"] for m in lines] == pytest.approx(expected_lrs(steps), rel=1e-12, abs=0)
+    assert [m["overflow_steps"] for m in lines] == [int(s >= at) for s in range(1, steps + 1)]
+    assert all(m["skipped_steps"] == 0 and math.isfinite(m["loss"]) for m in lines)
+    assert [p.name for p in (out / name / "checkpoints").iterdir()] == [f"step-{steps:06d}"]
+    state = json.loads((out / name / f"checkpoints/step-{steps:06d}/train_state.json").read_text())
+    assert (state["step"], state["overflow_steps"]) == (steps, 1)
+
+
+def test_an_overflowing_fp16_step_advances_nothing_but_its_counter(latent_shards, tmp_path):
+    """One process, fp16 with torch's loss scaler (``jobs.loss_scaler``, on the CPU too),
+    accumulation 2: the overflowing step is skipped and counted; the checkpoint holds the backed-off
+    loss scale, and a resumed run keeps the count."""
+    spec = jobs.overflow_job("one", "fp16", latent_shards, tmp_path)
+    (tmp_path / f"{spec['name']}.rank0.json").write_text(json.dumps(jobs.run_job(spec)))
+    check_overflow_skipped(tmp_path, spec["name"], 1)
+    scaler = torch.load(tmp_path / spec["name"] / f"checkpoints/step-{jobs.OVERFLOW_STEPS:06d}/accelerate/scaler.pt", weights_only=True)
+    assert scaler["scale"] == jobs.LOSS_SCALE / 2
+    more = {**spec, "overrides": [*spec["overrides"], f"steps={jobs.OVERFLOW_STEPS + 1}"], "overflow_at": None}
+    assert jobs.run_job(more)["ok"]
+    last = metrics(tmp_path / spec["name"])[-1]
+    assert (last["step"], last["overflow_steps"]) == (jobs.OVERFLOW_STEPS + 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, precision", jobs.OVERFLOW_CELLS, ids=[f"{m}-{p}" for m, p in jobs.OVERFLOW_CELLS])
+def test_an_overflowing_step_is_skipped_on_every_rank(mode, precision, launched_jobs):
+    """Two processes: inf gradients on rank 0 alone reach rank 1 through the all-reduce (DDP: the
+    loss scaler's check; ZeRO-2 bf16: DeepSpeed's own overflow check, read through accelerate), and
+    both ranks skip the step alike."""
+    check_overflow_skipped(launched_jobs, "overflow-" + jobs.cell_name(mode, precision, 2), 2)
 
 
 def test_fp16_without_a_gpu_is_one_line(latent_shards, tmp_path, capsys):

@@ -3,8 +3,8 @@
 Collects what the demo's stages wrote into one ``report.md`` + ``report.json`` in the run folder:
 the autoencoder's held-out PSNR, the evaluation of the teacher (50 steps, guidance) and of the
 student at 1/2/4 steps (``pipeline.evaluate`` outputs under ``eval/``), seconds per image, loss
-curves, the editing evaluation (``pipeline.evaluate_edits`` under ``edits/``), the stage timings
-of ``launch/demo.sh`` and the goals of the issues, met or not.
+curves with each training stage's skipped work, the editing evaluation (``pipeline.evaluate_edits``
+under ``edits/``), the stage timings of ``launch/demo.sh`` and the goals of the issues, met or not.
 """
 
 from __future__ import annotations
@@ -129,6 +129,32 @@ def plot_curves(run: Path) -> dict[str, str]:
     return out
 
 
+SKIP_COUNTERS = (("skipped_steps", "non-finite micro-batches dropped"), ("overflow_steps", "fp16 overflow steps skipped"),
+                 ("disc_overflow_steps", "discriminator overflow steps skipped"))
+
+
+def training_counters(run: Path) -> dict[str, dict]:
+    """Each training stage's steps and skipped work, from the last line of its ``metrics.jsonl``
+    (the counters it logs: ``SKIP_COUNTERS``)."""
+    out = {}
+    for name in ("autoencoder", "teacher", "student"):
+        path = run / name / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if lines:
+            last = json.loads(lines[-1])
+            out[name] = {"steps": last["step"], **{key: last[key] for key, _ in SKIP_COUNTERS if key in last}}
+    return out
+
+
+def training_line(counters: dict[str, dict]) -> str:
+    """One line: ``teacher 2000 steps (0 non-finite micro-batches dropped, 0 fp16 overflow steps skipped); …``."""
+    parts = []
+    for name, c in counters.items():
+        skipped = ", ".join(f"{c[key]} {what}" for key, what in SKIP_COUNTERS if key in c)
+        parts.append(f"{name} {c['steps']} steps" + (f" ({skipped})" if skipped else ""))
+    return "Trained: " + "; ".join(parts) + "."
+
+
 def _row(name: str, m: dict, evaluations: int) -> str:
     return (f"| {name} | {m['steps']} | {evaluations} | {m['adherence_all']:.3f} | {m['adherence_vs_teacher']:.2f} | "
             f"{m['seconds_per_image']:.4f} | {m['speedup_vs_teacher']:.1f} | {m['sampler_seconds_per_image']:.4f} | "
@@ -171,6 +197,8 @@ def markdown(report: dict, run: Path) -> str:
     if "edits" in report:
         lines += edit_section(report["edits"], rel)
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
+    if report.get("training"):
+        lines += ["", training_line(report["training"])]
     lines += ["", f"Autoencoder reconstructions (each tile: original | reconstruction): ![ae]({rel(ae['reconstructions'])})"]
     if Path(ae["latents_decoded"]).exists():
         lines += ["", f"Stored training latents decoded back (original | decoded): ![latents]({rel(ae['latents_decoded'])})"]
@@ -189,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     report["loss_curves"] = plot_curves(args.run)
+    report["training"] = training_counters(args.run)
     (args.run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.run / "report.md").write_text(markdown(report, args.run))
     print(f"{PROG}: wrote {args.run / 'report.md'} and report.json")

@@ -18,6 +18,16 @@ DeepSpeed is not used for this stage: a DeepSpeed launch is refused with one lin
 accumulate ``optim.grad_accum`` micro-batches inside the accumulation context, and both LR
 schedules step once per optimizer step. In the generator update the discriminator is frozen, so
 the generator loss never adds to the discriminator's accumulated gradients.
+
+fp16 loss scaling (one ``GradScaler``, shared): each update unscales and clips its own optimizer's
+gradients only, so the discriminator's partly accumulated gradients are not unscaled by the
+generator's update; when that update changes the scale (a back-off after an overflow, or a growth)
+they are brought to the new scale, so the discriminator's optimizer unscales its whole window at
+one scale. A step the scaler skips (inf/nan gradients) is per optimizer: that optimizer's schedule
+does not advance. The generator's skip decides the training step: the step counter counts generator
+updates, so a skipped generator step advances nothing of the core's (step, logging, checkpoints,
+``disc_start``) and is counted in ``overflow_steps``; a skipped discriminator step is counted in
+``disc_overflow_steps`` and the step goes on.
 """
 
 from __future__ import annotations
@@ -148,6 +158,7 @@ class AutoencoderTrainer(TrainerCore):
         self.loader = image_loader(train, cfg.data.loader, rank, world, cfg.data.resolution, self.shard_sizes(train))
         self.held_out = held_out_images(held_out, cfg.data.held_out, cfg.data.resolution)
         self.last_lr = cfg.optim.lr
+        self.disc_overflow_steps = 0
 
     @property
     def vae(self):
@@ -182,7 +193,11 @@ class AutoencoderTrainer(TrainerCore):
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients:
             self.last_lr = self.opt_g.param_groups[0]["lr"]  # the LR this step used
+            pending = self.step >= cfg.disc_start and self.cfg.optim.grad_accum > 1 and self.accelerator.scaler is not None
+            scale = self.accelerator.scaler.get_scale() if pending else None
             self.update(self.model, self.opt_g, self.schedules["sched_g"])
+            if pending:
+                self.rescale_pending(self.disc, scale)
         out["recon"] = recon.detach()
         return out
 
@@ -191,23 +206,52 @@ class AutoencoderTrainer(TrainerCore):
             return None
         loss = hinge_d_loss(self.disc(x), self.disc(recon))
         self.accelerator.backward(loss)
-        if self.accelerator.sync_gradients:
-            self.update(self.disc, self.opt_d, self.schedules["sched_d"])
+        if self.accelerator.sync_gradients and not self.update(self.disc, self.opt_d, self.schedules["sched_d"]):
+            self.disc_overflow_steps += 1
         return loss.detach()
 
-    def update(self, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Clip (``optim.grad_clip`` > 0), step, advance the schedule once, clear the gradients."""
+    def update(self, model: torch.nn.Module, optimizer, scheduler) -> bool:
+        """Unscale and clip this optimizer's gradients only (``optim.grad_clip`` > 0; the other
+        network's partly accumulated ones stay as they are), step, advance its schedule once unless
+        the loss scaler skipped the step (inf/nan gradients), clear the gradients; whether it stepped.
+        Under DDP the gradients are all-reduced by now: every rank clips and decides alike."""
         if self.cfg.optim.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            self.accelerator.unscale_gradients(optimizer=optimizer)  # a no-op unless fp16
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
         optimizer.step()
-        scheduler.step()
+        stepped = not optimizer.step_was_skipped
+        if stepped:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def rescale_pending(self, model: torch.nn.Module, scale: float) -> None:
+        """Bring ``model``'s partly accumulated gradients, scaled by ``scale``, to the loss scale now
+        (another optimizer's step may have changed it), so its optimizer unscales them with the
+        rest of its window (a power of 2: exact)."""
+        ratio = self.accelerator.scaler.get_scale() / scale
+        if ratio != 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(ratio)
+
+    def step_was_skipped(self) -> bool:
+        """The generator's skip decides the step (the discriminator's is counted on its own)."""
+        return self.opt_g.step_was_skipped
+
+    def train_state(self) -> dict:
+        return {**super().train_state(), "disc_overflow_steps": self.disc_overflow_steps}
+
+    def load_train_state(self, state: dict) -> None:
+        super().load_train_state(state)
+        self.disc_overflow_steps = state.get("disc_overflow_steps", 0)
 
     # ------------------------------------------------------------------ the core's hooks
 
     def metrics(self, running: list) -> dict:
         out = running[-1]  # the last micro-batch's figures
-        metrics = {"l1_rec": float(out["rec"]), "gan_weight": float(out["gan_weight"]), "lr": self.last_lr}
+        metrics = {"l1_rec": float(out["rec"]), "gan_weight": float(out["gan_weight"]), "lr": self.last_lr,
+                   "overflow_steps": self.overflow_steps, "disc_overflow_steps": self.disc_overflow_steps}
         if out["d_loss"] is not None:
             metrics["d_loss"] = float(out["d_loss"])
         return metrics

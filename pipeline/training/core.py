@@ -14,7 +14,13 @@ A recipe (``training.dit``, ``training.distill``, ``training.autoencoder``) subc
   :meth:`accumulation`, the optimizer steps at the window's boundary; it returns what to log
   (tensors) or ``None`` to drop a micro-batch whose loss was not finite on some rank;
 - optional hooks: ``after_optimizer_step`` (weight averages), ``metrics`` (the logged line),
-  ``on_step`` (sample grids, evaluations), ``save_extra`` / ``load_extra`` and ``export``.
+  ``on_step`` (sample grids, evaluations), ``save_extra`` / ``load_extra``, ``train_state`` /
+  ``load_train_state`` (more counters) and ``export``.
+
+A window whose optimizer step was skipped on overflow (fp16: the loss scaler found inf/nan
+gradients; :meth:`TrainerCore.step_was_skipped`) advances nothing: not the step counter, not the
+EMA, not the logging or checkpoint schedule (and the recipe leaves its LR schedule alone). It is
+counted in ``overflow_steps`` (the train state, and the logged line beside ``skipped_steps``).
 
 One resume rule (``Checkpoints.resume_folder``), one checkpoint mechanism, one data position.
 """
@@ -49,7 +55,7 @@ class TrainerCore:
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.schedules: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.loader = None
-        self.step, self.micro, self.bad_steps, self.skipped = 0, 0, 0, 0
+        self.step, self.micro, self.bad_steps, self.skipped, self.overflow_steps = 0, 0, 0, 0, 0
         self.running: list = []  # what micro_step returned since the last logged line
 
     # ------------------------------------------------------------------ state
@@ -64,7 +70,7 @@ class TrainerCore:
                 for name, schedule in self.schedules.items():
                     save_tensors(schedule.state_dict(), folder / f"{name}.pt")
                 self.save_extra(folder)
-                write_train_state(folder, {"step": self.step, "bad_steps": self.bad_steps, "skipped": self.skipped})
+                write_train_state(folder, self.train_state())
 
         return self.checkpoints.save(self.step, write, self.is_main, self.accelerator.wait_for_everyone)
 
@@ -80,8 +86,7 @@ class TrainerCore:
             for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr()):
                 group["lr"] = lr  # the schedule's LR for the next step, whatever the optimizer state carried
         self.load_extra(folder)
-        state = read_train_state(folder)
-        self.step, self.bad_steps, self.skipped = state["step"], state.get("bad_steps", 0), state.get("skipped", 0)
+        self.load_train_state(read_train_state(folder))
         self.accelerator.print(f"{self.prog}: resumed from {folder} at step {self.step}")
 
     def shard_sizes(self, shards: list[str], meta: dict | None = None) -> list[int]:
@@ -94,6 +99,15 @@ class TrainerCore:
             return broadcast_object_list([value], from_process=0)[0] if self.accelerator.num_processes > 1 else value
 
         return sizes_once(shards, self.cfg.run_dir / CACHE_FILE, self.is_main, share, meta)
+
+    def train_state(self) -> dict:
+        """The counters a checkpoint keeps (``train_state.json``); a recipe may add its own."""
+        return {"step": self.step, "bad_steps": self.bad_steps, "skipped": self.skipped, "overflow_steps": self.overflow_steps}
+
+    def load_train_state(self, state: dict) -> None:
+        """Restore :meth:`train_state`'s counters (those a checkpoint lacks start at 0)."""
+        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+        self.skipped, self.overflow_steps = state.get("skipped", 0), state.get("overflow_steps", 0)
 
     def save_extra(self, folder: Path) -> None:
         """More state for a recipe to checkpoint (main process)."""
@@ -116,6 +130,13 @@ class TrainerCore:
 
     def micro_step(self, batch: dict):
         raise NotImplementedError
+
+    def step_was_skipped(self) -> bool:
+        """Whether the optimizer step that ended this window was skipped on overflow: fp16's loss
+        scaler found inf/nan gradients (accelerate's ``optimizer_step_was_skipped``; under DeepSpeed
+        its optimizer's ``overflow``, its engine having stepped inside ``backward``). Gradients are
+        all-reduced before the check, so every rank answers alike."""
+        return self.accelerator.optimizer_step_was_skipped
 
     def after_optimizer_step(self) -> None:
         """Work after each optimizer step (weight averages)."""
@@ -152,7 +173,11 @@ class TrainerCore:
                 self.running.append(out)
                 if self.micro < cfg.optim.grad_accum:
                     continue
-                self.step, self.micro = self.step + 1, 0
+                self.micro = 0
+                if self.step_was_skipped():  # nothing advances but the counter
+                    self.overflow_steps += 1
+                    continue
+                self.step += 1
                 self.after_optimizer_step()
                 bar.update()
                 self.end_of_step(tracker)

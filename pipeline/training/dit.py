@@ -220,13 +220,15 @@ class Trainer(TrainerCore):
         return loss.detach()
 
     def optimizer_step(self) -> None:
-        """Clip, step, then advance the LR schedule once (DeepSpeed steps inside ``backward``; its
-        wrapper's ``step`` is a no-op and its clipping comes from the JSON)."""
+        """Clip, step, then advance the LR schedule once, unless the step was skipped on overflow
+        (DeepSpeed steps inside ``backward``; its wrapper's ``step`` is a no-op and its clipping
+        comes from the JSON)."""
         if self.cfg.optim.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
         self.optimizer.step()
-        self.schedules["scheduler"].step()
+        if not self.step_was_skipped():
+            self.schedules["scheduler"].step()
         self.optimizer.zero_grad()
 
     def after_optimizer_step(self) -> None:
@@ -245,7 +247,8 @@ class Trainer(TrainerCore):
 
     def metrics(self, running: list) -> dict:
         loss = torch.stack(running).mean().item()
-        return {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, **self.meter.report(), **self.loader.report()}
+        return {"loss": loss, "lr": self.last_lr, "skipped_steps": self.skipped, "overflow_steps": self.overflow_steps,
+                **self.meter.report(), **self.loader.report()}
 
     def on_step(self) -> dict:
         if self.cfg.sampling.every and self.step % self.cfg.sampling.every == 0:

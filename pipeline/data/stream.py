@@ -84,6 +84,7 @@ class StreamSchedule:
     def __init__(self, shards: list[str], sizes: list[int], cfg: LoaderConfig, n_streams: int) -> None:
         self.shards, self.sizes, self.cfg, self.n_streams = shards, sizes, cfg, n_streams
         self._orders: dict[tuple[int, int, int], np.ndarray] = {}
+        self._totals: dict[int, list[int]] = {}  # stream -> samples in each epoch so far (seek's arithmetic)
         self.n_groups = -(-len(shards) // cfg.shards_per_group)
         if self.n_groups < n_streams and cfg.on_too_few_shards == "error":
             raise ValueError(
@@ -142,15 +143,19 @@ class StreamSchedule:
         epoch whose groups for this stream hold no sample (empty shards) is passed over."""
         if not any(self.sizes):
             raise ValueError(f"all {len(self.shards)} shards are empty: there is no sample to read")
-        epoch = 0
+        totals, epoch = self._totals.setdefault(stream, []), 0  # samples per epoch of this stream, found once
         while True:
-            groups = self.groups(epoch, stream)
-            sizes = [sum(self.sizes[i] for i in g) for g in groups]
-            for position, size in enumerate(sizes):
-                if offset < size:
-                    return epoch, position, offset
-                offset -= size
-            epoch += 1
+            if epoch == len(totals):
+                totals.append(sum(self.sizes[i] for g in self.groups(epoch, stream) for i in g))
+            if offset < totals[epoch]:
+                break
+            offset, epoch = offset - totals[epoch], epoch + 1
+        for position, group in enumerate(self.groups(epoch, stream)):
+            size = sum(self.sizes[i] for i in group)
+            if offset < size:
+                return epoch, position, offset
+            offset -= size
+        raise AssertionError("offset beyond its epoch")
 
 
 def buffer_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:

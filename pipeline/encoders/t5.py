@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+
+if TYPE_CHECKING:  # transformers is imported where a T5 is loaded (~2 s at every CLI start otherwise)
+    from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from .common import EncoderLoadError, check_local_source, check_texts, resolve_dtype
 
@@ -63,6 +65,8 @@ def _whole() -> Iterator[None]:
 def load_t5(cfg: T5EncoderConfig, device: str | torch.device = "cpu",
             ) -> tuple[PreTrainedTokenizerBase, T5EncoderModel]:
     """Tokenizer + encoder from ``cfg.path`` with errors that name the path; eval, frozen, whole."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
     check_local_source(cfg.path, "T5 encoder", required=("config.json",))
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)

@@ -9,10 +9,12 @@ decoding never guesses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import AutoencoderKL
+
+if TYPE_CHECKING:  # diffusers' model zoo is imported where a VAE is loaded (~1.5 s at every CLI start otherwise)
+    from diffusers import AutoencoderKL
 
 from .common import EncoderLoadError, check_local_source, resolve_dtype
 
@@ -43,6 +45,8 @@ class VAEConfig:
 
 def load_autoencoder(cfg: VAEConfig, device: str | torch.device = "cpu") -> AutoencoderKL:
     """``AutoencoderKL.from_pretrained`` with errors that name the path; eval, frozen."""
+    from diffusers import AutoencoderKL
+
     where = f"'{cfg.path}'" + (f" (subfolder '{cfg.subfolder}')" if cfg.subfolder else "")
     check_local_source(cfg.path, "VAE")
     try:

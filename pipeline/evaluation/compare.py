@@ -24,6 +24,7 @@ from pipeline.data.model_folder import read_model_info
 from pipeline.figures.sheets import write_sheet
 from pipeline.evaluation.adherence import evaluate
 from pipeline.evaluation.evaluate import generate_images
+from pipeline.evaluation.relative import versus
 from pipeline.evaluation.synthetic import render_sample
 from pipeline.inference.pipeline import TextToImage
 from pipeline.models.student import load_teacher
@@ -53,16 +54,6 @@ def measure(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, 
         "adherence_all": scores["all_correct"],
         "adherence": scores["accuracy"],
         "grid": str(grid),
-    }
-
-
-def versus(entry: dict, teacher: dict) -> dict:
-    """``entry``'s adherence and speed relative to the reference ``teacher`` (each an evaluation
-    with ``adherence_all``, ``seconds_per_image`` and ``sampler_seconds_per_image``)."""
-    return {
-        "adherence_vs_teacher": entry["adherence_all"] / max(teacher["adherence_all"], 1e-9),
-        "speedup_vs_teacher": teacher["seconds_per_image"] / max(entry["seconds_per_image"], 1e-12),
-        "sampler_speedup_vs_teacher": teacher["sampler_seconds_per_image"] / max(entry["sampler_seconds_per_image"], 1e-12),
     }
 
 

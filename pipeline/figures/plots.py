@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # only for annotations: drawing needs no torch (the demo report starts without it)
+    import torch
 
 
 def _pyplot():

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluation.compare import versus
+from pipeline.evaluation.relative import versus
 from pipeline.figures.plots import plot_loss_curves
 
 PROG = "pipeline.demo_report"

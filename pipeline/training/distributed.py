@@ -175,6 +175,8 @@ def create_accelerator(*, timeout: timedelta | None = None, **kwargs):
     deepspeed = _deepspeed_launch() or kwargs.get("deepspeed_plugin") is not None
     if deepspeed and dist_env().launcher == "none":
         _single_process_group_env()
+    if deepspeed and not torch.cuda.is_available():
+        _skip_cpu_inference_op()
     if not torch.cuda.is_available() and dist_env().world_size > 1:
         if deepspeed:
             group["backend"] = "gloo"
@@ -184,6 +186,16 @@ def create_accelerator(*, timeout: timedelta | None = None, **kwargs):
         handlers.append(InitProcessGroupKwargs(**group))
     kwargs.setdefault("step_scheduler_with_optimizer", False)
     return Accelerator(kwargs_handlers=handlers, **kwargs)
+
+
+def _skip_cpu_inference_op() -> None:
+    """On a machine without a GPU, DeepSpeed's communication backend JIT-compiles a shared-memory
+    op at start-up (~35 s of g++ the first time on a machine) that only its *inference* all-reduce
+    uses; training all-reduces through the process group. Mark it unavailable, as DeepSpeed does
+    where it cannot be built, so a CPU run starts without compiling it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_precision(mixed_precision: str) -> None:

@@ -82,7 +82,8 @@ class EMAConfig:
 
 @dataclass(kw_only=True)
 class SamplingConfig:
-    """The grid drawn every ``every`` steps from fixed prompts and seed (0 = only at the end)."""
+    """The grid drawn every ``every`` steps from fixed prompts and seed (0 = only at the end; no
+    prompts: no grid at all, not even at the end)."""
 
     every: int = 0
     prompts: list[str] = field(default_factory=lambda: ["a large red circle at the center on a white background"])

@@ -16,8 +16,14 @@ demo: env
 demo-quick: env
 	@PYTHON_BIN=$(PY) bash launch/demo.sh --quick
 
+# The suite in $(TEST_WORKERS) worker processes (pytest-xdist), one thread each: on 2 cores they
+# overlap what one process leaves idle (interpreter start-ups, imports, waiting on subprocesses); the
+# tests of the one 2-process launch share a worker (xdist_group "launch"). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@if [ "$(TEST_WORKERS)" != 0 ]; then export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; fi; \
+	echo "$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)"; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf runs/demo runs/demo-quick

@@ -13,13 +13,13 @@ PY=${PYTHON_BIN:-python}
 RES=32
 if [ "${1:-}" = "--quick" ]; then
     OUT=${DEMO_OUT:-runs/demo-quick}
-    COUNT=400 EVAL_COUNT=16 EDIT_COUNT=4 PER_SHARD=100
+    COUNT=400 EVAL_COUNT=8 EDIT_COUNT=2 PER_SHARD=100
     # Non-square scenes through aspect-ratio buckets of about 32² px (24x48, 32x32, 48x24):
     # shards keep each image's size, encode crops to the nearest bucket, batches hold one bucket.
     ASPECT=0.5,1,2 SHARD_SIZE=(--resize none) BUCKETS=(buckets=32)
     AE=(steps=150 eval_every=150 factor_samples=200 data.held_out=64 checkpoint.every=150)
-    TEACHER=(steps=200 sampling.every=0 checkpoint.every=200 data.loader.batch_size=32 optim.warmup_steps=20)
-    STUDENT=(steps=40 checkpoint.every=40 data.loader.batch_size=32 optim.warmup_steps=10)
+    TEACHER=(steps=60 sampling.every=0 checkpoint.every=60 data.loader.batch_size=32 optim.warmup_steps=10)
+    STUDENT=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5)
 else
     OUT=${DEMO_OUT:-runs/demo}
     COUNT=${DEMO_COUNT:-6000} EVAL_COUNT=512 EDIT_COUNT=256 PER_SHARD=500

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.shard_server import serving
+
 TINY_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -137,14 +139,66 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
     inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]
-    (out / "jobs.json").write_text(json.dumps(specs, default=str))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu2.yaml"),
-           "--main_process_port", str(free_port()), "-m", "tests.jobs", str(out / "jobs.json"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=720, env=env)
-        log = f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
-    except subprocess.TimeoutExpired as err:
-        log = f"timed out after {err.timeout} s\n{err.stdout}\n{err.stderr}"
+    with serving(unsized_copy(latent_shards, out / "served")) as server:  # for the http-sizes job
+        specs.append(jobs.http_sizes_job(server.url + "latents/", inputs["text"], tiny_vae_dir, out))
+        (out / "jobs.json").write_text(json.dumps(specs, default=str))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu2.yaml"),
+               "--main_process_port", str(free_port()), "-m", "tests.jobs", str(out / "jobs.json"), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=720, env=env)
+            log = f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
+        except subprocess.TimeoutExpired as err:
+            log = f"timed out after {err.timeout} s\n{err.stdout}\n{err.stderr}"
     (out / "launch.log").write_text(log)
+    (out / "http_requests.json").write_text(json.dumps(server.requests))
     return out
+
+
+def unsized_copy(latents: Path, root: Path) -> Path:
+    """``root/latents``: a copy of a latent folder with no recorded size (no stats files, no
+    ``shard_samples``), as img2dataset-style or hand-made folders come."""
+    import json
+    import shutil
+
+    shutil.copytree(latents, root / "latents", ignore=shutil.ignore_patterns("*_stats.json"))
+    meta = json.loads((root / "latents/dataset.json").read_text())
+    meta.pop("shard_samples")
+    (root / "latents/dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+_BACKGROUND: list = []  # setups started at collection, waited for at the end of the session
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` that works under pytest 9 (``tests/xdist_groups.py``)."""
+    if config.getvalue("dist") == "loadgroup":
+        from tests.xdist_groups import GroupScheduling
+
+        return GroupScheduling(config, log)
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After collection: (1) freeze what the test modules imported (torch, transformers, DeepSpeed…)
+    out of the garbage collector's full collections, which otherwise rescan those millions of
+    objects every time (~0.3 s each); (2) when img2dataset's tests are selected, start installing
+    its venv in the background (mostly download and unpacking: it overlaps the CPU-bound tests; the
+    fixture then finds it ready, or waits on the script's lock)."""
+    import gc
+    import os
+    import subprocess
+
+    from tests.helpers import ROOT
+
+    gc.freeze()
+    wanted = any(item.path.name == "test_img2dataset.py" for item in session.items)
+    if wanted and os.environ.get("LDP_SKIP_IMG2DATASET") != "1":
+        _BACKGROUND.append(subprocess.Popen(["bash", str(ROOT / "launch/setup_img2dataset.sh")], cwd=ROOT,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for process in _BACKGROUND:
+        process.wait()

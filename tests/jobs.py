@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,14 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _import_stages() -> None:
+    """Every module the jobs use, imported once up front (so :func:`gc.freeze` covers them)."""
+    import data_tools.encode  # noqa: F401
+    import pipeline.training.autoencoder  # noqa: F401
+    import pipeline.training.distill  # noqa: F401
+    import pipeline.training.dit  # noqa: F401
 
 
 def _reset_accelerate() -> None:
@@ -229,10 +238,14 @@ def main(argv: list[str]) -> int:
 
     jobs, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     rank = dist_env().rank
+    _import_stages()
+    gc.freeze()  # what the imports made lives on: the collections between jobs scan only what the jobs made
     for spec in jobs:
+        start = time.perf_counter()
         result = run_job(spec, rank)
+        result["seconds"] = round(time.perf_counter() - start, 2)
         (out / f"{spec['name']}.rank{rank}.json").write_text(json.dumps(result))
-        print(f"tests.jobs: rank {rank} {spec['name']}: {'ok' if result['ok'] else 'FAILED'}", flush=True)
+        print(f"tests.jobs: rank {rank} {spec['name']}: {'ok' if result['ok'] else 'FAILED'} in {result['seconds']} s", flush=True)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -263,12 +276,19 @@ def cell_name(mode: str, precision: str, accum: int) -> str:
     return f"{mode}-{precision}-accum{accum}"
 
 
+def draws_grid(precision: str, accum: int) -> bool:
+    """Whether a cell draws its final sample grid: the bf16 cells with accumulation, one per
+    parallelism; the others set no prompts (no grid), which saves the grid's encoders each run."""
+    return precision == "bf16" and accum == 2
+
+
 def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path, prefix: str = "", extra: tuple[str, ...] = ()) -> list[dict]:
     """A 4-step run that checkpoints at 2 and 4, and a copy of it resumed from step 2."""
     name = prefix + cell_name(mode, precision, accum)
+    grid = ["sampling.steps=2"] if draws_grid(precision, accum) else ["sampling.prompts=[]"]
     common = [f"data.latents={latents}", f"output_dir={out}", "model.overrides={depth: 2}", "data.loader.batch_size=4", *extra,
               f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={CELL_STEPS}",
-              f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2", "ema.decay=0.9"]
+              f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", *grid, "ema.decay=0.9"]
     ddp = mode == "ddp"
     full = job(name, "train", [*common, f"run={name}"], count_allreduce=ddp)
     resumed = job(f"{name}-resumed", "train", [*common, f"run={name}-resumed"],
@@ -369,6 +389,16 @@ def autoencoder_jobs(images: Path, out: Path, mode: str = "ddp", precision: str 
 
 
 OVERFLOW_AT, OVERFLOW_STEPS = 2, 3
+def http_sizes_job(url: str, text: dict, vae: Path, out: Path) -> dict:
+    """One DDP step on latents served over loopback HTTP with no size anywhere (no stats files, no
+    shard_samples) and their encoders elsewhere (``encoders.*``): the main rank alone counts the
+    shards (``pipeline.data.sizes.sizes_once``); the server's log shows how often each was read."""
+    encoders = [f"encoders.vae={vae}", f"encoders.t5={text['t5']['path']}", f"encoders.clip={text['clip']['path']}"]
+    return job("http-sizes", "train", [f"data.latents={url}", f"output_dir={out}", "run=http-sizes", *MODES["ddp"], *encoders,
+                                       "model.overrides={depth: 1}", "data.loader.batch_size=4", "steps=1", "checkpoint.every=1",
+                                       "sampling.steps=1"])
+
+
 OVERFLOW_CELLS = (("ddp", "fp16"), ("zero2", "bf16"))  # in the 2-process launch; the one-process cell runs in pytest
 OVERFLOW_EMA = {"decay": 0.9, "warmup_power": 0.75}  # the decay ramps with the step
 

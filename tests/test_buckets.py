@@ -243,6 +243,7 @@ def test_evaluate_at_a_bucket_size_skips_the_square_analyser(teacher_dir, image_
     assert "multiples of 8" in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 def test_two_ranks_train_on_buckets_under_zero2_and_resume_exactly(launched_jobs):
     """2 gloo ranks × 2 data workers on bucketed latents (batches of different shapes in one step),

@@ -51,6 +51,7 @@ def kept_sections(original: dict, ran: dict) -> list[str]:
     return [k for k in KEPT if k in original and not same(original[k], ran.get(k))]
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_trains(path, launched_jobs):

@@ -85,6 +85,7 @@ def check_export_is_the_ema(run: Path) -> None:
     assert set(state) == set(ema) and all(np.array_equal(state[k].numpy(), ema[k]) for k in ema)
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, precision, accum", CELLS, ids=[jobs.cell_name(*c) for c in CELLS])
 def test_cell_trains_resumes_exactly_and_exports(mode, precision, accum, request):
@@ -94,11 +95,13 @@ def test_cell_trains_resumes_exactly_and_exports(mode, precision, accum, request
     name, world = jobs.cell_name(mode, precision, accum), 1 if mode == "one" else 2
     check_run_and_resume(out, name, world)
     check_export_is_the_ema(out / name)
+    assert (out / name / "samples/final.png").is_file() == jobs.draws_grid(precision, accum)  # no prompts: no grid
     if mode == "ddp":  # no all-reduce before the last micro-batch of a window
         for result in jobs.results(out, name, world):
             assert result["allreduce_micro"] and set(result["allreduce_micro"]) == {accum - 1}, result["allreduce_micro"]
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 def test_zero3_ema_reads_the_whole_weights(launched_jobs):
     """With decay 0 the EMA is a copy of the weights: under ZeRO-3 it must equal, bit for bit, the
@@ -113,6 +116,7 @@ def test_zero3_ema_reads_the_whole_weights(launched_jobs):
     assert set(weights) == set(ema) and all(np.array_equal(weights[k].detach().numpy(), ema[k]) for k in ema)
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 def test_joint_blocks_and_the_refiner_train_under_zero3_and_resume_exactly(launched_jobs):
     """The text options users launch at scale: joint (MMDiT) blocks after a text refiner, ZeRO-3
@@ -123,6 +127,7 @@ def test_joint_blocks_and_the_refiner_train_under_zero3_and_resume_exactly(launc
     assert (config["text_attention"], config["text_refiner_depth"]) == ("joint", 1)
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 def test_distillation_under_zero3_in_bf16_resumes_exactly(launched_jobs):
     name = "distill-zero3-bf16-accum2"
@@ -132,6 +137,7 @@ def test_distillation_under_zero3_in_bf16_resumes_exactly(launched_jobs):
     check_export_is_the_ema(launched_jobs / name)
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 def test_autoencoder_under_ddp_in_bf16_with_accumulation(launched_jobs):
     """Both GAN updates: one LR schedule step per optimizer step, DDP all-reduces only at the window's
@@ -200,6 +206,7 @@ def test_an_overflowing_fp16_step_advances_nothing_but_its_counter(latent_shards
     assert (last["step"], last["overflow_steps"]) == (jobs.OVERFLOW_STEPS + 1, 1)
 
 
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, precision", jobs.OVERFLOW_CELLS, ids=[f"{m}-{p}" for m, p in jobs.OVERFLOW_CELLS])
 def test_an_overflowing_step_is_skipped_on_every_rank(mode, precision, launched_jobs):

@@ -405,3 +405,17 @@ def test_stats_files_answering_403_are_counted_around_not_fatal(served, capsys):
         assert all(server.count(Path(url).name) == 1 for url in urls)  # each shard read once to count it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "4 of 4 shard(s) have no recorded size" in err[0]
+
+
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
+@pytest.mark.slow
+def test_two_ranks_count_unsized_shards_once_over_http(launched_jobs):
+    """Latents served with no recorded size: in a 2-process run only the main rank counts the shards
+    (each tar read once for that) and the count is cached in the run; the ranks then read only what
+    they train on (each its first shard, here). Before, every rank streamed every shard to size it."""
+    from tests import jobs
+
+    assert all(r["ok"] and r["world"] == 2 for r in jobs.results(launched_jobs, "http-sizes")), jobs.results(launched_jobs, "http-sizes")
+    reads = Counter(name for name, _ in json.loads((launched_jobs / "http_requests.json").read_text()) if name.endswith(".tar"))
+    assert len(reads) == 4 and sum(reads.values()) <= 4 + 2, reads
+    assert json.loads((launched_jobs / "http-sizes/shard_sizes.json").read_text())["sizes"] == [12, 12, 12, 12]

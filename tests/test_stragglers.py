@@ -23,7 +23,7 @@ from pipeline.data.shards import complete_shards, iter_samples
 from tests.helpers import accelerate_launch
 
 GROUP_TIMEOUT = 5  # seconds: the process group's
-DELAY = 10  # seconds before the slow rank's shard is served: well past GROUP_TIMEOUT
+DELAY = 8  # seconds before the slow rank's shard is served: well past GROUP_TIMEOUT
 
 
 class SlowHandler(SimpleHTTPRequestHandler):

@@ -6,7 +6,7 @@ resolution shift for that size.
 
 Encodes the prompts with the run's text encoders, samples latents — Euler with classifier-free
 guidance for a teacher, multistep consistency sampling for a distilled student (as its
-``pipeline.json`` says) — decodes them with the run's VAE and writes a captioned PNG grid.
+``model_index.json`` says) — decodes them with the run's VAE and writes a captioned PNG grid.
 """
 
 from __future__ import annotations

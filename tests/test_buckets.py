@@ -204,7 +204,7 @@ def test_training_on_buckets_resumes_exactly_and_samples_any_bucket(bucketed_lat
     losses = [[m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
               for run in ("whole", "cut")]
     assert losses[0][-3:] == losses[1][-3:]
-    info = json.loads((tmp_path / "whole/model/pipeline.json").read_text())
+    info = json.loads((tmp_path / "whole/model/model_index.json").read_text())["info"]
     assert info["timesteps"] == {"shift": "auto", "shift_base_tokens": 16} and set(info["buckets"]) == {"24x48", "32x32", "48x24"}
     out = tmp_path / "wide.png"
     assert sample.main(["--model", str(tmp_path / "whole/model"), "--prompt", "a red circle", "--steps", "2", "--width", "48",

@@ -75,7 +75,7 @@ def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, lat
     for name in ("accelerate/model.safetensors", "target.safetensors", "ema.safetensors"):
         a, b = (load_file(str(tmp_path / d / "s/checkpoints/step-000024" / name)) for d in ("full", "part"))
         assert all(np.array_equal(a[k], b[k]) for k in a), name
-    info = json.loads((tmp_path / "full/s/model/pipeline.json").read_text())
+    info = json.loads((tmp_path / "full/s/model/model_index.json").read_text())["info"]
     assert info["kind"] == "consistency_student" and info["sampler"] == "consistency"
 
 

@@ -132,7 +132,7 @@ def test_joint_blocks_and_the_refiner_train_under_zero3_and_resume_exactly(launc
 def test_distillation_under_zero3_in_bf16_resumes_exactly(launched_jobs):
     name = "distill-zero3-bf16-accum2"
     check_run_and_resume(launched_jobs, name, 2, extra_states=("target.safetensors",))
-    info = json.loads((launched_jobs / name / "model/pipeline.json").read_text())
+    info = json.loads((launched_jobs / name / "model/model_index.json").read_text())["info"]
     assert info["kind"] == "consistency_student"
     check_export_is_the_ema(launched_jobs / name)
 

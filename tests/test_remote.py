@@ -351,7 +351,8 @@ def test_latents_away_from_their_encoders_stop_before_step_1_or_train_with_encod
     """A latent folder's dataset.json names its encoders relative to it. Streamed from a URL, or
     copied elsewhere, those paths resolve nowhere: the run stops before step 1 with one line naming
     the option; with ``encoders.*`` it trains through the final grid, and its export names the
-    local encoders, so ``pipeline.sample`` runs from it."""
+    local encoders (``export.encoders=reference``: recorded, not copied), so ``pipeline.sample`` runs
+    from it; moved without them, it needs the ``--encoder-*`` flags."""
     from pipeline import sample
 
     root = tmp_path / "served"
@@ -368,10 +369,10 @@ def test_latents_away_from_their_encoders_stop_before_step_1_or_train_with_encod
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"'{recorded}'" in err and "give encoders.vae=PATH" in err, err
             assert not (tmp_path / "runs" / run / "checkpoints").exists()  # stopped before step 1
-        assert train.main([f"data.latents={server.url}latents/", "run=ok", *tiny, *given]) == 0
+        assert train.main([f"data.latents={server.url}latents/", "run=ok", *tiny, *given, "export.encoders=reference"]) == 0
     assert "encoders from encoders.vae=" in capsys.readouterr().out
     assert (tmp_path / "runs/ok/samples/final.png").is_file()
-    exported = json.loads((tmp_path / "runs/ok/model/pipeline.json").read_text())
+    exported = json.loads((tmp_path / "runs/ok/model/model_index.json").read_text())["info"]
     assert (tmp_path / "runs/ok/model" / exported["vae"]["path"]).resolve() == Path(tiny_vae_dir).resolve()
     out = tmp_path / "grid.png"
     assert sample.main(["--model", str(tmp_path / "runs/ok/model"), "--prompt", "a red circle", "--steps", "2", "--output", str(out)]) == 0

@@ -125,23 +125,26 @@ def test_config_error_is_one_line(tmp_path):
 
 
 def test_exported_model_moves_with_its_run_folder(teacher_dir, tmp_path, monkeypatch):
-    """pipeline.json stores local paths relative to the model folder: a run folder copied
-    elsewhere samples with its own VAE and encoders, whatever the working directory."""
+    """A model folder exported with ``encoders="reference"`` stores the encoders' local paths
+    relative to itself: a run folder copied elsewhere samples with its own VAE and encoders,
+    whatever the working directory."""
     from pipeline.data.model_folder import export_model
     from pipeline.inference.pipeline import load_pipeline
     from pipeline.data.paths import map_paths, resolved_from
     from pipeline.models.dit import DiT
 
-    info = map_paths(json.loads((teacher_dir / "pipeline.json").read_text()), resolved_from(teacher_dir))
+    info = map_paths(json.loads((teacher_dir / "model_index.json").read_text())["info"], resolved_from(teacher_dir))
     run = tmp_path / "run"
-    sources = {"vae": info["vae"]["path"], "t5": info["text"]["t5"]["path"], "clip": info["text"]["clip"]["path"]}
+    sources = {"vae": teacher_dir / "vae", "t5": teacher_dir / "text_encoder", "tokenizer": teacher_dir / "tokenizer",
+               "clip": teacher_dir / "text_encoder_2"}
     for name, source in sources.items():
         shutil.copytree(source, run / name)
-    config = {"vae": {**info["vae"], "path": str(run / "vae")},
-              "text": {"t5": {**info["text"]["t5"], "path": str(run / "t5")}, "clip": {**info["text"]["clip"], "path": str(run / "clip")}}}
+    t5 = {**info["text"]["t5"], "path": str(run / "t5"), "tokenizer": str(run / "tokenizer")}
+    config = {"vae": {**info["vae"], "path": str(run / "vae"), "subfolder": None},
+              "text": {"t5": t5, "clip": {**info["text"]["clip"], "path": str(run / "clip")}}}
     meta = {"config": config, "latent_shape": info["latent_shape"], "resolution": info["resolution"]}
-    export_model(run / "model", DiT.from_pretrained(teacher_dir / "transformer"), meta)
-    stored = json.loads((run / "model/pipeline.json").read_text())
+    export_model(run / "model", DiT.from_pretrained(teacher_dir / "transformer"), meta, encoders="reference")
+    stored = json.loads((run / "model/model_index.json").read_text())["info"]
     assert (stored["vae"]["path"], stored["text"]["clip"]["path"]) == (os.path.join("..", "vae"), os.path.join("..", "clip"))
 
     moved = tmp_path / "moved"

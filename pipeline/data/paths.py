@@ -1,4 +1,4 @@
-"""Paths recorded in written folders (a model's ``pipeline.json``, a latent ``dataset.json``).
+"""Paths recorded in written folders (a model folder's ``model_index.json``, a latent ``dataset.json``).
 
 Local paths are stored relative to the folder that records them and resolved against it on
 reading, so a run folder works from any working directory and can be moved or copied whole.
@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-PATH_KEYS = ("path", "checkpoint", "teacher", "input")  # entries that may name local files or folders
+PATH_KEYS = ("path", "tokenizer", "checkpoint", "teacher", "input")  # entries that may name local files or folders
 
 
 def map_paths(entry: dict, convert: Callable[[str], str]) -> dict:

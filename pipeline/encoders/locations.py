@@ -1,7 +1,7 @@
 """Where the frozen encoders are: the recorded configs, moved where the user says and checked
 before any work.
 
-A latent folder's ``dataset.json`` and an exported model's ``pipeline.json`` record the configs of
+A latent folder's ``dataset.json`` and an exported model's ``model_index.json`` record the configs of
 the VAE and text encoders they were made with (``{"vae": {...}, "text": {"t5": {...}, "clip":
 {...}}}``), local paths relative to the folder (``pipeline.data.paths``). Latents streamed from a
 URL, or copied away from those encoders, name paths that resolve nowhere; without a check a run
@@ -53,6 +53,10 @@ def locate_encoders(config: dict, paths: EncoderPaths | None, where: str, option
         sections[name]["path"] = path
         if name == "clip":  # a folder replaces a model name + checkpoint
             sections[name].update(model=None, checkpoint=None)
+        if name == "vae":  # the folder given holds the VAE itself
+            sections[name]["subfolder"] = None
+        if name == "t5":  # the folder given holds its tokenizer too
+            sections[name]["tokenizer"] = None
     for name, section in sections.items():
         if section is not None and name in _LABELS:
             _check(section, name, where, option.format(name=name))
@@ -61,7 +65,7 @@ def locate_encoders(config: dict, paths: EncoderPaths | None, where: str, option
 
 def _check(section: dict, name: str, where: str, option: str) -> None:
     """One encoder's local files exist; else one line naming where it was recorded and the option."""
-    for key in ("path", "checkpoint"):
+    for key in ("path", "tokenizer", "checkpoint"):
         location = section.get(key)
         if not location or not _looks_local(location):
             continue

@@ -28,6 +28,9 @@ class T5EncoderConfig:
 
     path: str
     """Folder (or hub id) with T5 encoder weights and tokenizer files (transformers format)."""
+    tokenizer: str | None = None
+    """The tokenizer's folder (or hub id) where it is not ``path`` (a diffusers pipeline folder's
+    ``tokenizer/`` beside its ``text_encoder/``)."""
     max_length: int = 128
     """Captions are truncated to this many tokens (including the end-of-sequence token)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -69,7 +72,7 @@ def load_t5(cfg: T5EncoderConfig, device: str | torch.device = "cpu",
 
     check_local_source(cfg.path, "T5 encoder", required=("config.json",))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
         with _whole():
             model = T5EncoderModel.from_pretrained(cfg.path, dtype=resolve_dtype(cfg.dtype))
     except Exception as err:  # OSError / ValueError from transformers or the hub

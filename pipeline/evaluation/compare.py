@@ -8,7 +8,7 @@ and at the same few steps — wall time per image and prompt adherence — as ``
 Adherence comes from ``pipeline.evaluation.adherence`` (the deterministic analyser of the
 synthetic set): prompts are synthetic captions with known attributes, drawn with a seed the
 training set did not use, so the numbers measure generalisation to new combinations as well as
-fidelity. The teacher defaults to the one the student's ``pipeline.json`` names.
+fidelity. The teacher defaults to the one the student's model folder names.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def write_report(student_dir: Path, teacher_dir: Path | None, prompts: int, guid
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--student", type=Path, required=True, help="the student's exported model folder (runs/NAME/model)")
-    p.add_argument("--teacher", type=Path, help="the teacher's model folder (default: the one the student's pipeline.json names)")
+    p.add_argument("--teacher", type=Path, help="the teacher's model folder (default: the one the student's model folder names)")
     p.add_argument("--prompts", type=int, default=64, help="synthetic prompts to generate (default 64)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the student's recorded one)")
     p.add_argument("--shift", type=float, help="time-grid shift (default: the student's recorded one)")

@@ -1,7 +1,7 @@
 """The text-to-image pipeline object: a transformer with the VAE and text encoders it was trained
 against, loaded from an exported model folder (``pipeline.data.model_folder``).
 
-``TextToImage.from_folder(DIR)`` reads ``pipeline.json`` (encoders, latent shape, sampler);
+``TextToImage.from_folder(DIR)`` reads ``model_index.json`` (its ``info``: encoders, latent shape, sampler);
 ``generate(prompts)`` encodes the prompts, samples latents (Euler with classifier-free guidance
 for a teacher, multistep consistency for a distilled student) and decodes them with the VAE.
 """
@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.config import from_dict
 from pipeline.data.images import tensor_to_images
-from pipeline.data.model_folder import PIPELINE_FILE, read_model_info
+from pipeline.data.model_folder import MODEL_INDEX, read_model_info
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolve_shift
 from pipeline.diffusion.noise import image_generators, randn_rows
 from pipeline.diffusion.samplers import SAMPLERS, Seeds, sample
@@ -41,7 +41,7 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu", encoders: En
 
     folder = Path(folder)
     info = read_model_info(folder)
-    located = locate_encoders({"vae": info["vae"], "text": info["text"]}, encoders, str(folder / PIPELINE_FILE), "--encoder-{name}")
+    located = locate_encoders({"vae": info["vae"], "text": info["text"]}, encoders, str(folder / MODEL_INDEX), "--encoder-{name}")
     info = {**info, **located}
     transformer = DiT.from_pretrained(folder / info["transformer"]).to(device).eval()
     vae = FrozenVAE(from_dict(VAEConfig, info["vae"]), device)

@@ -49,6 +49,7 @@ from typing import Any, Mapping
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
@@ -70,7 +71,7 @@ TEXT_ATTENTION = ("cross", "joint")  # how the image tokens read the text: PixAr
 # ----------------------------------------------------------------------------------------------
 
 
-class DiT(ModelMixin, ConfigMixin):
+class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Text-conditioned DiT predicting the rectified-flow velocity; see the module docstring.
 
     ``sample_size`` is the default latent side (any multiple of ``patch_size`` works at forward

@@ -292,34 +292,36 @@ def is_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _parameter_groups(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+def _parameter_groups(module: torch.nn.Module, trainable_only: bool = False) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
     """The module's named parameters in groups: its own, then each child's (each element of a
-    ``ModuleList`` / ``Sequential`` on its own, so one DiT block is gathered at a time)."""
-    own = list(module.named_parameters(recurse=False))
+    ``ModuleList`` / ``Sequential`` on its own, so one DiT block is gathered at a time);
+    ``trainable_only``: those that require a gradient."""
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad or not trainable_only]
     if own:
         yield own
     for name, child in module.named_children():
         parts = child.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) else [("", child)]
         for sub, part in parts:
             prefix = f"{name}.{sub}" if sub else name
-            group = list(part.named_parameters(prefix=prefix))
+            group = [(n, p) for n, p in part.named_parameters(prefix=prefix) if p.requires_grad or not trainable_only]
             if group:
                 yield group
 
 
-def whole_parameters(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    """Groups of ``(name, parameter)`` holding the full values, to read (EMA updates).
+def whole_parameters(module: torch.nn.Module, trainable_only: bool = False) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    """Groups of ``(name, parameter)`` holding the full values, to read (EMA updates);
+    ``trainable_only``: only those that require a gradient (LoRA's adapters: nothing frozen is gathered).
 
     Under ZeRO-3 each group is gathered on every rank while the caller holds it, then released,
     so the peak is one block, not the model (a collective: every rank must iterate alike).
     Otherwise the module's parameters are whole already and come as one group.
     """
     if not is_partitioned(module):
-        yield list(module.named_parameters())
+        yield [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         return
     import deepspeed
 
-    for group in _parameter_groups(module):
+    for group in _parameter_groups(module, trainable_only):
         with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
             yield group
 

@@ -27,13 +27,20 @@ from safetensors.torch import load_file, save_file
 class EMA:
     """An fp32, frozen, eval-mode copy of a model that follows its weights."""
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999) -> None:
-        """``model`` is copied as it is now (whole: take the copy before ZeRO-3 partitions it)."""
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, trainable_only: bool = False) -> None:
+        """``model`` is copied as it is now (whole: take the copy before ZeRO-3 partitions it).
+        ``trainable_only``: average (and save) only the parameters that require a gradient (LoRA's
+        adapters); the frozen ones stay in the copy as they are, in their own dtype."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1) (got {decay})")
         self.decay = decay
-        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self._params = dict(self.module.named_parameters())
+        averaged = {name for name, p in model.named_parameters() if p.requires_grad or not trainable_only}
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        if not trainable_only:
+            self.module.float()
+        self._params = {name: p for name, p in self.module.named_parameters() if name in averaged}
+        for p in self._params.values():
+            p.data = p.data.float()  # the averages are fp32 (already, unless trainable_only)
 
     def to(self, device: torch.device | str) -> EMA:
         self.module.to(device)

@@ -136,6 +136,8 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
     specs.append(jobs.ema_copy_job(latent_shards, out))
     specs += [jobs.overflow_job(mode, precision, latent_shards, out) for mode, precision in jobs.OVERFLOW_CELLS]
     specs += jobs.bucket_jobs(bucketed_latents, out) + jobs.text_jobs(latent_shards, out)
+    specs += jobs.pixart_jobs(latent_shards, out)
+    specs += [spec for cell in jobs.LORA_CELLS for spec in jobs.lora_jobs(*cell, latent_shards, teacher_dir, out)]
     inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]

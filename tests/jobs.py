@@ -317,6 +317,26 @@ def text_jobs(latents: Path, out: Path) -> list[dict]:
     return cell_jobs(*TEXT_CELL, latents, out, prefix="text-", extra=extra)
 
 
+LORA = ("lora.rank=4", "lora.alpha=8", "lora.targets=attention_mlp")
+LORA_CELLS = (  # in the 2-process launch: every parallelism × precision; accumulation 1 and 2 under DDP (~25 s in all)
+    *((mode, precision, accum) for mode in ("ddp",) for precision in ("no", "bf16") for accum in ACCUMULATION),
+    ("zero2", "no", 1), ("zero2", "bf16", 2), ("zero3", "no", 1), ("zero3", "bf16", 2),
+)
+LORA_EXTRA = {("ddp", "bf16"): ("lora.base_dtype=bf16",)}  # DeepSpeed bf16 casts the whole module itself
+
+
+def lora_jobs(mode: str, precision: str, accum: int, latents: Path, base: Path, out: Path, extra: tuple[str, ...] = (),
+              grid: bool = False) -> list[dict]:
+    """A LoRA cell (``lora-MODE-PRECISION-accumN``): rank-4 adapters on the attention and MLP
+    linears of the frozen model folder ``base`` (``model.init``; a trained one: a fresh DiT outputs
+    zero, so its adapters would get no gradient), run 4 steps and resumed from step 2; a final
+    sample grid only with ``grid`` (the matrix's cells draw theirs)."""
+    extra = (*LORA, f"model.init={base}", *LORA_EXTRA.get((mode, precision), ()), *extra)
+    specs = cell_jobs(mode, precision, accum, latents, out, prefix="lora-", extra=extra)
+    no_grid = [] if grid else ["sampling.prompts=[]"]
+    return [{**spec, "overrides": [*spec["overrides"], *no_grid]} for spec in specs]
+
+
 def ema_copy_job(latents: Path, out: Path) -> dict:
     """ZeRO-3 with ``ema.decay=0``: the EMA must then be the weights themselves, read whole."""
     return job("zero3-ema-decay0", "train", [f"data.latents={latents}", f"output_dir={out}", "run=zero3-ema-decay0", *MODES["zero3"],
@@ -332,11 +352,12 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
     """A job that trains ``configs/NAME.yaml`` shrunk: tiny model, small batch, 2 optimizer steps,
     local data and encoders; its precision, parallelism, accumulation, schedule and timesteps kept."""
     name, where = path.stem, [f"output_dir={out}", f"run={path.stem}"]
-    if name.startswith(("dit_", "distill_")):
+    if name.startswith(("dit_", "distill_", "pixart_")):
         shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2"]
         if name.startswith("distill_"):
             return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}"], str(path))
-        return job(name, "train", [*shrunk, "model.name=DiT-tiny", "model.overrides={depth: 2}"], str(path))
+        tiny = "PixArt-tiny" if name.startswith("pixart_") else "DiT-tiny"
+        return job(name, "train", [*shrunk, f"model.name={tiny}", "model.overrides={depth: 2}"], str(path))
     if name.startswith("autoencoder_"):
         shrunk = [f"data.shards={inputs['images']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "data.resolution=32",
                   "data.held_out=8", "factor_samples=16", "model.block_out_channels=[32, 32]", "model.sample_size=32",
@@ -412,3 +433,16 @@ def overflow_job(mode: str, precision: str, latents: Path, out: Path, accum: int
                  f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={OVERFLOW_STEPS}",
                  f"checkpoint.every={OVERFLOW_STEPS}", "logging.every=1", "sampling.steps=2", *(f"ema.{k}={v}" for k, v in OVERFLOW_EMA.items())]
     return job(name, "train", overrides, loss_scaler=precision == "fp16", overflow_at=OVERFLOW_AT)
+
+
+# ---------------------------------------------------------------------------- PixArt-Σ (pipeline.models.pixart)
+
+PIXART = ("model.architecture=pixart", "model.name=PixArt-tiny")  # diffusers' PixArtTransformer2DModel through our trainer
+PIXART_CELL = ("zero3", "bf16", 2)
+
+
+def pixart_jobs(latents: Path, out: Path) -> list[dict]:
+    """A cell of the PixArt-Σ profile (``pixart-zero3-bf16-accum2``): the diffusers transformer
+    partitioned by ZeRO-3 in bf16 with accumulation, its null text (the T5 encoding of "") encoded
+    by rank 0 and broadcast, gradient checkpointing on; run and resumed."""
+    return cell_jobs(*PIXART_CELL, latents, out, prefix="pixart-", extra=(*PIXART, "model.gradient_checkpointing=true"))

@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def config_class(path: Path):
-    if path.name.startswith("dit_"):
+    if path.name.startswith(("dit_", "pixart_")):
         from pipeline.training.dit_config import TrainConfig
 
         return TrainConfig, []
@@ -88,9 +88,14 @@ def test_shipped_config_trains(path, launched_jobs):
         assert all(math.isfinite(m["l1_rec"]) for m in lines)
         assert AutoencoderKL.from_pretrained(run / "vae").config.scaling_factor > 0
         return
+    from diffusers import PixArtTransformer2DModel
+
     from pipeline.models.dit import DiT
 
     assert all(math.isfinite(m["loss"]) for m in lines)
     if ran["deepspeed"]["enabled"]:
         assert len(list((run / "checkpoints/step-000002/accelerate").rglob("*optim_states.pt"))) == 2  # one partition per rank
+    if ran["model"].get("architecture") == "pixart":
+        assert PixArtTransformer2DModel.from_pretrained(run / "model/transformer").config.num_layers == 2
+        return
     assert DiT.from_pretrained(run / "model/transformer").config.depth == 2

@@ -12,6 +12,12 @@ training from the EMA weights, read by our inference and by diffusers.
                                   ("auto": dynamic shifting, SD3's resolution shift from the tokens)
     MODEL/latent_diffusion_pipeline.py   for stock diffusers' ``custom_pipeline=`` (needs this package)
 
+A PixArt-Σ profile run (``model.architecture: pixart``) writes a stock ``PixArtSigmaPipeline``
+folder instead: ``transformer/`` a diffusers ``PixArtTransformer2DModel``, T5 and VAE as above, no
+CLIP, ``scheduler/`` flow DPM-Solver++ with the shift as a number; ``info`` adds
+``architecture: pixart`` and ``max_sequence_length`` (the latents' T5 length, which a stock call
+should pass: PixArtSigmaPipeline's default is 300).
+
 ``info`` is what our own readers need beyond the components: the encoder configs (max length,
 dtypes; local paths relative to MODEL, ``pipeline.data.paths``, so a run folder can move), the latent
 shape, resolution, sampler defaults, training shift, buckets, a student's teacher.
@@ -28,6 +34,7 @@ names are ``pipeline.models.dit.DiT``, ``pipeline.encoders.clip_component.OpenCL
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +47,7 @@ from pipeline.data.shards import write_json_atomic
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "LatentDiffusionPipeline"
+PIXART_CLASS = "PixArtSigmaPipeline"  # a model.architecture=pixart run: a stock PixArt-Σ pipeline folder
 PIPELINE_MODULE = "latent_diffusion_pipeline"  # MODEL/latent_diffusion_pipeline.py, for custom_pipeline=
 CLIP_COMPONENT = ["pipeline.encoders.clip_component", "OpenCLIPTextEncoder"]
 NONE = [None, None]
@@ -57,24 +65,36 @@ Encoders = Literal["copy", "reference"]
 
 def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra: dict | None = None,
                  encoders: Encoders = "copy") -> Path:
-    """Write ``model`` (a ``ModelMixin``) with the VAE and text encoders of ``latent_meta`` as a
-    diffusers pipeline folder; ``extra``: sampler, sampling defaults, timesteps, buckets, teacher."""
+    """Write ``model`` (a ``ModelMixin``, or ``pipeline.models.pixart.PixArt``) with the VAE and text
+    encoders of ``latent_meta`` as a diffusers pipeline folder; ``extra``: sampler, sampling defaults,
+    timesteps, buckets, teacher. A PixArt model makes a stock ``PixArtSigmaPipeline`` folder: its
+    transformer, T5 and VAE, and the flow DPM-Solver++ scheduler Sana ships (DESIGN.md §11)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder / "transformer", safe_serialization=True)
     extra = dict(extra or {})
     config = latent_meta["config"]
+    pixart = getattr(model, "architecture", None) == "pixart"
     vae, vae_entry = _write_vae(folder, config["vae"], encoders)
     text, text_entries = _write_text(folder, config["text"], encoders)
-    _write_scheduler(folder, extra.get("sampling", {}).get("shift", 1.0), extra.get("timesteps", {}))
+    shift, base = extra.get("sampling", {}).get("shift", 1.0), extra.get("timesteps", {}).get("shift_base_tokens", 256)
     info = {"kind": "text_to_image", "transformer": "transformer", "vae": vae, "text": text,
             "latent_shape": latent_meta["latent_shape"], "resolution": latent_meta["resolution"], **extra}
-    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
-             "transformer": [type(model).__module__, type(model).__name__], "vae": vae_entry, **text_entries,
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "sampler": extra.get("sampler", "euler"),
+    if pixart:
+        _, h, w = latent_meta["latent_shape"]
+        shift = math.sqrt(h * w / model.patch_size**2 / base) if shift == "auto" else float(shift)  # no dynamic shifting there
+        text_entries.pop("text_encoder_2")
+        info.update(architecture="pixart", max_sequence_length=(text.get("t5") or {}).get("max_length", 300))
+        head = {"_class_name": PIXART_CLASS, "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    else:
+        head = {"_class_name": PIPELINE_CLASS, "transformer": [type(model).__module__, type(model).__name__],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "sampler": extra.get("sampler", "euler")}
+        (folder / f"{PIPELINE_MODULE}.py").write_text(_SHIM)
+    _write_scheduler(folder, shift, base, pixart)
+    index = {**head, "_diffusers_version": _diffusers_version(), "vae": vae_entry, **text_entries,
              "info": map_paths(info, relative_to(folder))}
-    (folder / f"{PIPELINE_MODULE}.py").write_text(_SHIM)
-    write_json_atomic(folder / MODEL_INDEX, index)
+    write_json_atomic(folder / MODEL_INDEX, dict(sorted(index.items())))
     return folder
 
 
@@ -157,14 +177,16 @@ def _tokenizer_class(folder: Path) -> str:
     return name or "T5TokenizerFast"
 
 
-def _write_scheduler(folder: Path, shift: float | str, timesteps: dict) -> None:
+def _write_scheduler(folder: Path, shift: float | str, base_tokens: int, pixart: bool) -> None:
     """FlowMatch Euler with the sampling shift; ``"auto"``: dynamic shifting (the pipeline passes
-    ``mu = log(sqrt(tokens / base))``, which is SD3's resolution shift)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    ``mu = log(sqrt(tokens / base))``, which is SD3's resolution shift). PixArt: flow DPM-Solver++,
+    which ``PixArtSigmaPipeline`` can start (it scales the noise by ``init_noise_sigma``)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-    if shift == "auto":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True,
-                                                    base_image_seq_len=timesteps.get("shift_base_tokens", 256))
+    if pixart:
+        scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    elif shift == "auto":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_image_seq_len=base_tokens)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
     scheduler.save_pretrained(folder / "scheduler")

@@ -43,10 +43,19 @@ def load_pipeline(folder: Path, device: str | torch.device = "cpu", encoders: En
     info = read_model_info(folder)
     located = locate_encoders({"vae": info["vae"], "text": info["text"]}, encoders, str(folder / MODEL_INDEX), "--encoder-{name}")
     info = {**info, **located}
-    transformer = DiT.from_pretrained(folder / info["transformer"]).to(device).eval()
     vae = FrozenVAE(from_dict(VAEConfig, info["vae"]), device)
     text = TextEncoders(from_dict(TextEncodersConfig, info["text"]), device)
-    return LoadedPipeline(transformer, vae, text, info)
+    if info.get("architecture") == "pixart":  # a PixArt-Σ folder: diffusers' transformer behind our contract
+        from diffusers import PixArtTransformer2DModel
+
+        from pipeline.models.pixart import PixArt
+
+        transformer = PixArt(PixArtTransformer2DModel.from_pretrained(folder / info["transformer"]))
+        embeddings, mask = text.t5.encode([""])  # (1, L0, D), (1, L0): the unconditional branch it trained on
+        transformer.set_null(embeddings[0], mask[0])
+    else:
+        transformer = DiT.from_pretrained(folder / info["transformer"])
+    return LoadedPipeline(transformer.to(device).eval(), vae, text, info)
 
 
 class TextToImage:

@@ -15,6 +15,19 @@ Sample grids draw from forked RNG streams and encode their fixed prompts once (t
 are then released; the VAE is loaded per grid and released), so ``sampling.every`` never changes
 the training trajectory or the memory that stays resident.
 
+LoRA (``lora.rank`` > 0; ``pipeline.training.lora``): adapters are added to the built model before
+the EMA copy and ``prepare``; the base is frozen (``lora.base_dtype``), the optimizer holds the
+adapters only, and the EMA averages (and checkpoints) only them, gathered under ZeRO-3 without the
+base. The export writes the EMA's adapter to ``RUN/lora/pytorch_lora_weights.safetensors``
+(diffusers' LoRA format) and ``RUN/model`` with it fused into an fp32 copy: a plain DiT.
+
+Models (``build_model``): our DiT, or PixArt-Σ (``model.architecture=pixart``: diffusers'
+``PixArtTransformer2DModel`` behind our ``model(x, t, cond)`` contract, ``pipeline.models.pixart``;
+it has no learned null, so its dropped rows read the T5 encoding of ``""``, which rank 0 encodes
+once at build time and broadcasts), or the ``model.init`` checkpoint (``pipeline.models.pretrained``:
+our exported folder, a PixArt-Σ folder; checked against the latents' encoders in ``located_meta``
+before any work, its recorded shift adopted where the config leaves 1.0).
+
 Classifier-free guidance: with probability ``p_uncond`` a sample's text is replaced by the
 model's learned null condition (``cond["drop"]``: a learned null token instead of the T5/CLIP
 tokens and a learned null vector instead of the pooled CLIP embedding). Sampling uses the same
@@ -40,11 +53,17 @@ from pipeline.diffusion.samplers import sample
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.locations import locate_encoders
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
-from pipeline.models.dit import build_dit, compile_blocks, flops_per_sample
+from pipeline.encoders.t5 import FrozenT5, T5EncoderConfig
+from pipeline.models.dit import build_dit, compile_blocks
+from pipeline.models.dit import flops_per_sample as dit_flops
+from pipeline.models.pixart import PixArt, build_pixart
+from pipeline.models.pixart import flops_per_sample as pixart_flops
+from pipeline.models.pretrained import check_latents, find_pretrained, load_pretrained
 from pipeline.training.core import TrainerCore
 from pipeline.training.dit_config import TrainConfig
 from pipeline.training.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, whole_parameters
 from pipeline.training.ema import EMA
+from pipeline.training.lora import add_lora, fused_copy, save_adapter
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import ModelSpec, TrainingPlan, preflight, resume_target
 from pipeline.training.tracking import Throughput, device_peak_tflops
@@ -54,8 +73,28 @@ T_BUCKETS = 10
 TEXT_TOKENS_FOR_FLOPS = 32  # a typical caption length; only the logged TFLOP/s depend on it
 
 
-def build_model(cfg: TrainConfig, meta: dict):
-    """The DiT sized for the latents and text encoders recorded in the latent dataset.json."""
+def build_model(cfg: TrainConfig, meta: dict) -> torch.nn.Module:
+    """The trained network: the ``model.init`` checkpoint, or a fresh DiT / PixArt-Σ
+    (``model.architecture``) sized for the latents and text encoders recorded in the latent
+    dataset.json. Under ``torch.device("meta")`` (the dry run) only configs are read."""
+    empty = torch.empty(()).device.type == "meta"
+    m = cfg.model
+    if m.init is not None:
+        model = load_pretrained(find_pretrained(m.init), empty=empty)
+    elif m.architecture == "pixart":
+        model = fresh_pixart(cfg, meta)
+    else:
+        model = fresh_dit(cfg, meta)
+    check_buckets(meta.get("buckets"), model.patch_size)
+    if isinstance(model, PixArt) and not empty:
+        model.set_null(*null_text(meta))
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def fresh_dit(cfg: TrainConfig, meta: dict) -> torch.nn.Module:
+    """Our DiT of ``model.name``, its text widths those of the latents' encoders."""
     text = meta["text_encoders"]
     channels, height, _ = meta["latent_shape"]
     widths = {
@@ -65,11 +104,46 @@ def build_model(cfg: TrainConfig, meta: dict):
     }
     m = cfg.model
     options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention}
-    model = build_dit(m.name, in_channels=channels, sample_size=height, **options, **widths, **m.overrides)
-    check_buckets(meta.get("buckets"), model.patch_size)
-    if m.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model
+    return build_dit(m.name, in_channels=channels, sample_size=height, **options, **widths, **m.overrides)
+
+
+def fresh_pixart(cfg: TrainConfig, meta: dict) -> PixArt:
+    """PixArt-Σ of ``model.name`` reading the latents' T5 (their CLIP, if any, is not used)."""
+    t5 = meta["text_encoders"].get("t5")
+    if not t5:
+        raise ConfigError(f"model.architecture=pixart reads T5 token embeddings, and the latents in {cfg.data.latents} have "
+                          "none: encode them with text.t5")
+    channels, height, _ = meta["latent_shape"]
+    return build_pixart(cfg.model.name, in_channels=channels, sample_size=height, caption_channels=t5["width"], **cfg.model.overrides)
+
+
+def null_text(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T5 encoding of ``""`` (PixArtSigmaPipeline's negative prompt): (L0, D) and mask (L0,).
+    Rank 0 loads the run's frozen T5 on the CPU for it and broadcasts the result (one T5 in memory
+    per job, not per rank); a failure there is raised on every rank. RNG streams are left alone."""
+    import torch.distributed as dist
+
+    shared = dist.is_available() and dist.is_initialized()
+    payload: list = [None]
+    if not shared or dist.get_rank() == 0:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                t5 = FrozenT5(from_dict(T5EncoderConfig, meta["config"]["text"]["t5"]), "cpu")
+                embeddings, mask = t5.encode([""])  # (1, L0, D), (1, L0)
+            payload = [(embeddings[0], mask[0])]
+            del t5
+        except Exception as err:  # every rank raises it (the others would wait in the broadcast)
+            payload = [err]
+    if shared:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], BaseException):
+        raise payload[0]
+    return payload[0]
+
+
+def flops_per_sample(model: torch.nn.Module, tokens_text: int) -> float:
+    """Forward FLOPs of one sample of either architecture (``pipeline.models.dit`` / ``.pixart``)."""
+    return pixart_flops(model, tokens_text) if isinstance(model, PixArt) else dit_flops(model, tokens_text=tokens_text)
 
 
 def located_meta(cfg: TrainConfig, prog: str) -> dict:
@@ -82,7 +156,25 @@ def located_meta(cfg: TrainConfig, prog: str) -> dict:
     if given and dist_env().is_main:
         moved = ", ".join(f"encoders.{name}={path}" for name, path in given.items())
         print(f"{prog}: encoders from {moved}, instead of where {where} says")
+    if cfg.model.init is not None:
+        adopt_init(cfg, meta, prog)
     return meta
+
+
+def adopt_init(cfg: TrainConfig, meta: dict, prog: str) -> None:
+    """``model.init`` found and checked against the latents before any work (one line when it does
+    not fit); the shift it records replaces ``timesteps.shift`` / ``sampling.shift`` left at 1.0."""
+    source = find_pretrained(cfg.model.init)
+    check_latents(source, meta)
+    taken = []
+    for key, section in (("timesteps", cfg.timesteps), ("sampling", cfg.sampling)):
+        value = (source.shift or {}).get(key)
+        if value is not None and value != 1.0 and section.shift == 1.0:
+            section.shift = value
+            taken.append(f"{key}.shift={value}")
+    if dist_env().is_main:
+        kept = f"; {', '.join(taken)} from it" if taken else ""
+        print(f"{prog}: model.init: the {source.architecture} transformer of {source.given}{kept}")
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -148,13 +240,16 @@ class Trainer(TrainerCore):
         super().__init__(cfg, accelerator_for(cfg))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.build_model()
+        self.lora = cfg.lora.rank > 0
+        if self.lora:
+            add_lora(model, cfg.lora)  # the base frozen, the adapters trainable (before the copies and prepare)
         self.model_patch = model.patch_size
         self.flops = flops_per_sample(model, tokens_text=TEXT_TOKENS_FOR_FLOPS)
-        self.ema = EMA(model, cfg.ema.decay).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
+        self.ema = EMA(model, cfg.ema.decay, trainable_only=self.lora).to(self.accelerator.device)  # copied before prepare (ZeRO-3 partitions after it)
         self.build_averages(model)
         if cfg.model.compile:
             compile_blocks(model)  # after the copies: they stay plain modules
-        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)  # the schedule is ours to step
+        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.steps)  # trainable only; the schedule is ours to step
         self.schedules = {"scheduler": scheduler}
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
@@ -235,8 +330,9 @@ class Trainer(TrainerCore):
         self.optimizer.zero_grad()
 
     def after_optimizer_step(self) -> None:
-        """The weight averages, from whole parameters (gathered by block under ZeRO-3)."""
-        for group in whole_parameters(self.accelerator.unwrap_model(self.model)):
+        """The weight averages, from whole parameters (gathered by block under ZeRO-3); under LoRA
+        only the adapters (the frozen base is neither gathered nor averaged)."""
+        for group in whole_parameters(self.accelerator.unwrap_model(self.model), trainable_only=self.lora):
             self.average(group)
 
     def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
@@ -271,13 +367,21 @@ class Trainer(TrainerCore):
     # ------------------------------------------------------------------ outputs
 
     def export(self) -> Path:
-        return export_model(self.cfg.run_dir / "model", self.ema.module, self.meta, self.export_info())
+        """The EMA network as a model folder; under LoRA also its adapter in diffusers' LoRA format
+        (``RUN/lora/``), and the model folder holds a copy with the adapter fused: a plain DiT."""
+        if not self.lora:
+            return export_model(self.cfg.run_dir / "model", self.ema.module, self.meta, self.export_info(), self.cfg.export.encoders)
+        save_adapter(self.cfg.run_dir / "lora", self.ema.module)  # the EMA is a whole copy (never partitioned)
+        return export_model(self.cfg.run_dir / "model", fused_copy(self.ema.module), self.meta, self.export_info(), self.cfg.export.encoders)
 
     def export_info(self) -> dict:
-        """What ``pipeline.json`` says beyond the encoders: the sampler and its defaults."""
+        """What the model folder's ``info`` says beyond the encoders: the sampler and its defaults."""
         s, t = self.cfg.sampling, self.cfg.timesteps
-        return {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
+        info = {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
                 "timesteps": {"shift": t.shift, "shift_base_tokens": t.shift_base_tokens}, "buckets": self.meta.get("buckets")}
+        if self.lora:  # what the fused weights hold (the adapter alone: RUN/lora/)
+            info["lora"] = {"fused": True, "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.resolved_alpha, "targets": self.cfg.lora.targets}
+        return info
 
     def sample_grid(self, name: str) -> Path | None:
         """A captioned grid from the fixed prompts and seed with the EMA network (main process).

@@ -17,7 +17,17 @@ from pipeline.training.tracking import LoggingConfig
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS
+    """The trained network. ``architecture``: our DiT (``pipeline.models.dit``) or diffusers'
+    ``PixArtTransformer2DModel`` (PixArt-Σ, through ``pipeline.models.pixart``; T5 only, no CLIP,
+    none of the DiT's text options). ``init``: start from a pretrained model instead of a fresh one
+    (``pipeline.models.pretrained``): our exported model folder, a PixArt-Σ transformer or pipeline
+    folder, or a hub id; the checkpoint then fixes the architecture and size (``name`` and
+    ``overrides`` are not used) and its recorded shift replaces ``timesteps.shift`` /
+    ``sampling.shift`` where those are left at 1.0."""
+
+    architecture: Literal["dit", "pixart"] = "dit"
+    name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS (dit) or pipeline.models.pixart.PIXART_CONFIGS (pixart)
+    init: str | None = None  # a pretrained model folder or hub id to start from (None: fresh weights)
     qk_norm: bool = False
     text_refiner_depth: int = 0  # transformer layers over the text tokens before the blocks read them (Lumina-Next, Sana)
     text_attention: Literal["cross", "joint"] = "cross"  # PixArt-α cross-attention, or SD3's joint (MMDiT) blocks
@@ -27,9 +37,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         from pipeline.models.dit import DIT_CONFIGS
+        from pipeline.models.pixart import PIXART_CONFIGS
 
-        if self.name not in DIT_CONFIGS:
-            raise ValueError(f"unknown model '{self.name}' (known: {', '.join(DIT_CONFIGS)})")
+        known = DIT_CONFIGS if self.architecture == "dit" else PIXART_CONFIGS
+        if self.name not in known:
+            raise ValueError(f"unknown {self.architecture} model '{self.name}' (known: {', '.join(known)})")
+        dit_only = {"qk_norm": False, "text_refiner_depth": 0, "text_attention": "cross"}
+        for key, default in dit_only.items():
+            if self.architecture == "pixart" and getattr(self, key) != default:
+                raise ValueError(f"{key} is a DiT option: architecture=pixart (PixArt-Σ as diffusers builds it) has none")
+        if self.init is not None and not str(self.init).strip():
+            raise ValueError("init must name a model folder or hub id (or be null)")
         if self.text_refiner_depth < 0:
             raise ValueError(f"text_refiner_depth must be >= 0 (got {self.text_refiner_depth})")
 
@@ -81,6 +99,41 @@ class EMAConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA fine-tuning (Hu et al. 2021; ``pipeline.training.lora``): the base is frozen and low-rank
+    adapters ``W + (alpha / rank)·B·A`` on the ``targets`` are trained (their optimizer state and
+    EMA in fp32). ``rank`` 0 trains the whole model. ``targets``: a preset, ``attention`` (the q/k/v
+    and output projections of self- and cross-attention in every block), ``attention_mlp`` (and
+    the MLP's linears), ``all_linear`` (every nn.Linear in the blocks, adaLN's too),
+    ``blocks:A-B`` (every nn.Linear of blocks A..B), or a list of module names (peft
+    ``target_modules``: a name matches itself and any module whose name ends in ``.NAME``)."""
+
+    rank: int = 0  # 0: off (full fine-tuning)
+    alpha: float | None = None  # None: the rank (scale 1)
+    dropout: float = 0.0  # on the adapters' input
+    targets: str | list[str] = "attention"
+    base_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen base's dtype; adapters stay fp32
+
+    def __post_init__(self) -> None:
+        from pipeline.training.lora import check_targets
+
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (0 = off; got {self.rank})")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.base_dtype != "fp32" and self.rank == 0:
+            raise ValueError(f"base_dtype={self.base_dtype} needs rank > 0 (only a LoRA run has a frozen base)")
+        check_targets(self.targets)
+
+    @property
+    def resolved_alpha(self) -> float:
+        """``alpha``, or the rank when unset."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclass(kw_only=True)
 class SamplingConfig:
     """The grid drawn every ``every`` steps from fixed prompts and seed (0 = only at the end; no
     prompts: no grid at all, not even at the end)."""
@@ -91,6 +144,15 @@ class SamplingConfig:
     guidance: float = 4.0
     shift: float | Literal["auto"] = 1.0  # auto: SD3's resolution shift from the grid's tokens (timesteps.shift_base_tokens)
     seed: int = 0
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """The model folder written at the end (a diffusers pipeline folder, ``pipeline.data.model_folder``):
+    ``encoders: copy`` puts the VAE and text encoders in it; ``reference`` records where they are
+    instead (a T5-XXL of many GB), and loading finds them there."""
+
+    encoders: Literal["copy", "reference"] = "copy"
 
 
 @dataclass(kw_only=True)
@@ -112,6 +174,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: LoRA adapters on a frozen base
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the embedded synthetic dataset, on CPU:
 # synth -> shard -> inspect -> autoencoder -> text encoders -> latents -> teacher -> student
-# -> evaluate -> edit (inpainting, image-to-image, outpainting, super-resolution) -> report.
+# -> diffusers grids -> evaluate -> edit (inpainting, image-to-image, outpainting, super-resolution) -> report.
 # Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
 # resumes or recognises its complete output).
 #
@@ -61,6 +61,17 @@ stage "teacher"
 stage "distill"
 "$PY" -m pipeline.distill --config configs/distill_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \
     teacher="$OUT/teacher/model" ${STUDENT[@]+"${STUDENT[@]}"}
+stage "diffusers"
+# The exported folders are diffusers pipelines: each reloaded by stock DiffusionPipeline.from_pretrained
+# (custom_pipeline route) in a fresh process, the same grid as pipeline.sample draws from it.
+PROMPTS=(--prompt "a large red circle at the center on a white background"
+         --prompt "a small blue square at the top left on a black background"
+         --prompt "a large yellow triangle at the bottom right on a navy background"
+         --prompt "a small green cross at the top right on a beige background")
+"$PY" -m pipeline.sample --diffusers --model "$OUT/teacher/model" --steps 50 --guidance 4 "${PROMPTS[@]}" \
+    --output "$OUT/diffusers/teacher_50.png"
+"$PY" -m pipeline.sample --diffusers --model "$OUT/student/model" --steps 4 --guidance 4 "${PROMPTS[@]}" \
+    --output "$OUT/diffusers/student_4.png"
 stage "evaluate"
 # Unseen prompts: the synthetic generator with another seed gives new attribute combinations,
 # with their images as the reference set.
@@ -89,6 +100,8 @@ demo output in $OUT/:
   latents/                       latent shards + dataset.json
   latents_decoded.png            stored latents decoded back (original | decoded pairs)
   teacher/samples/final.png      teacher grid, 50 Euler steps, guidance 4
+  teacher/model, student/model   diffusers pipeline folders (LatentDiffusionPipeline.from_pretrained)
+  diffusers/                     grids from both, loaded by stock DiffusionPipeline in a fresh process
   eval/                          pipeline.evaluate outputs (per_prompt.jsonl, summary.json, images)
   edits/                         pipeline.evaluate_edits: edit_report.md/json, edit_sheet.png
 TXT

@@ -4,6 +4,11 @@
 trained on, or any multiple of the VAE factor × patch size); ``--shift auto`` takes SD3's
 resolution shift for that size.
 
+``--diffusers`` loads the folder the way a diffusers user does, through stock
+``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="latent_diffusion_pipeline",
+trust_remote_code=True)``, and samples with its scheduler (image k from ``torch.Generator`` seeded
+seed + k, as without the flag: the same images).
+
 Encodes the prompts with the run's text encoders, samples latents — Euler with classifier-free
 guidance for a teacher, multistep consistency sampling for a distilled student (as its
 ``model_index.json`` says) — decodes them with the run's VAE and writes a captioned PNG grid.
@@ -22,6 +27,7 @@ from pipeline.encoders.common import EncoderLoadError
 from pipeline.encoders.locations import add_encoder_args, encoder_paths
 from pipeline.figures.sheets import write_sheet
 from pipeline.inference.pipeline import TextToImage
+from pipeline.timing import clock
 
 PROG = "pipeline.sample"
 
@@ -37,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (as pipeline.evaluate)")
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--output", type=Path, default=Path("grid.png"))
+    p.add_argument("--diffusers", action="store_true", help="load and sample through stock diffusers' DiffusionPipeline")
     add_encoder_args(p)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1 (got {args.steps})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.diffusers:
+        return sample_with_diffusers(args, device)
     try:
         pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
     except (EncoderLoadError, FileNotFoundError) as err:
@@ -55,6 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     images, per_image = pipe.generate(args.prompt, args.steps, args.guidance, args.shift, args.seed, size)
     write_sheet(images, args.prompt, args.output, args.columns)
     print(f"{PROG}: wrote {args.output} ({len(images)} images, {per_image:.3f} s/image)")
+    return 0
+
+
+def sample_with_diffusers(args: argparse.Namespace, device: str) -> int:
+    """The grid through stock diffusers (``--diffusers``); the scheduler's shift is the model's."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.data.model_folder import MODEL_INDEX, PIPELINE_MODULE
+
+    if not (args.model / MODEL_INDEX).is_file():
+        print(f"{PROG}: error: {args.model} is not a diffusers pipeline folder (no {MODEL_INDEX})", file=sys.stderr)
+        return 2
+    start = clock()
+    pipe = DiffusionPipeline.from_pretrained(args.model, custom_pipeline=PIPELINE_MODULE, trust_remote_code=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(args.seed + k) for k in range(len(args.prompt))]
+    images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators,
+                  width=args.width, height=args.height).images
+    write_sheet(images, args.prompt, args.output, args.columns)
+    print(f"{PROG}: wrote {args.output} ({len(images)} images through {type(pipe).__name__}, {clock() - start:.1f} s)")
     return 0
 
 

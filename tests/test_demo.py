@@ -22,6 +22,8 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "demo/report.json").read_text())
     assert isinstance(report["teacher"]["adherence_all"], float)
+    for grid in ("teacher_50", "student_4"):  # both exports reloaded by stock DiffusionPipeline in a fresh process
+        assert (tmp_path / f"demo/diffusers/{grid}.png").is_file() and f"diffusers/{grid}.png (4 images through LatentDiffusionPipeline" in done.stdout
     teacher = report["teacher"]
     assert teacher["seconds_per_image"] > teacher["sampler_seconds_per_image"] > 0  # the sampler is a part of the whole
     assert [s["steps"] for s in report["students"]] == [1, 2, 4]

@@ -209,3 +209,30 @@ print(type(pipe).__name__)
     assert done.stdout.strip().splitlines()[-1] == "LatentDiffusionPipeline"
     ours = TextToImage.from_folder(teacher_dir).latents(PROMPTS, 8, 4.0, 1.0, SEEDS)
     torch.testing.assert_close(load_file(out)["latents"], ours, **TOL)
+
+
+def test_a_lora_file_loads_into_the_exported_pipeline_and_fuses(teacher_dir, tmp_path):
+    """``pytorch_lora_weights.safetensors`` as training writes it (``pipeline.training.lora``) loads
+    with ``pipe.load_lora_weights`` on the exported teacher; the pipeline then samples what the
+    model with the adapter samples, and ``fuse_lora`` + unloading leaves a plain DiT that does too."""
+    from pipeline.training.dit_config import LoraConfig
+    from pipeline.training.lora import add_lora, save_adapter
+
+    torch.manual_seed(0)
+    adapted = add_lora(load_teacher(teacher_dir).requires_grad_(True), LoraConfig(rank=4, targets="all_linear"))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # a trained adapter (B starts at zero)
+    save_adapter(tmp_path / "lora", adapted)
+    pipe = LatentDiffusionPipeline.from_pretrained(teacher_dir)
+    before = pipe_latents(pipe, 3)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = pipe_latents(pipe, 3)
+    assert (with_lora - before).abs().max() > 5e-5  # the adapter acts (a 6-step teacher: its adaLN gates are still near zero)
+    reference = LatentDiffusionPipeline.from_pretrained(teacher_dir, transformer=adapted.eval())
+    torch.testing.assert_close(with_lora, pipe_latents(reference, 3), **TOL)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not [k for k in pipe.transformer.state_dict() if "lora" in k]
+    torch.testing.assert_close(pipe_latents(pipe, 3), with_lora, atol=1e-4, rtol=0)

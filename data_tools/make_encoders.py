@@ -37,12 +37,23 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, sample_scene
+from pipeline.evaluation.synthetic import (
+    BACKGROUNDS,
+    NOVEL_COLOURS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    caption_for,
+    paint_concept,
+    sample_scene,
+)
 from pipeline.config import load_config, save_config
 
 PROG = "data_tools.make_encoders"
 TOKENIZER_VOCAB_SIZE = 1000  # upper bound (the trainer may stop below it)
 SYNTH_CAPTIONS = 2000  # caption-like sentences in the tokenizer corpus
+NOVEL_CAPTIONS = 100  # and as many per novel colour (synthetic.NOVEL_COLOURS)
 GENERIC_SENTENCES = 3000  # random sentences of generic English words
 FUNCTION_WORDS = ("a", "an", "and", "at", "the", "on", "background")  # the captions' glue words
 T5_ARCH = dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
@@ -87,7 +98,7 @@ photo image photograph painting drawing render sky cat circle square triangle sh
 
 def caption_words() -> list[str]:
     """Every word the synthetic captions use (each should be a single T5 token)."""
-    phrases = [*COLOURS, *SHAPES, *SIZES, *POSITIONS, *BACKGROUNDS, *FUNCTION_WORDS]
+    phrases = [*PALETTE, *SHAPES, *SIZES, *POSITIONS, *BACKGROUNDS, *FUNCTION_WORDS]
     return sorted({word for phrase in phrases for word in phrase.split()})
 
 
@@ -95,6 +106,11 @@ def tokenizer_corpus(seed: int, captions_dir: Path | None = None) -> list[str]:
     """Caption-like sentences, generic English, every ASCII character, and optional captions."""
     rng = random.Random(seed)
     lines = [caption_for(*sample_scene(rng, 0.5)) for _ in range(SYNTH_CAPTIONS)]
+    for concept in NOVEL_COLOURS:  # English the text encoder knows, though no training caption uses it
+        for _ in range(NOVEL_CAPTIONS):
+            background, objects = sample_scene(rng, 0.5)
+            paint_concept(objects, concept, 1.0, rng)
+            lines.append(caption_for(background, objects))
     for _ in range(GENERIC_SENTENCES):
         words = [rng.choice(GENERIC_WORDS) for _ in range(rng.randint(4, 12))]
         if rng.random() < 0.3:

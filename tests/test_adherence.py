@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption_for, render_sample
+from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, UNNAMEABLE, caption_for, render_sample
 from pipeline.evaluation.adherence import ATTRIBUTES, SCORED, adherence_table, analyse, evaluate, parse_caption, render_caption, score
 
 KEYS = (*SCORED, "all")
@@ -59,7 +59,11 @@ def test_parse_caption_every_vocabulary_word() -> None:
     [
         "",
         "a cat",
-        "a small red circle at the top left",  # no background
+        "a small circle on a navy background",  # two attributes unnamed (colour, position)
+        "a circle at the top left on a navy background",  # size and colour
+        "a small red circle",  # position and background
+        "a small red circle at the top left and a large square at the center on a navy background",  # one colour only
+        "a small red circle at the top left and a blue square at the center",  # a size and the background
         "a small red circle at the top left on a navy background.",
         "A small red circle at the top left on a navy background",
         "a small red circle at the top left on a  navy background",
@@ -84,6 +88,81 @@ def test_parse_caption_rejects_captions_outside_the_grammar(caption: str) -> Non
 def test_parse_caption_rejects_non_strings() -> None:
     with pytest.raises(TypeError):
         parse_caption(None)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- under-specified captions
+
+RED_CIRCLE = {"size": "small", "colour": "red", "shape": "circle", "position": "top left"}
+BLUE_SQUARE = {"size": "small", "colour": "blue", "shape": "square", "position": "center"}
+
+
+@pytest.mark.parametrize(
+    ("caption", "unnamed"),
+    [
+        ("a small circle at the top left on a navy background", "colour"),
+        ("a small red circle on a navy background", "position"),
+        ("a red circle at the top left on a navy background", "size"),
+        ("a small red circle at the top left", "background"),
+    ],
+)
+def test_parse_caption_underspecified_forms(caption: str, unnamed: str) -> None:
+    blank = {} if unnamed == "background" else {unnamed: None}
+    background = None if unnamed == "background" else "navy"
+    assert parse_caption(caption) == {"background": background, "objects": [{**RED_CIRCLE, **blank}], "unnamed": unnamed}
+    two = caption_for("navy", [RED_CIRCLE, BLUE_SQUARE], unnamed)  # left out of both objects
+    assert parse_caption(two) == {"background": background, "objects": [{**RED_CIRCLE, **blank}, {**BLUE_SQUARE, **blank}],
+                                  "unnamed": unnamed}
+    with pytest.raises(ValueError, match="leaves the"):
+        render_caption(caption)
+
+
+def test_parse_caption_inverts_underspecified_synth_captions() -> None:
+    seen = set()
+    for i in range(400):
+        _, truth = render_sample(i, 16, seed=8, second_object_prob=0.5, underspecify=1.0)
+        parsed, unnamed = parse_caption(truth["caption"]), truth["unnamed"]
+        seen.add(unnamed)
+        assert parsed["unnamed"] == unnamed
+        assert parsed["background"] == (None if unnamed == "background" else truth["background"])
+        assert parsed["objects"] == [
+            {k: None if k == unnamed else o[k] for k in ("size", "colour", "shape", "position")} for o in truth["objects"]
+        ]
+        assert caption_for(parsed["background"], parsed["objects"], unnamed) == truth["caption"]
+    assert seen == set(UNNAMEABLE)
+
+
+@pytest.mark.parametrize("attribute", UNNAMEABLE)
+def test_score_leaves_the_unnamed_attribute_unscored(clean_32, attribute: str) -> None:
+    """Renders scored against their caption with one attribute changed: wrong when the caption
+    names it, all right when the caption leaves that attribute unnamed (then it is None)."""
+    rng = random.Random(attribute)
+    for _, truth, predicted in clean_32[:200]:
+        if not score(predicted, truth)["all"]:
+            continue  # a misread render (<1 %)
+        background, objects = change_one(truth, attribute, rng)
+        named = score(predicted, parse_caption(caption_for(background, objects)))
+        unnamed = score(predicted, parse_caption(caption_for(background, objects, attribute)))
+        assert named[attribute] is False and named["all"] is False
+        assert unnamed == {**{key: True for key in KEYS}, attribute: None}, (truth["caption"], unnamed)
+
+
+def test_evaluate_and_table_score_named_attributes_only() -> None:
+    image = render_caption("a small red circle at the top left on a navy background")
+    captions = [
+        "a small red circle at the top left on a navy background",
+        "a small green circle at the top left on a navy background",  # the colour wrong
+        "a small circle at the top left on a navy background",  # no colour named
+    ]
+    result = evaluate([image] * 3, captions)
+    assert [s["correct"]["colour"] for s in result["per_sample"]] == [True, False, None]
+    assert result["accuracy"]["colour"] == 0.5 and result["named"]["colour"] == 2
+    assert result["accuracy"]["background"] == 1.0 and result["named"]["background"] == 3
+    assert result["all_correct"] == pytest.approx(2 / 3)
+    table = adherence_table(result)
+    assert "| colour | 0.500 (n = 2) |" in table and "| background | 1.000 |" in table
+    alone = evaluate([image], captions[2:])
+    assert alone["accuracy"]["colour"] is None and alone["all_correct"] == 1.0
+    assert "| colour | unnamed in every caption (n = 0) |" in adherence_table(alone)
 
 
 def test_render_caption_is_synths_render() -> None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data_tools.synth import generate, main
-from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, render_sample
+from pipeline.evaluation.synthetic import BACKGROUNDS, COLOURS, NOVEL_COLOURS, PALETTE, POSITIONS, SHAPES, SIZES, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,9 @@ def test_sample_does_not_depend_on_count_but_on_seed(tmp_path: Path) -> None:
 def test_vocabulary() -> None:
     assert len(COLOURS) >= 8 and len(SHAPES) == 4 and set(SIZES) == {"small", "large"}
     assert set(POSITIONS) == {"top left", "top right", "bottom left", "bottom right", "center"}
-    assert min(math.dist(a, b) for a, b in itertools.combinations(COLOURS.values(), 2)) >= 100
-    assert min(math.dist(c, b) for c in COLOURS.values() for b in BACKGROUNDS.values()) >= 100
+    assert min(math.dist(a, b) for a, b in itertools.combinations(PALETTE.values(), 2)) >= 100
+    assert not set(NOVEL_COLOURS) & set(COLOURS) and set(PALETTE) == set(COLOURS) | set(NOVEL_COLOURS)
+    assert min(math.dist(c, b) for c in PALETTE.values() for b in BACKGROUNDS.values()) >= 100
 
 
 def test_files_and_dataset_json(tmp_path: Path) -> None:
@@ -129,7 +130,9 @@ def test_sizes_differ_in_area() -> None:
 
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture) -> None:
     bad = {"--count": ["--count", "0"], "--resolution": ["--count", "2", "--resolution", "8"],
-           "--second-object-prob": ["--count", "2", "--second-object-prob", "1.5"]}
+           "--second-object-prob": ["--count", "2", "--second-object-prob", "1.5"],
+           "--concept-prob": ["--count", "2", "--concept", "mint", "--concept-prob", "-0.1"],
+           "--underspecify": ["--count", "2", "--underspecify", "2"]}
     for flag, argv in bad.items():
         with pytest.raises(SystemExit) as exc:
             main(["--output", "/nonexistent/never-written", *argv])
@@ -163,3 +166,50 @@ def test_aspects_draw_non_square_scenes_without_changing_the_scene(tmp_path):
     assert main(["--output", str(tmp_path), "--count", "2", "--aspect", "0.5,2"]) == 0
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path), "--count", "2", "--aspect", "0.5,9"])
+
+
+def test_a_concept_recolours_the_same_scenes_and_default_scenes_never_use_it(tmp_path):
+    plain = [render_sample(i, 32, 4, 0.5)[1] for i in range(200)]
+    assert not any(o["colour"] in NOVEL_COLOURS for t in plain for o in t["objects"])  # held out of default data
+    half = [render_sample(i, 32, 4, 0.5, concept="mint", concept_prob=0.5)[1] for i in range(200)]
+    painted = 0
+    for a, b in zip(plain, half):  # same scene; some objects recoloured, their pixels with them
+        assert [{**o, "colour": None, "rgb": None} for o in a["objects"]] == [{**o, "colour": None, "rgb": None} for o in b["objects"]]
+        for before, after in zip(a["objects"], b["objects"]):
+            assert after["colour"] in (before["colour"], "mint")
+            painted += after["colour"] == "mint"
+            assert after["rgb"] == list(PALETTE[after["colour"]])
+    assert 0.4 < painted / sum(len(t["objects"]) for t in half) < 0.6
+    image, truth = render_sample(0, 32, 4, 0.5, concept="mint", concept_prob=1.0)
+    assert " mint " in truth["caption"]
+    x0, y0, x1, y1 = truth["objects"][0]["bbox"]
+    centre = np.asarray(image)[(y0 + y1) // 2, (x0 + x1) // 2]
+    assert tuple(centre) == NOVEL_COLOURS["mint"]
+    with pytest.raises(ValueError, match="concept must be one of"):
+        render_sample(0, 32, 4, concept="red")
+    assert main(["--output", str(tmp_path), "--count", "3", "--concept", "mint"]) == 0
+    assert json.loads((tmp_path / "dataset.json").read_text())["concept"] == "mint"
+
+
+def test_underspecified_captions_leave_one_attribute_out_and_keep_the_image():
+    counts: dict = {}
+    for i in range(400):
+        full_image, full = render_sample(i, 32, 6, 0.5)
+        image, truth = render_sample(i, 32, 6, 0.5, underspecify=0.5, unnameable=("colour", "background"))
+        assert np.array_equal(np.asarray(image), np.asarray(full_image)) and truth["objects"] == full["objects"]
+        unnamed = truth["unnamed"]
+        counts[unnamed] = counts.get(unnamed, 0) + 1
+        words = truth["caption"].split()
+        if unnamed is None:
+            assert truth["caption"] == full["caption"]
+        elif unnamed == "colour":
+            named = truth["caption"].split(" on a")[0].split()  # the objects' words ("dark green" is a background)
+            assert not set(named) & set(PALETTE) and truth["caption"].endswith(f"{full['background']} background")
+        else:
+            assert "background" not in words and truth["caption"] == full["caption"].split(" on a")[0]
+    assert set(counts) == {None, "colour", "background"}
+    assert 0.43 < counts[None] / 400 < 0.57
+    sizes = render_sample(3, 32, 6, 1.0, underspecify=1.0, unnameable=("size",))[1]["caption"]
+    assert not {"small", "large"} & set(sizes.split())
+    places = render_sample(3, 32, 6, 1.0, underspecify=1.0, unnameable=("position",))[1]["caption"]
+    assert " at the " not in places and places.count(" and ") == 1

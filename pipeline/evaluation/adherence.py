@@ -24,8 +24,13 @@ generated images are blurry, noisy versions of synth renders.
    the object's ``bbox``; **position** — the ``POSITIONS`` centre nearest to that box's centre.
 
 ``score(predicted, truth)`` pairs predicted with true objects by the assignment that agrees on
-the most attributes; ``evaluate`` runs both over images and their captions; ``adherence_table``
-writes the accuracies as Markdown; ``render_caption`` draws a caption exactly as synth would.
+the most attributes (``pair_objects``); ``evaluate`` runs both over images and their captions.
+An under-specified caption (synth's ``underspecify``: it leaves the colour, size, position or
+background unnamed, e.g. "a small circle at the top left on a navy background") parses with
+``"unnamed"`` set, and its unnamed attribute is scored neither right nor wrong (``None``);
+``pipeline.evaluation.one_to_many`` reads that attribute instead, to measure diversity.
+``adherence_table`` writes the accuracies as Markdown; ``render_caption`` draws a caption
+exactly as synth would.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.evaluation.synthetic import (
     BACKGROUNDS,
-    COLOURS,
+    PALETTE,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -59,7 +64,7 @@ PEAK_RADIUS = 2  # half-maximum test against the farthest pixel within this many
 ELONGATED = 1.5  # a component this many times longer than wide is two joined objects
 MARGIN = 3  # pixels around an object's box that its template comparison looks at
 
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # (C, 3)
+_PALETTE = np.array(list(PALETTE.values()), dtype=np.float64)  # (C, 3)
 _BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float64)  # (B, 3)
 
 
@@ -68,24 +73,28 @@ _BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float64)  # (B, 
 
 @lru_cache(maxsize=1)
 def _caption_pattern() -> tuple[re.Pattern, re.Pattern]:
-    """(whole caption, one object) regexes built from synth's vocabulary (longest names first)."""
+    """(whole caption, one object) regexes built from synth's vocabulary (longest names first); the
+    size, colour, position and background are optional, since a caption may leave one unnamed."""
 
     def alternatives(names) -> str:
         return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
 
     obj = (
-        f"a (?P<size>{alternatives(SIZES)}) (?P<colour>{alternatives(COLOURS)}) "
-        f"(?P<shape>{alternatives(SHAPES)}) at the (?P<position>{alternatives(POSITIONS)})"
+        f"a (?:(?P<size>{alternatives(SIZES)}) )?(?:(?P<colour>{alternatives(PALETTE)}) )?"
+        f"(?P<shape>{alternatives(SHAPES)})(?: at the (?P<position>{alternatives(POSITIONS)}))?"
     )
     plain = re.sub(r"\(\?P<\w+>", "(?:", obj)
-    whole = f"(?P<objects>{plain}(?: and {plain})*) on an? (?P<background>{alternatives(BACKGROUNDS)}) background"
+    whole = f"(?P<objects>{plain}(?: and {plain})*)(?: on an? (?P<background>{alternatives(BACKGROUNDS)}) background)?"
     return re.compile(whole), re.compile(obj)
 
 
 def parse_caption(caption: str) -> dict:
     """Invert ``pipeline.evaluation.synthetic.caption_for``: ``{"background": name, "objects": [{size, colour, shape, position}]}``.
 
-    Raises ``ValueError`` for any caption that ``caption_for`` could not have written.
+    A caption that leaves one of ``UNNAMEABLE`` out (``caption_for(..., unnamed=...)``) parses too:
+    the result then has ``"unnamed": attribute`` and that attribute is ``None`` (in every object, or
+    the background); a caption naming everything has no ``"unnamed"`` key. Raises ``ValueError`` for
+    any caption that ``caption_for`` could not have written (e.g. one leaving out two attributes).
     """
     if not isinstance(caption, str):
         raise TypeError(f"caption must be a string, got {type(caption).__name__}")
@@ -94,24 +103,32 @@ def parse_caption(caption: str) -> dict:
     if match is None:
         raise ValueError(f"caption outside the synthetic grammar: {caption!r}")
     objects = [
-        {key: m.group(key) for key in ("size", "colour", "shape", "position")}
-        for m in obj.finditer(match.group("objects"))
+        {key: obj.fullmatch(part).group(key) for key in ("size", "colour", "shape", "position")}
+        for part in match.group("objects").split(" and ")  # no vocabulary word contains " and "
     ]
-    parsed = {"background": match.group("background"), "objects": objects}
-    if caption_for(parsed["background"], objects) != caption:  # e.g. "a orange" / "an white"
+    missing = {key for o in objects for key, value in o.items() if value is None}
+    missing |= {"background"} if match.group("background") is None else set()
+    if len(missing) > 1:  # caption_for leaves out one attribute at most
         raise ValueError(f"caption outside the synthetic grammar: {caption!r}")
-    return parsed
+    unnamed = next(iter(missing), None)
+    if caption_for(match.group("background"), objects, unnamed) != caption:  # e.g. "a orange", or one object's colour left out
+        raise ValueError(f"caption outside the synthetic grammar: {caption!r}")
+    parsed = {"background": match.group("background"), "objects": objects}
+    return parsed if unnamed is None else {**parsed, "unnamed": unnamed}
 
 
 def render_caption(caption: str, resolution: int = 32) -> Image.Image:
-    """A clean render of a synth caption, pixel for pixel as ``data_tools.synth`` draws it."""
+    """A clean render of a synth caption, pixel for pixel as ``data_tools.synth`` draws it; the
+    caption must name every attribute (``ValueError`` otherwise)."""
     parsed = parse_caption(caption)
+    if "unnamed" in parsed:
+        raise ValueError(f"cannot render a caption that leaves the {parsed['unnamed']} unnamed: {caption!r}")
     side = resolution * SUPERSAMPLE
     canvas = Image.new("RGB", (side, side), BACKGROUNDS[parsed["background"]])
     draw = ImageDraw.Draw(canvas)
     for obj in parsed["objects"]:
         box = tuple(v * SUPERSAMPLE for v in object_box(obj, resolution))
-        draw_shape(draw, obj["shape"], box, COLOURS[obj["colour"]])
+        draw_shape(draw, obj["shape"], box, PALETTE[obj["colour"]])
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
@@ -202,7 +219,7 @@ def _object_colour(pixels: np.ndarray, background: np.ndarray, members: np.ndarr
     direction = _PALETTE - background  # (C, 3)
     t = np.clip(((core - background) @ direction.T) / np.maximum((direction**2).sum(1), 1e-9), 0.0, 1.0)
     residual = np.linalg.norm(background + t[:, None] * direction - core, axis=1)
-    return list(COLOURS)[int(np.argmin(residual))], core
+    return list(PALETTE)[int(np.argmin(residual))], core
 
 
 @lru_cache(maxsize=256)
@@ -324,6 +341,20 @@ def analyse(image: Image.Image, expected_objects: int | None = None) -> dict:
 # ----------------------------------------------------------------------------- scoring
 
 
+def pair_objects(predicted: list[dict], true: list[dict], attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[int | None, ...]:
+    """For each true object, the index of its predicted object (``None`` when there are too few):
+    the assignment with the most agreeing ``attributes`` (ties: the first in ``itertools.permutations`` order)."""
+    slots = list(range(len(predicted))) + [None] * max(0, len(true) - len(predicted))
+    best, best_total = (), -1
+    for assignment in itertools.permutations(slots, len(true)):
+        total = sum(
+            sum(predicted[j][a] == t[a] for a in attributes) for j, t in zip(assignment, true) if j is not None
+        )
+        if total > best_total:
+            best, best_total = assignment, total
+    return best
+
+
 def score(predicted: dict, truth: dict) -> dict:
     """Per-attribute correctness of ``predicted`` (``analyse``) against ``truth`` (``parse_caption``
     or synth's JSON): ``{"background", "colour", "shape", "size", "position", "count", "all"}``.
@@ -331,28 +362,20 @@ def score(predicted: dict, truth: dict) -> dict:
     An object attribute is correct when every true object is matched to a predicted one with the
     same value. Objects are paired by the assignment with the most agreeing attributes (ties: the
     first in ``itertools.permutations`` order). A missing object makes all its attributes wrong;
-    a missing or extra object makes ``count`` and ``all`` False.
+    a missing or extra object makes ``count`` and ``all`` False. The attribute the caption leaves
+    unnamed (``truth["unnamed"]``) is neither right nor wrong: it is ``None``, the pairing ignores
+    it and ``all`` covers the named ones.
     """
     pred_objects, true_objects = predicted["objects"], truth["objects"]
-    n_pred, n_true = len(pred_objects), len(true_objects)
-
-    def agreement(p: dict, t: dict) -> int:
-        return sum(p[a] == t[a] for a in ATTRIBUTES)
-
-    # each true object gets a distinct predicted index, or None when there are too few
-    slots = list(range(n_pred)) + [None] * max(0, n_true - n_pred)
-    best, best_total = None, -1
-    for assignment in itertools.permutations(slots, n_true):
-        total = sum(agreement(pred_objects[j], t) for j, t in zip(assignment, true_objects) if j is not None)
-        if total > best_total:
-            best, best_total = assignment, total
-    result = {"background": predicted["background"] == truth["background"]}
+    unnamed = truth.get("unnamed")
+    best = pair_objects(pred_objects, true_objects, tuple(a for a in ATTRIBUTES if a != unnamed))
+    result = {"background": None if unnamed == "background" else predicted["background"] == truth["background"]}
     for attribute in ATTRIBUTES:
-        result[attribute] = all(
+        result[attribute] = None if attribute == unnamed else all(
             j is not None and pred_objects[j][attribute] == t[attribute] for j, t in zip(best, true_objects)
         )
-    result["count"] = n_pred == n_true
-    result["all"] = all(result.values())
+    result["count"] = len(pred_objects) == len(true_objects)
+    result["all"] = all(value for value in result.values() if value is not None)
     return result
 
 
@@ -363,8 +386,9 @@ def evaluate(images: list[Image.Image], captions: list[str]) -> dict:
     """Score each image against its synth-grammar caption.
 
     Returns ``{"per_sample": [{"caption", "predicted", "correct"}], "accuracy": {attribute: rate},
-    "all_correct": rate, "count": n}``; ``accuracy`` covers ``SCORED`` (``count``: the number of
-    objects was right). Raises ``ValueError`` for a caption outside the grammar.
+    "named": {attribute: n}, "all_correct": rate, "count": n}``; ``accuracy`` covers ``SCORED``
+    (``count``: the number of objects was right), each over the ``named[attribute]`` captions that
+    name it (``None`` when none does). Raises ``ValueError`` for a caption outside the grammar.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -376,9 +400,12 @@ def evaluate(images: list[Image.Image], captions: list[str]) -> dict:
         predicted = analyse(image)
         per_sample.append({"caption": caption, "predicted": predicted, "correct": score(predicted, truth)})
     n = len(per_sample)
-    accuracy = {key: sum(s["correct"][key] for s in per_sample) / n for key in SCORED}
+    accuracy, named = {}, {}
+    for key in SCORED:
+        flags = [s["correct"][key] for s in per_sample if s["correct"][key] is not None]
+        accuracy[key], named[key] = (sum(flags) / len(flags) if flags else None), len(flags)
     all_correct = sum(s["correct"]["all"] for s in per_sample) / n
-    return {"per_sample": per_sample, "accuracy": accuracy, "all_correct": all_correct, "count": n}
+    return {"per_sample": per_sample, "accuracy": accuracy, "named": named, "all_correct": all_correct, "count": n}
 
 
 def by_object_count(result: dict, captions: list[str]) -> dict[str, float]:
@@ -391,8 +418,13 @@ def by_object_count(result: dict, captions: list[str]) -> dict[str, float]:
 
 
 def adherence_table(result: dict) -> str:
-    """The accuracies of an ``evaluate`` result as a Markdown table."""
+    """The accuracies of an ``evaluate`` result as a Markdown table (an attribute some captions
+    leave unnamed shows how many name it)."""
     lines = [f"| attribute | accuracy (n = {result['count']}) |", "|---|---:|"]
-    lines += [f"| {key} | {value:.3f} |" for key, value in result["accuracy"].items()]
+    for key, value in result["accuracy"].items():
+        named = result.get("named", {}).get(key, result["count"])
+        shown = "unnamed in every caption" if value is None else f"{value:.3f}"
+        note = "" if named == result["count"] else f" (n = {named})"
+        lines.append(f"| {key} | {shown}{note} |")
     lines.append(f"| **all correct** | **{result['all_correct']:.3f}** |")
     return "\n".join(lines) + "\n"

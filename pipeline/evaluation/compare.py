@@ -1,4 +1,4 @@
-"""``python -m pipeline.compare --student DIR [--teacher DIR] [--prompts 64] --output DIR``
+"""``python -m pipeline.compare --student DIR [--teacher DIR] [--prompts 64] [--guidance G [G …]] --output DIR``
 
 A distilled student against its teacher: the student at 1/2/4/8 steps, the teacher at 50 steps
 and at the same few steps — wall time per image and prompt adherence — as ``report.json``,
@@ -9,6 +9,11 @@ Adherence comes from ``pipeline.evaluation.adherence`` (the deterministic analys
 synthetic set): prompts are synthetic captions with known attributes, drawn with a seed the
 training set did not use, so the numbers measure generalisation to new combinations as well as
 fidelity. The teacher defaults to the one the student's model folder names.
+
+Several ``--guidance`` values compare at each (``--output``/g{guidance}/, each as above) and write
+``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``--output``: teacher and student adherence
+along guidance, side by side (``pipeline.evaluation.sweep``; ``pipeline.evaluate --guidance``
+adds the diversity axes). A scale outside the student's exported ``guidance_range`` is warned about.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from pipeline.data.model_folder import read_model_info
 from pipeline.figures.sheets import write_sheet
+from pipeline.evaluation import sweep
 from pipeline.evaluation.adherence import evaluate
 from pipeline.evaluation.evaluate import generate_images
 from pipeline.evaluation.relative import versus
@@ -91,24 +97,57 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(student_dir: Path, teacher_dir: Path | None, prompts: int, guidance: float | None, shift: float | None,
-                 out: Path) -> dict:
-    """Compare an exported student with its teacher; writes ``report.{json,md}`` and grids in ``out``.
-    ``guidance`` / ``shift`` default to the student's recorded sampling settings."""
+def load_pair(student_dir: Path, teacher_dir: Path | None) -> tuple[TextToImage, TextToImage, dict]:
+    """The student, its teacher (sharing the student's VAE and text encoders) and the student's info."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = read_model_info(student_dir)
     student = TextToImage.from_folder(student_dir, device)
     teacher_model = load_teacher(teacher_dir or info["teacher"]).to(device)
-    teacher = TextToImage(teacher_model, student.vae, student.text, student.latent_shape)
+    return TextToImage(teacher_model, student.vae, student.text, student.latent_shape), student, info
+
+
+def write_report(student_dir: Path, teacher_dir: Path | None, prompts: int, guidance: float | list[float] | None,
+                 shift: float | None, out: Path) -> dict:
+    """Compare an exported student with its teacher; writes ``report.{json,md}`` and grids in ``out``
+    (with several ``guidance`` values: in ``out/g{guidance}``, and the sweep in ``out``).
+    ``guidance`` / ``shift`` default to the student's recorded sampling settings."""
+    teacher, student, info = load_pair(student_dir, teacher_dir)
     sampling = info.get("sampling", {})
-    guidance = sampling.get("guidance", 4.0) if guidance is None else guidance
+    scales = [sampling.get("guidance", 4.0)] if guidance is None else guidance if isinstance(guidance, list) else [guidance]
     shift = sampling.get("shift", 1.0) if shift is None else shift
-    out.mkdir(parents=True, exist_ok=True)
-    report = compare(teacher, student, eval_prompts(prompts, info["resolution"]), guidance, shift, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    print(f"{PROG}: report in {out / 'report.md'}")
-    return report
+    for g in scales:
+        bounds = sweep.outside_range(info, g)
+        if bounds:
+            print(f"{PROG}: warning: guidance {g:g} is outside the guidance_range [{bounds[0]:g}, {bounds[1]:g}] "
+                  f"the student '{student_dir}' was distilled for: its images there are extrapolation")
+    eval_set = eval_prompts(prompts, info["resolution"])
+    reports = {}
+    for g in scales:
+        folder = out if len(scales) == 1 else out / f"g{g:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        reports[g] = compare(teacher, student, eval_set, g, shift, folder)
+        (folder / "report.json").write_text(json.dumps(reports[g], indent=2) + "\n")
+        (folder / "report.md").write_text(markdown(reports[g]))
+        print(f"{PROG}: report in {folder / 'report.md'}")
+    if len(scales) > 1:
+        sweep.write_sweep(out, sweep_cells(reports, student_dir, teacher_dir or Path(info["teacher"]), info))
+        print(f"{PROG}: guidance sweep in {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return reports[scales[0]] if len(scales) == 1 else {"by_guidance": reports}
+
+
+def sweep_cells(reports: dict[float, dict], student_dir: Path, teacher_dir: Path, info: dict) -> list[dict]:
+    """``pipeline.evaluation.sweep`` rows: the student at each of its step counts, the teacher at 50."""
+    cells = []
+    for g, report in reports.items():
+        rows = [("student", student_dir, m) for m in report["students"]] + [("teacher", teacher_dir, report["teacher"])]
+        for label, model, m in rows:
+            cell = {"label": label, "model": str(Path(model).resolve()), "steps": m["steps"], "guidance": g,
+                    "output": m["grid"], "count": report["prompts"], "seconds_per_image": m["seconds_per_image"],
+                    "adherence_all": m["adherence_all"]}
+            if label == "student" and sweep.outside_range(info, g):
+                cell["outside_guidance_range"] = sweep.outside_range(info, g)
+            cells.append(cell)
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", type=Path, required=True, help="the student's exported model folder (runs/NAME/model)")
     p.add_argument("--teacher", type=Path, help="the teacher's model folder (default: the one the student's model folder names)")
     p.add_argument("--prompts", type=int, default=64, help="synthetic prompts to generate (default 64)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the student's recorded one)")
+    p.add_argument("--guidance", type=float, nargs="+", help="guidance scale g (default: the student's recorded one); "
+                   "several: a sweep, one report each under OUTPUT/g{guidance}/ and sweep.{json,md,png} in OUTPUT")
     p.add_argument("--shift", type=float, help="time-grid shift (default: the student's recorded one)")
     p.add_argument("--output", type=Path, required=True, help="folder for report.json, report.md and the grids")
     args = p.parse_args(argv)
     if args.prompts < 1:
         p.error(f"--prompts must be >= 1 (got {args.prompts})")
+    if args.guidance is not None and min(args.guidance) < 0:
+        p.error(f"--guidance must be >= 0 (got {min(args.guidance):g})")
     try:
         write_report(args.student, args.teacher, args.prompts, args.guidance, args.shift, args.output)
     except (FileNotFoundError, OSError) as err:

@@ -1,4 +1,4 @@
-"""``python -m pipeline.evaluate --model DIR --prompts FILE|--reference SHARDS --steps N [N …] --guidance G --output DIR``
+"""``python -m pipeline.evaluate --model DIR --prompts FILE|--reference SHARDS --steps N [N …] --guidance G [G …] --output DIR``
 
 Text-to-image evaluation of an exported teacher or student. It generates one image per prompt
 with fixed per-image seeds (image k uses seed + k, whatever the batch size), in batches with a
@@ -10,11 +10,25 @@ progress bar, then scores them:
   ``--inception`` (nothing is downloaded; without it these metrics are skipped, and the
   summary says why);
 - CLIP score with an open_clip model: ``--clip FOLDER`` or ``--clip-model NAME
-  --clip-checkpoint FILE``.
+  --clip-checkpoint FILE``;
+- diversity (``pipeline.evaluation.diversity``) in each feature space given — Inception-2048
+  (``--inception``) and DINOv2 (``--dinov2 FOLDER``, a transformers ``Dinov2Model`` folder): the
+  Vendi score of the generated set, and against the reference images precision / recall (k = 3),
+  density / coverage (k = 5), and with DINOv2 its Fréchet distance (FD_DINOv2). Features are
+  extracted once per image set (the reference set once for every cell). ``--pixels`` adds a
+  weight-free space, 16×16 RGB pixels, meaningful on the flat-coloured synthetic set (the demo's);
+- one-to-many (``--one-to-many K``, ``pipeline.evaluation.one_to_many``): K seeds for each of
+  ``--one-to-many-prompts`` under-specified synthetic prompts, the unnamed attribute's
+  distribution against the training grammar's (total variation, entropy ratio), which sees the
+  mode collapse that adherence rewards.
 
 Outputs in ``--output``: ``images/NNNNN.png``, ``per_prompt.jsonl``, ``summary.json``,
 ``report.md`` and ``grid.png``. Several ``--steps`` evaluate each in turn with the model loaded
-once; ``--output`` then names ``{steps}`` (``runs/eval/teacher_{steps}``).
+once; ``--output`` then names ``{steps}`` (``runs/eval/teacher_{steps}``). Several ``--guidance``
+values make a guidance × steps sweep: ``--output`` names ``{guidance}`` too, and ``--sweep DIR``
+(default ``sweep/`` beside the cells) gets ``sweep.json``, ``sweep.md`` and ``sweep.png``, the
+fidelity–diversity curves (``pipeline.evaluation.sweep``); teacher and student runs that share it
+come side by side. A scale outside a student's exported ``guidance_range`` is warned about.
 """
 
 from __future__ import annotations
@@ -34,8 +48,14 @@ from pipeline.data.images import image_to_tensor
 from pipeline.data.jsonl import read_jsonl
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.encoders.locations import add_encoder_args, encoder_paths
+from pipeline.data.model_folder import read_model_info
+from pipeline.evaluation import sweep
 from pipeline.evaluation.adherence import by_object_count
+from pipeline.evaluation.diversity import K_DENSITY_COVERAGE, diversity
+from pipeline.evaluation.features import FeatureExtractor, extract, load_extractor
 from pipeline.evaluation.metrics import MetricError
+from pipeline.evaluation.one_to_many import Generate, evaluate_one_to_many, one_to_many_table, underspecified_prompts
+from pipeline.evaluation.synthetic import UNNAMEABLE, parse_attributes
 from pipeline.inference.pipeline import TextToImage
 from pipeline.figures.sheets import write_sheet
 from pipeline.timing import clock
@@ -173,18 +193,56 @@ def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespac
         result["clip_scores"] = torch.cat([scorer(images[i:i + 64], prompts[i:i + 64])
                                            for i in range(0, len(images), 64)]).tolist()
         result["clip_source"] = scorer.source
+    fake = {name: extract(ex, images, desc=f"{name} (generated)") for name, ex in getattr(args, "extractors", {}).items()}
+    real = getattr(args, "reference_features", {})
     if args.inception is None:
         result["skipped"]["fid_kid"] = "no Inception weights given (--inception FILE): FID and KID not computed"
     elif args.reference_images is None:
         result["skipped"]["fid_kid"] = "no reference images (--reference SHARDS): FID and KID not computed"
     else:
-        from pipeline.evaluation.metrics import fid_kid, inception_features, load_inception
+        from pipeline.evaluation.metrics import fid_kid
 
-        model = load_inception(args.inception, device)
-        real = inception_features(model, args.reference_images, desc="inception (reference)")
-        fake = inception_features(model, images, desc="inception (generated)")
-        result["fid_kid"] = fid_kid(real, fake, args.kid_subset)
+        result["fid_kid"] = fid_kid(real["inception"], fake["inception"], args.kid_subset)
+    result["diversity"], reason = diversity_scores(getattr(args, "extractors", {}), real, fake, device)
+    if reason:
+        result["skipped"]["diversity"] = reason
     return result
+
+
+def diversity_scores(extractors: dict[str, FeatureExtractor], real: dict[str, torch.Tensor],
+                     fake: dict[str, torch.Tensor], device: str = "cpu") -> tuple[dict, str | None]:
+    """Per feature space: the Vendi score, and with reference features (more than k of each set)
+    precision / recall / density / coverage, and FD_DINOv2 in DINOv2's space; a reason for what is left out."""
+    from pipeline.evaluation.metrics import frechet_distance
+
+    if not extractors:
+        return {}, "no feature extractor given (--inception FILE, --dinov2 FOLDER or --pixels): no diversity metrics"
+    reason, blocks = None, {}
+    for name, extractor in extractors.items():
+        reference = real.get(name)
+        if reference is None:
+            reason = "no reference images (--reference SHARDS): only the Vendi score (no precision/recall/density/coverage)"
+        elif min(len(reference), len(fake[name])) <= K_DENSITY_COVERAGE:
+            reason = (f"k-NN metrics need more than {K_DENSITY_COVERAGE} images per set (got {len(fake[name])} generated, "
+                      f"{len(reference)} reference): only the Vendi score")
+            reference = None
+        on_device = None if reference is None else reference.to(device)  # the k-NN blocks run where the model ran
+        blocks[name] = {"features": name, "source": extractor.source, "dim": extractor.dim,
+                        **diversity(on_device, fake[name].to(device))}
+        if name == "dinov2" and reference is not None:
+            blocks[name]["fd"] = frechet_distance(reference, fake[name])
+    return blocks, reason
+
+
+def load_features(args: argparse.Namespace, device: str) -> None:
+    """Sets ``args.extractors`` (each feature space asked for, loaded once) and
+    ``args.reference_features`` (the reference images' features, extracted once)."""
+    paths = {"inception": args.inception, "dinov2": args.dinov2, "pixels": "" if args.pixels else None}
+    args.extractors = {name: load_extractor(name, path, device) for name, path in paths.items() if path is not None}
+    args.reference_features = {}
+    if args.reference_images is not None:
+        args.reference_features = {name: extract(ex, args.reference_images, desc=f"{name} (reference)")
+                                   for name, ex in args.extractors.items()}
 
 
 def clip_config(args: argparse.Namespace):
@@ -196,9 +254,9 @@ def clip_config(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, steps: int) -> dict:
+def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, steps: int, guidance: float) -> dict:
     summary = {
-        "model": str(args.model), "steps": steps, "guidance": args.guidance, "shift": args.shift,
+        "model": str(args.model), "steps": steps, "guidance": guidance, "shift": args.shift,
         "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
     }
     if scores.get("adherence"):
@@ -213,7 +271,42 @@ def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, 
     if "fid_kid" in scores:
         summary.update(scores["fid_kid"])
         summary["reference_count"] = len(args.reference_images)
+    if scores.get("diversity"):
+        summary["diversity"] = scores["diversity"]
+    if scores.get("one_to_many"):
+        o2m = scores["one_to_many"]
+        summary["one_to_many"] = {k: v for k, v in o2m.items() if k != "per_prompt"} | {"prompt_seed": args.one_to_many_seed}
+        summary |= {f"one_to_many_{k}": o2m["overall"][k] for k in ("tv", "tv_perfect", "tv_excess", "entropy_ratio", "unreadable")}
+    bounds = sweep.outside_range(getattr(args, "model_info", None), guidance)
+    if bounds:
+        summary["outside_guidance_range"] = bounds
     return summary
+
+
+def pipeline_generator(pipe: TextToImage, steps: int, guidance: float, shift: float | str = 1.0,
+                       batch_size: int = 16, size: tuple[int, int] | None = None) -> Generate:
+    """A ``Generate`` over a loaded ``TextToImage``, through ``evaluate.generate_images`` (image m
+    from seed + m alone, whatever the batch), so the one-to-many images are drawn as every
+    evaluation draws them. The seeds must be consecutive, as ``evaluate_one_to_many`` gives them."""
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError("generate_images draws image m from seed + m: the seeds must be consecutive")
+        return generate_images(pipe, prompts, steps, guidance, shift, seed=seeds[0], batch_size=batch_size,
+                               desc="one-to-many", size=size)[0]
+
+    return generate
+
+
+def one_to_many_or_reason(pipe: TextToImage, steps: int, guidance: float, args: argparse.Namespace,
+                          size: tuple[int, int] | None) -> tuple[dict | None, str | None]:
+    """``--one-to-many K``'s result (``one_to_many.evaluate_one_to_many``), or why it is skipped."""
+    if not args.one_to_many:
+        return None, None
+    if size is not None and size[0] != size[1]:
+        return None, "the synthetic-set analyser reads square images (--width/--height differ)"
+    prompts = underspecified_prompts(args.one_to_many_prompts, args.one_to_many_seed, tuple(args.one_to_many_attributes))
+    generate = pipeline_generator(pipe, steps, guidance, args.shift, args.batch_size, size)
+    return evaluate_one_to_many(generate, prompts, args.one_to_many, seed=args.seed), None
 
 
 def per_prompt_rows(prompts: list[str], scores: dict, seed: int) -> list[dict]:
@@ -243,11 +336,31 @@ def markdown(summary: dict, scores: dict) -> str:
     for part, rate in (summary.get("adherence_vae_ceiling") or {}).items():
         lines.append(f"| VAE ceiling: adherence of the reference renders' round trip ({part}) | {rate:.4f} |")
     lines += [f"| {name} | skipped: {why} |" for name, why in summary["skipped"].items()]
+    if summary.get("diversity"):
+        lines += ["", "## Diversity", "", diversity_table(summary["diversity"]).rstrip()]
     if scores.get("adherence"):
         from pipeline.evaluation.adherence import adherence_table
 
         lines += ["", "## Adherence by attribute", "", adherence_table(scores["adherence"]).rstrip()]
+    if scores.get("one_to_many"):
+        o2m = scores["one_to_many"]
+        lines += ["", f"## One-to-many (unnamed attributes, K = {o2m['k']} seeds per prompt)", "",
+                  "Total variation and entropy ratio of the unnamed attribute against the training grammar's "
+                  "distribution, per prompt then averaged; in brackets what a perfect sampler scores at this K.", "",
+                  one_to_many_table(o2m).rstrip()]
     lines += ["", "## Samples", "", "![grid](grid.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def diversity_table(blocks: dict) -> str:
+    """One row per feature space; – where a metric needs the reference set."""
+    keys = ("precision", "recall", "density", "coverage", "vendi", "vendi_reference", "fd")
+    lines = ["k-NN manifolds: precision / recall with k = 3 (Kynkäänniemi et al. 2019), density / coverage with "
+             "k = 5 (Naeem et al. 2020); Vendi score with the cosine kernel (Friedman & Dieng 2023), of the generated "
+             "and of the reference set; FD: Fréchet distance in DINOv2's space (Stein et al. 2023).", "",
+             "| features | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, block in blocks.items():
+        lines.append(f"| {name} ({block['dim']}-d) | " + " | ".join(f"{block[k]:.4f}" if k in block else "–" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +371,9 @@ def write_outputs(out: Path, images: list[Image.Image], prompts: list[str], summ
     rows = per_prompt_rows(prompts, scores, summary["seed"])
     (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if scores.get("one_to_many"):
+        rows = scores["one_to_many"]["per_prompt"]
+        (out / "one_to_many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     write_sheet(images[:16], prompts[:16], out / "grid.png")
     (out / "report.md").write_text(markdown(summary, scores), encoding="utf-8")
 
@@ -271,20 +387,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "--prompts is given) and their images the FID/KID reference")
     p.add_argument("--count", type=int, help="use the first COUNT prompts (default: all)")
     p.add_argument("--steps", type=int, nargs="+", default=[50], help="sampling steps; several: one evaluation each")
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, nargs="+", default=[4.0],
+                   help="guidance scale g (v_null + g·(v_cond − v_null); 1 = none); several: a guidance × steps sweep")
     p.add_argument("--shift", type=shift_arg, default=1.0, help="time-grid shift: a number, or auto (SD3's, from the image's tokens)")
     add_size_args(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output", type=Path, required=True, help="output folder; with several --steps it names {steps}")
+    p.add_argument("--output", type=Path, required=True,
+                   help="output folder; with several --steps it names {steps}, with several --guidance {guidance}")
+    p.add_argument("--sweep", type=Path, help="folder for sweep.json/.md/.png (default with several --guidance: "
+                   "sweep/ beside the cells' folders; runs that share it are drawn side by side)")
     p.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05 .pth or .safetensors)")
     p.add_argument("--kid-subset", type=int, default=1000, help="KID subset size (capped at the set sizes)")
+    p.add_argument("--dinov2", type=Path, help="transformers Dinov2Model folder for diversity metrics in DINOv2 space "
+                   "(CLS features; its preprocessor_config.json, else 224 px ImageNet normalisation)")
     p.add_argument("--clip", help="open_clip folder for CLIP score (open_clip_config.json + weights)")
     p.add_argument("--clip-model", help="open_clip model name for CLIP score, with --clip-checkpoint")
     p.add_argument("--clip-checkpoint", help="local checkpoint for --clip-model")
+    p.add_argument("--pixels", action="store_true",
+                   help="diversity metrics also on 16x16 RGB pixels (no weights; meaningful on the flat synthetic set)")
     p.add_argument("--no-adherence", dest="adherence", action="store_false", help="skip the synthetic-set analyser")
+    p.add_argument("--one-to-many", type=int, default=0, metavar="K",
+                   help="K seeds per under-specified synthetic prompt: the unnamed attribute's spread against the data's")
+    p.add_argument("--one-to-many-prompts", type=int, default=64, metavar="N", help="under-specified prompts (default 64)")
+    p.add_argument("--one-to-many-seed", type=int, default=12345, help="synth seed of those prompts")
+    p.add_argument("--one-to-many-attributes", type=attribute_list, default=UNNAMEABLE, metavar="A,B,...",
+                   help=f"attributes they leave out (default {','.join(UNNAMEABLE)})")
     add_encoder_args(p)
     return p
+
+
+def attribute_list(text: str) -> tuple[str, ...]:
+    try:
+        return parse_attributes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -294,10 +431,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.one_to_many == 1 or args.one_to_many < 0:
+        p.error(f"--one-to-many must be >= 2 seeds per prompt (got {args.one_to_many})")
+    if args.one_to_many_prompts < 1:
+        p.error(f"--one-to-many-prompts must be >= 1 (got {args.one_to_many_prompts})")
     if min(args.steps) < 1:
         p.error(f"--steps must be >= 1 (got {min(args.steps)})")
     if len(args.steps) > 1 and "{steps}" not in str(args.output):
         p.error("with several --steps, --output must contain {steps} (e.g. runs/eval/teacher_{steps})")
+    if min(args.guidance) < 0:
+        p.error(f"--guidance must be >= 0 (got {min(args.guidance):g})")
+    if len(args.guidance) > 1 and "{guidance}" not in str(args.output):
+        p.error("with several --guidance, --output must contain {guidance} (e.g. runs/eval/teacher_g{guidance}_{steps})")
     if args.clip is not None and args.clip_model is not None:
         p.error("give --clip FOLDER or --clip-model NAME, not both")
     if (args.clip_model is None) != (args.clip_checkpoint is None):
@@ -344,20 +489,49 @@ def ceiling_or_none(pipe: TextToImage, prompts: list[str], args: argparse.Namesp
         return None
 
 
-def evaluate_steps(pipe: TextToImage, prompts: list[str], steps: int, args: argparse.Namespace, device: str) -> Path:
-    """Generate, score and write one evaluation at ``steps``; returns its folder."""
+def cell_folder(args: argparse.Namespace, steps: int, guidance: float) -> Path:
+    return Path(str(args.output).replace("{steps}", str(steps)).replace("{guidance}", f"{guidance:g}"))
+
+
+def sweep_folder(args: argparse.Namespace) -> Path | None:
+    """``--sweep``, or with several --guidance ``sweep/`` beside the cells (next to the output's
+    first part that names a placeholder)."""
+    if args.sweep is not None or len(args.guidance) == 1:
+        return args.sweep
+    parts = Path(args.output).parts
+    first = next(i for i, part in enumerate(parts) if "{" in part)
+    return Path(*parts[:first], "sweep") if first else Path("sweep")
+
+
+def evaluate_cell(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, args: argparse.Namespace,
+                  device: str) -> tuple[Path, dict]:
+    """Generate, score and write one evaluation at (``steps``, ``guidance``); returns its folder and summary."""
     size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
-    images, timing = generate_images(pipe, prompts, steps, args.guidance, args.shift, args.seed, args.batch_size, size=size)
+    images, timing = generate_images(pipe, prompts, steps, guidance, args.shift, args.seed, args.batch_size, size=size)
     scores = score(images, prompts, args, device)
-    summary = summarise(scores, args, len(prompts), timing, steps)
-    out = Path(str(args.output).replace("{steps}", str(steps)))
+    scores["one_to_many"], reason = one_to_many_or_reason(pipe, steps, guidance, args, size)
+    if reason:
+        scores["skipped"]["one_to_many"] = reason
+    summary = summarise(scores, args, len(prompts), timing, steps, guidance)
+    out = cell_folder(args, steps, guidance)
     write_outputs(out, images, prompts, summary, scores)
     for name, why in summary["skipped"].items():
         print(f"{PROG}: {name} skipped: {why}")
     shown = {k: round(v, 4) for k, v in summary.items() if k in ("adherence_all", "clip_score", "fid", "kid_mean")}
-    print(f"{PROG}: {len(images)} images at {steps} steps, {timing['seconds_per_image']:.4f} s/image "
+    shown |= {k: round(v, 4) for k, v in sweep.headline_diversity(summary).items() if k in ("recall", "coverage", "vendi")}
+    shown |= {k: round(summary[k], 4) for k in ("one_to_many_tv_excess", "one_to_many_entropy_ratio") if k in summary}
+    print(f"{PROG}: {len(images)} images at {steps} steps, guidance {guidance:g}, {timing['seconds_per_image']:.4f} s/image "
           f"(sampler {timing['sampler_seconds_per_image']:.4f}), {shown}; report in {out / 'report.md'}")
-    return out
+    return out, summary
+
+
+def warn_guidance_range(args: argparse.Namespace) -> None:
+    """One warning line per scale outside the student's exported ``guidance_range``."""
+    for guidance in args.guidance:
+        bounds = sweep.outside_range(args.model_info, guidance)
+        if bounds:
+            print(f"{PROG}: warning: guidance {guidance:g} is outside the guidance_range [{bounds[0]:g}, {bounds[1]:g}] "
+                  f"the student '{args.model}' was distilled for: its images there are extrapolation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,9 +543,19 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
         pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
-        args.vae_ceiling = ceiling_or_none(pipe, prompts, args)  # once per model, for every --steps
-        for steps in args.steps:
-            evaluate_steps(pipe, prompts, steps, args, device)
+        args.model_info = read_model_info(args.model)
+        warn_guidance_range(args)
+        load_features(args, device)  # extractors and reference features: once, for every cell
+        args.vae_ceiling = ceiling_or_none(pipe, prompts, args)  # once per model, for every cell
+        cells = []
+        for guidance in args.guidance:
+            for steps in args.steps:
+                out, summary = evaluate_cell(pipe, prompts, steps, guidance, args, device)
+                cells.append(sweep.cell(summary, out, sweep.model_label(args.model, args.model_info)))
+        folder = sweep_folder(args)
+        if folder is not None:
+            sweep.write_sweep(folder, cells)
+            print(f"{PROG}: guidance × steps sweep in {folder / 'sweep.md'} and {folder / 'sweep.png'}")
     except (EvalInputError, MetricError, EncoderLoadError, FileNotFoundError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

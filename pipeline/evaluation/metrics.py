@@ -9,7 +9,7 @@
 FID and KID use torchmetrics with the standard FID Inception (torch-fidelity's
 ``pt_inception-2015-12-05`` weights, the ones pytorch-fid and clean-fid use). Nothing is
 downloaded: the user gives the weights file. Its features are computed once per image set
-and fed to both metrics.
+and fed to both metrics (``pipeline.evaluation.features`` extracts them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.encoders.clip import ClipEncoderConfig, load_open_clip
 
@@ -69,24 +68,6 @@ def images_to_uint8(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
-def inception_features(model: torch.nn.Module, images: list[Image.Image], batch_size: int = 32,
-                       desc: str = "inception") -> torch.Tensor:
-    """(N, 2048) float64 features; a batch is split where image sizes change."""
-    device = next(model.parameters()).device
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        batch = images[start:start + batch_size]
-        groups: list[list[Image.Image]] = []
-        for im in batch:
-            if groups and groups[-1][0].size == im.size:
-                groups[-1].append(im)
-            else:
-                groups.append([im])
-        out += [model(images_to_uint8(g).to(device)).double().cpu() for g in groups]
-    return torch.cat(out)
-
-
 class _Precomputed(torch.nn.Module):
     """Identity 'feature extractor': torchmetrics gets features computed once, upstream."""
 
@@ -98,24 +79,36 @@ class _Precomputed(torch.nn.Module):
         return features
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 1000) -> dict:
-    """FID and KID (mean, std over subsets) between two feature sets (N, D), via torchmetrics."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
+def _check_sizes(real: torch.Tensor, fake: torch.Tensor) -> None:
     if len(real) < 2 or len(fake) < 2:
         raise MetricError(f"FID needs at least 2 images per set (got {len(real)} real, {len(fake)} generated)")
-    extractor = _Precomputed(real.shape[1])
-    fid = FrechetInceptionDistance(feature=extractor)
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID's Fréchet distance between two feature sets (N, D) in any feature space: FID on
+    Inception features, FD_DINOv2 (Stein et al. 2023, arXiv:2306.04675) on DINOv2 ones."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    _check_sizes(real, fake)
+    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 1000) -> dict:
+    """FID and KID (mean, std over subsets) between two feature sets (N, D), via torchmetrics."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    _check_sizes(real, fake)
     subset = min(kid_subset, len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features": that is what we give it
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=extractor, subset_size=subset)
-    for metric in (fid, kid):
-        metric.update(real, real=True)
-        metric.update(fake, real=False)
+        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
     kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std), "kid_subset": subset}
+    return {"fid": frechet_distance(real, fake), "kid_mean": float(kid_mean), "kid_std": float(kid_std), "kid_subset": subset}
 
 
 class ClipScorer:

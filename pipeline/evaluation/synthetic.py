@@ -49,6 +49,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "dark green": (20, 70, 35),
     "light blue": (180, 210, 240),
 }
+# Colours the renderer draws and the analyser reads but default scenes never use: held out of the
+# teacher's data, they are concepts to teach later (the demo's LoRA stage teaches "mint"). Each is
+# >= 129 RGB units from every colour and background above, with channels at 0, 128 or 255 as most
+# of the palette's: the demo autoencoder brought a "lime" at (120, 255, 60) back 44 units off on
+# average, against 8-22 for the palette's colours, which capped what any model could draw of it.
+NOVEL_COLOURS: dict[str, tuple[int, int, int]] = {"mint": (0, 255, 128)}
+PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **NOVEL_COLOURS}  # every drawable object colour
+# Attributes a caption may leave unnamed (``underspecify``): the one-to-many evaluation reads them back.
+UNNAMEABLE: tuple[str, ...] = ("colour", "position", "size", "background")
 CROSS_THICKNESS = 0.4  # arm width of the cross, as a fraction of its side
 SUPERSAMPLE = 4  # shapes are drawn at this multiple of the output size, then box-filtered
 Box = tuple[int, int, int, int]  # [x0, y0, x1, y1): half-open pixel box
@@ -58,6 +67,7 @@ def vocabulary() -> dict:
     """The vocabulary as JSON-ready data (recorded in ``dataset.json``)."""
     return {
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
+        "novel_colours": {name: list(rgb) for name, rgb in NOVEL_COLOURS.items()},
         "shapes": list(SHAPES),
         "sizes": dict(SIZES),
         "positions": {name: list(xy) for name, xy in POSITIONS.items()},
@@ -84,11 +94,52 @@ def sample_scene(rng: random.Random, second_object_prob: float) -> tuple[str, li
     return rng.choice(list(BACKGROUNDS)), objects
 
 
-def caption_for(background: str, objects: list[dict]) -> str:
-    """The caption, e.g. 'a large green square at the top right and a small ... on a white background'."""
-    parts = [f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
+def caption_for(background: str, objects: list[dict], unnamed: str | None = None) -> str:
+    """The caption, e.g. 'a large green square at the top right and a small ... on a white background'.
+
+    ``unnamed`` (one of ``UNNAMEABLE``) leaves that attribute out for every object, e.g. no size:
+    'a green square at the top right on a white background'; no background: '... at the top right'."""
+    if unnamed is not None and unnamed not in UNNAMEABLE:
+        raise ValueError(f"unnamed must be one of {UNNAMEABLE} (got {unnamed!r})")
+
+    def phrase(o: dict) -> str:
+        words = [o["size"] if unnamed != "size" else "", o["colour"] if unnamed != "colour" else "", o["shape"]]
+        text = " ".join(["a", *filter(None, words)])
+        return text if unnamed == "position" else f"{text} at the {o['position']}"
+
+    text = " and ".join(phrase(o) for o in objects)
+    if unnamed == "background":
+        return text
     article = "an" if background[0] in "aeiou" else "a"
-    return f"{' and '.join(parts)} on {article} {background} background"
+    return f"{text} on {article} {background} background"
+
+
+def paint_concept(objects: list[dict], concept: str | None, prob: float, rng: random.Random) -> None:
+    """Recolour each object with ``concept`` (a ``NOVEL_COLOURS`` name) with probability ``prob``."""
+    if concept is None:
+        return
+    if concept not in NOVEL_COLOURS:
+        raise ValueError(f"concept must be one of {sorted(NOVEL_COLOURS)} (got {concept!r})")
+    for obj in objects:
+        if rng.random() < prob:
+            obj["colour"] = concept
+
+
+def parse_attributes(text: str) -> tuple[str, ...]:
+    """``"colour,size"`` -> ("colour", "size"); ValueError unless each is one of ``UNNAMEABLE``."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names or any(n not in UNNAMEABLE for n in names):
+        raise ValueError(f"attributes must be among {','.join(UNNAMEABLE)} (got {text!r})")
+    return names
+
+
+def unnamed_attribute(seed: int, index: int, fraction: float, attributes: tuple[str, ...] = UNNAMEABLE) -> str | None:
+    """The attribute sample ``index``'s caption leaves out (None: it names all), drawn from its own
+    stream so the image does not change: with probability ``fraction``, one of ``attributes``."""
+    if fraction <= 0.0:
+        return None
+    rng = random.Random(f"{seed}:{index}:unnamed")
+    return rng.choice(attributes) if rng.random() < fraction else None
 
 
 def object_box(obj: dict, width: int, height: int | None = None) -> Box:
@@ -130,26 +181,33 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int, 
 
 
 def render_sample(
-    index: int, resolution: int, seed: int, second_object_prob: float = 0.25, aspects: tuple[float, ...] = (1.0,)
+    index: int, resolution: int, seed: int, second_object_prob: float = 0.25, aspects: tuple[float, ...] = (1.0,),
+    *, concept: str | None = None, concept_prob: float = 0.0, underspecify: float = 0.0,
+    unnameable: tuple[str, ...] = UNNAMEABLE,
 ) -> tuple[Image.Image, dict]:
     """Sample ``index`` of the dataset with ``seed``: the RGB image and its ground truth.
 
     With several ``aspects`` (width/height), the sample draws one from its own stream (the scene
-    does not change) and is ``aspect_size(resolution, aspect)`` pixels."""
-    rng = random.Random(f"{seed}:{index}")
-    background, objects = sample_scene(rng, second_object_prob)
+    does not change) and is ``aspect_size(resolution, aspect)`` pixels. ``concept`` /
+    ``concept_prob``: the same scene with each object recoloured in the concept with that probability
+    (``paint_concept``). ``underspecify``: the fraction of captions that leave one of ``unnameable``
+    out (``truth["unnamed"]``; the image does not change). Each option draws from its own stream."""
+    background, objects = sample_scene(random.Random(f"{seed}:{index}"), second_object_prob)
+    paint_concept(objects, concept, concept_prob, random.Random(f"{seed}:{index}:concept"))
+    unnamed = unnamed_attribute(seed, index, underspecify, unnameable)
     aspect = aspects[0] if len(aspects) == 1 else random.Random(f"{seed}:{index}:aspect").choice(aspects)
     width, height = aspect_size(resolution, aspect)
     canvas = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), BACKGROUNDS[background])
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
         box = object_box(obj, width, height)
-        draw_shape(draw, obj["shape"], tuple(v * SUPERSAMPLE for v in box), COLOURS[obj["colour"]])
-        obj["rgb"] = list(COLOURS[obj["colour"]])
+        draw_shape(draw, obj["shape"], tuple(v * SUPERSAMPLE for v in box), PALETTE[obj["colour"]])
+        obj["rgb"] = list(PALETTE[obj["colour"]])
         obj["bbox"] = list(box)
     image = canvas.resize((width, height), Image.Resampling.BOX)
     truth = {
-        "caption": caption_for(background, objects),
+        "caption": caption_for(background, objects, unnamed),
+        "unnamed": unnamed,
         "background": background,
         "background_rgb": list(BACKGROUNDS[background]),
         "objects": objects,

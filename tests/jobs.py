@@ -282,10 +282,22 @@ def draws_grid(precision: str, accum: int) -> bool:
     return precision == "bf16" and accum == 2
 
 
+VALIDATION = ("validation.every=2", "validation.count=8", "validation.bins=3", "validation.batch_size=8")  # 3 batches of 8 units
+
+
+def validates(precision: str, accum: int) -> bool:
+    """Whether a cell runs the validation loss (``VALIDATION``, held out from its latents): the fp32
+    cells without accumulation, one per parallelism; under 2 ranks the 3 batches split 2 + 1, so
+    ZeRO-3's rank 1 runs a spare forward (``tests/test_validation.py`` checks the values)."""
+    return precision == "no" and accum == 1
+
+
 def cell_jobs(mode: str, precision: str, accum: int, latents: Path, out: Path, prefix: str = "", extra: tuple[str, ...] = ()) -> list[dict]:
     """A 4-step run that checkpoints at 2 and 4, and a copy of it resumed from step 2."""
     name = prefix + cell_name(mode, precision, accum)
     grid = ["sampling.steps=2"] if draws_grid(precision, accum) else ["sampling.prompts=[]"]
+    if validates(precision, accum) and not prefix:
+        extra = (*VALIDATION, *extra)
     common = [f"data.latents={latents}", f"output_dir={out}", "model.overrides={depth: 2}", "data.loader.batch_size=4", *extra,
               f"optim.grad_accum={accum}", f"mixed_precision={precision}", *CELL_LR, *MODES[mode], f"steps={CELL_STEPS}",
               f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", *grid, "ema.decay=0.9"]
@@ -353,9 +365,12 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
     local data and encoders; its precision, parallelism, accumulation, schedule and timesteps kept."""
     name, where = path.stem, [f"output_dir={out}", f"run={path.stem}"]
     if name.startswith(("dit_", "distill_", "pixart_")):
-        shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2"]
+        held_out = ["validation.count=8", "validation.batch_size=8"]  # when the config validates: 8 of the 48 latents
+        shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2", *held_out]
         if name.startswith("distill_"):
             return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}"], str(path))
+        if "_lora_" in name:  # a fine-tune: the tiny teacher is its model.init
+            return job(name, "train", [*shrunk, f"model.init={inputs['teacher']}"], str(path))
         tiny = "PixArt-tiny" if name.startswith("pixart_") else "DiT-tiny"
         return job(name, "train", [*shrunk, f"model.name={tiny}", "model.overrides={depth: 2}"], str(path))
     if name.startswith("autoencoder_"):
@@ -375,10 +390,11 @@ SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob(
 
 
 def distill_jobs(teacher: Path, latents: Path, out: Path, mode: str = "zero3", precision: str = "bf16", accum: int = 2) -> list[dict]:
-    """Consistency distillation (student, export EMA, target EMA, frozen teacher): a 4-step run and its resumed copy."""
+    """Consistency distillation (student, export EMA, target EMA, frozen teacher): a 4-step run and its
+    resumed copy, validating (``VALIDATION``: the student partitioned, a spare forward on rank 1)."""
     name = f"distill-{mode}-{precision}-accum{accum}"
     common = [f"teacher={teacher}", f"data.latents={latents}", f"output_dir={out}", *MODES[mode], f"mixed_precision={precision}",
-              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8",
+              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8", *VALIDATION,
               f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2"]
     return [job(name, "distill", [*common, f"run={name}"]),
             job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]
@@ -397,11 +413,12 @@ def results(out: Path, name: str, world: int = 2) -> list[dict]:
 
 
 def autoencoder_jobs(images: Path, out: Path, mode: str = "ddp", precision: str = "bf16", accum: int = 2) -> list[dict]:
-    """The VAE + patch-GAN stage (both updates from step 1): a 4-step run and its resumed copy."""
+    """The VAE + patch-GAN stage (both updates from step 1): a 4-step run and its resumed copy,
+    validating on the held-out images at steps 2 and 4 (``eval_every``)."""
     name = f"autoencoder-{mode}-{precision}-accum{accum}"
     common = [f"data.shards={images}", f"output_dir={out}", "model.block_out_channels=[32, 32]", "data.held_out=8",
               "factor_samples=16", "data.loader.batch_size=4", f"optim.grad_accum={accum}", f"mixed_precision={precision}",
-              *CELL_LR, "loss.disc_start=1", "eval_every=0", f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}",
+              *CELL_LR, "loss.disc_start=1", "eval_every=2", f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}",
               "checkpoint.keep=5", "logging.every=1"]
     ddp = mode == "ddp"
     return [job(name, "autoencoder", [*common, f"run={name}"], count_allreduce=ddp),

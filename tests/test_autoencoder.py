@@ -46,6 +46,9 @@ def test_smoke_run_exports_a_loadable_vae_with_measured_factors(image_shards, tm
     report = json.loads((run / "eval.json").read_text())
     assert report["psnr_held_out"] == pytest.approx(held_out_psnr(vae, image_shards), abs=1e-3) and report["scaling_factor"] == scale
     assert (run / "reconstructions.png").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "val_loss" in m] == [2, 4] and (run / "val_loss.png").exists()  # eval_every=2
+    assert lines[-1]["psnr_held_out_64"] == pytest.approx(report["psnr_held_out"], abs=1e-4)  # all 8 held out, the final weights
 
 
 def held_out_psnr(vae: AutoencoderKL, shards) -> float:

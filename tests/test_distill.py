@@ -64,17 +64,28 @@ def run_args(teacher_dir, latents, out, *extra):
     return [f"teacher={teacher_dir}", f"data.latents={latents}", f"output_dir={out}", "run=s", "distill.intervals=8", *ARGS, *extra]
 
 
+VALIDATION = ["validation.every=12", "validation.count=8", "validation.batch_size=20"]
+
+
+def validated(path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return {m["step"]: {k: v for k, v in m.items() if k.startswith("val_")} for m in lines if "val_loss" in m}
+
+
 def test_short_distillation_lowers_the_loss_and_resumes_exactly(teacher_dir, latent_shards, tmp_path):
-    same = ["checkpoint.every=6", "checkpoint.keep=5", "steps=24"]
+    same = ["checkpoint.every=6", "checkpoint.keep=5", "steps=24", *VALIDATION]
     assert distill.main(run_args(teacher_dir, latent_shards, tmp_path / "full", *same)) == 0
     losses = [json.loads(line)["loss"] for line in (tmp_path / "full/s/metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
-    part = run_args(teacher_dir, latent_shards, tmp_path / "part", "checkpoint.every=6", "checkpoint.keep=5")
+    part = run_args(teacher_dir, latent_shards, tmp_path / "part", "checkpoint.every=6", "checkpoint.keep=5", *VALIDATION)
     assert distill.main([*part, "steps=12"]) == 0
     assert distill.main([*part, "steps=24"]) == 0
     for name in ("accelerate/model.safetensors", "target.safetensors", "ema.safetensors"):
         a, b = (load_file(str(tmp_path / d / "s/checkpoints/step-000024" / name)) for d in ("full", "part"))
         assert all(np.array_equal(a[k], b[k]) for k in a), name
+    full, resumed = (validated(tmp_path / d / "s/metrics.jsonl") for d in ("full", "part"))
+    assert list(full) == [12, 24] and resumed == full  # the consistency loss on 8 held-out latents at 5 fixed t
+    assert full[24]["val_loss"] < full[12]["val_loss"]
     info = json.loads((tmp_path / "full/s/model/model_index.json").read_text())["info"]
     assert info["kind"] == "consistency_student" and info["sampler"] == "consistency"
 

@@ -63,7 +63,9 @@ def run_cli(cli_args: list[str]) -> subprocess.Popen:
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(latent_shards, tmp_path):
-    same = ["steps=16", "checkpoint.every=4", "checkpoint.keep=2", "data.loader.num_workers=2"]
+    """Validating too (8 latents held out of 2 data workers' streams): the rerun logs the same values."""
+    validation = ["validation.every=4", "validation.count=8", "validation.batch_size=8"]
+    same = ["steps=16", "checkpoint.every=4", "checkpoint.keep=2", "data.loader.num_workers=2", *validation]
     killed, clean = args(latent_shards, tmp_path / "killed", *same), args(latent_shards, tmp_path / "clean", *same)
     proc = run_cli(killed)
     deadline = time.time() + 300
@@ -77,7 +79,10 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(latent_shards, tmp_path):
     for name in ("accelerate/model.safetensors", "ema.safetensors"):
         a, b = (weights(tmp_path / d / "t/checkpoints/step-000016" / name) for d in ("killed", "clean"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
-    assert metrics(tmp_path / "killed/t")[-1]["loss"] == metrics(tmp_path / "clean/t")[-1]["loss"]
+    killed_line, clean_line = metrics(tmp_path / "killed/t")[-1], metrics(tmp_path / "clean/t")[-1]
+    assert killed_line["loss"] == clean_line["loss"]
+    assert {k: v for k, v in killed_line.items() if k.startswith("val_")} == {k: v for k, v in clean_line.items() if k.startswith("val_")}
+    assert len([k for k in clean_line if k.startswith("val_loss")]) == 6  # the mean and 5 bins
 
 
 def poisoned(latents: Path, out: Path, shards: int) -> Path:

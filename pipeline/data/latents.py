@@ -81,11 +81,12 @@ def latent_bucket(sample: dict) -> tuple[int, ...]:
 
 
 def latent_loader(shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
-                  sizes: list[int] | None = None) -> ShardLoader:
+                  sizes: list[int] | None = None, held_out: list[int] | None = None) -> ShardLoader:
     """Endless, resumable batches over a latent-shard folder (or an explicit shard list); each
     batch holds latents of one shape (aspect-ratio buckets, ``pipeline.data.buckets``). ``sizes``:
-    the shards' sample counts when the caller found them (``pipeline.data.sizes.sizes_once``)."""
-    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size, latent_bucket, sizes)
+    the shards' sample counts when the caller found them (``pipeline.data.sizes.sizes_once``);
+    ``held_out``: leading samples of each shard never trained on (``pipeline.data.stream.held_out_split``)."""
+    return ShardLoader(shard_list(shards), cfg, decode_latent_sample, collate_latents, rank, world_size, latent_bucket, sizes, held_out)
 
 
 def shard_list(shards: str | Path | list[str]) -> list[str]:

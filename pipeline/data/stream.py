@@ -34,6 +34,13 @@ DataLoader's round-robin so the next batches are the ones an uninterrupted run w
 produced. Exact when the settings the order depends on match (world size, ``num_workers``, seed,
 batch size, ``shards_per_group``, ``shuffle_buffer``, the shards): the position records them and
 a restore with others is refused.
+
+Held out (validation, ``pipeline.training.validation``): ``held_out[k]`` leading samples of shard
+``k`` are never emitted. The schedule runs on the remaining sizes and a group's reader passes over
+those samples (they are read, not decoded), so the held-out set and the training stream are
+disjoint whatever the epoch, rank or worker. :func:`held_out_split` says which samples a count
+holds out (the first ones of the last shard, then of the shard before it, …) and
+:func:`read_held_out` reads them; the total held out is one of the order settings.
 """
 from __future__ import annotations
 
@@ -81,8 +88,11 @@ class LoaderConfig:
 class StreamSchedule:
     """The group schedule shared by every stream (pure arithmetic, no I/O)."""
 
-    def __init__(self, shards: list[str], sizes: list[int], cfg: LoaderConfig, n_streams: int) -> None:
+    def __init__(self, shards: list[str], sizes: list[int], cfg: LoaderConfig, n_streams: int, held_out: list[int] | None = None) -> None:
+        """``sizes``: the samples each shard gives the stream (its held-out ones not counted);
+        ``held_out``: how many leading samples of each shard the reader passes over."""
         self.shards, self.sizes, self.cfg, self.n_streams = shards, sizes, cfg, n_streams
+        self.held_out = [0] * len(shards) if held_out is None else list(held_out)
         self._orders: dict[tuple[int, int, int], np.ndarray] = {}
         self._totals: dict[int, list[int]] = {}  # stream -> samples in each epoch so far (seek's arithmetic)
         self.n_groups = -(-len(shards) // cfg.shards_per_group)
@@ -118,10 +128,13 @@ class StreamSchedule:
     def raw_samples(self, group: list[int], skipped: Counter) -> Iterator[tuple[int, int, dict]]:
         """``(raw index, shard, raw sample with its byte span)`` of a group's shards in file order; a
         shard that ends early (unreadable: counted in ``skipped``) leaves its remaining indices out;
-        samples beyond a shard's recorded size are counted (``beyond_recorded_size``), not read."""
+        samples beyond a shard's recorded size are counted (``beyond_recorded_size``), not read; a
+        shard's held-out samples are passed over."""
         base = 0
         for shard in group:
-            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True)):
+            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True), start=-self.held_out[shard]):
+                if index < 0:  # held out (validation): never trained on
+                    continue
                 if index >= self.sizes[shard]:
                     skipped["beyond_recorded_size"] += 1
                     continue
@@ -283,7 +296,7 @@ class ShardStream(IterableDataset):
         located: dict[int, dict[int, int]] = {}  # shard -> {index in shard: offset}
         for offset in offsets:
             shard, index = self.schedule.locate(stream, offset)
-            located.setdefault(shard, {})[index] = offset
+            located.setdefault(shard, {})[index + self.schedule.held_out[shard]] = offset  # its index in the shard file
         found: dict[int, tuple[int, dict | None]] = {offset: (-1, None) for offset in offsets}
         for shard, by_index in located.items():
             for index, raw in enumerate(iter_shard(self.schedule.shards[shard], self.unreadable, spans=True)):
@@ -299,10 +312,11 @@ class ShardLoader:
 
     def __init__(
         self, shards: list[str], cfg: LoaderConfig, decode: Decode, collate: Collate, rank: int = 0, world_size: int = 1,
-        bucket: Bucket | None = None, sizes: list[int] | None = None,
+        bucket: Bucket | None = None, sizes: list[int] | None = None, held_out: list[int] | None = None,
     ) -> None:
         """``sizes``: samples per shard when the caller found them (a run counts them once:
-        ``pipeline.data.sizes.sizes_once``); else they are looked up here."""
+        ``pipeline.data.sizes.sizes_once``); else they are looked up here. ``held_out``: leading
+        samples of each shard never emitted (:func:`held_out_split`; None: none)."""
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.cfg, self.decode, self.collate, self.bucket = list(shards), cfg, decode, collate, bucket
@@ -313,8 +327,14 @@ class ShardLoader:
             raise ValueError(f"{len(sizes)} sizes for {len(self.shards)} shards")
         if not any(sizes):
             raise ValueError(f"all {len(sizes)} shard(s) are empty (first: {self.shards[0]}): there is no sample to read")
+        self.held_out = [0] * len(sizes) if held_out is None else list(held_out)
+        if len(self.held_out) != len(sizes) or any(not 0 <= h <= n for h, n in zip(self.held_out, sizes)):
+            raise ValueError(f"held_out {self.held_out} does not fit the shard sizes {sizes}")
+        trained = [n - h for n, h in zip(sizes, self.held_out)]
+        if not any(trained):
+            raise ValueError(f"all {sum(sizes)} samples of the {len(sizes)} shard(s) are held out: there is no sample to train on")
         self.empty_shards = sizes.count(0)  # skipped: their groups hold nothing
-        self.schedule = StreamSchedule(self.shards, sizes, cfg, world_size * self.workers)
+        self.schedule = StreamSchedule(self.shards, trained, cfg, world_size * self.workers, self.held_out)
         self.batches = 0  # consumed by this rank
         self.offsets: dict[str, int] = {}  # stream -> samples emitted up to the last consumed batch
         self.waiting: dict[str, list[list[int]]] = {}  # stream -> [offset, shard, start, end] of samples in partial buckets
@@ -346,16 +366,17 @@ class ShardLoader:
             "samples_waiting": sum(len(v) for v in self.waiting.values()),  # in partial buckets
         }
 
-    ADDED_LATER = ("batch_size", "shards_per_group", "shuffle_buffer", "shards")  # older positions lack them
+    ADDED_LATER = ("batch_size", "shards_per_group", "shuffle_buffer", "shards")  # older positions lack them: as this run's
+    BEFORE_ADDED = {"held_out": 0}  # older positions lack them too: what they were before
 
     def order_settings(self) -> dict[str, int]:
         """Everything the order of samples (and so a saved position) depends on."""
         mine = {k: getattr(self.cfg, k) for k in ("num_workers", "seed", "batch_size", "shards_per_group", "shuffle_buffer")}
-        return {**mine, "world_size": self.world_size, "shards": len(self.shards)}
+        return {**mine, "world_size": self.world_size, "shards": len(self.shards), "held_out": sum(self.held_out)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, mine in self.order_settings().items():
-            saved = state.get(key, mine if key in self.ADDED_LATER else None)
+            saved = state.get(key, mine if key in self.ADDED_LATER else self.BEFORE_ADDED.get(key))
             if saved != mine:
                 raise ValueError(f"data position was saved with {key}={saved}, this run has {mine}: resume would not be exact")
         self.batches, self.offsets = int(state["batches"]), {str(k): int(v) for k, v in state["offsets"].items()}
@@ -372,6 +393,43 @@ class ShardLoader:
         """The oldest epoch any of this rank's streams is in (for logging)."""
         streams = range(self.rank * self.workers, (self.rank + 1) * self.workers)
         return min(self.schedule.seek(s, self.offsets.get(str(s), 0))[0] for s in streams)
+
+
+def held_out_split(sizes: list[int], count: int) -> list[int]:
+    """How many leading samples of each shard ``count`` holds out: the first ones of the last shard,
+    then (when it holds fewer) of the shard before it, and so on."""
+    split, left = [0] * len(sizes), count
+    for k in reversed(range(len(sizes))):
+        split[k] = min(left, sizes[k])
+        left -= split[k]
+    return split
+
+
+def read_held_out(shards: list[str], split: list[int], decode: Decode) -> list[dict]:
+    """The first ``split[k]`` samples of each shard ``k`` (in shard order), decoded; one that does
+    not decode is left out (it is not trained on either)."""
+    samples = []
+    for shard, count in zip(shards, split):
+        for index, raw in enumerate(iter_shard(shard) if count else ()):
+            if index >= count:
+                break
+            sample = decode(raw)
+            if sample is not None:
+                samples.append(sample)
+    return samples
+
+
+def read_first(shards: list[str], count: int, decode: Decode) -> list[dict]:
+    """The first ``count`` samples of the shards, in order, that decode (a separate validation set)."""
+    samples = []
+    for shard in shards:
+        for raw in iter_shard(shard):
+            sample = decode(raw)
+            if sample is not None:
+                samples.append(sample)
+            if len(samples) == count:
+                return samples
+    return samples
 
 
 def npy(data: bytes) -> np.ndarray:

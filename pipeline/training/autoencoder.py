@@ -11,6 +11,12 @@ exports a ``from_pretrained`` folder ``RUN/vae/``, reports held-out PSNR in ``RU
 draws originals beside reconstructions in ``RUN/reconstructions.png``. The last image shard is
 held out (its first ``data.held_out`` samples) and never trained on.
 
+Validation during training (``eval_every`` > 0), the DiT stages' scheme
+(``pipeline.training.validation``): the first ``EVAL_IMAGES`` held-out images, reconstructed from
+their posterior mean in fp32, every ``eval_every`` steps and at the last; each rank runs its share
+of them and the sums are all-reduced. Logged: ``val_loss`` (the training reconstruction term, L1 +
+``loss.l2_weight``·MSE) and ``psnr_held_out_64``; the main process plots ``RUN/val_loss.png``.
+
 Precision and parallelism: one process or DDP (the VAE and the discriminator are small enough to
 be replicated: 84M parameters for the KL-f8 VAE at 256 px); ``mixed_precision`` bf16/fp16 is
 accelerate's autocast (fp16 with its gradient scaler), weights and optimizer state stay fp32.
@@ -32,6 +38,7 @@ updates, so a skipped generator step advances nothing of the core's (step, loggi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +62,10 @@ from pipeline.training.distributed import create_accelerator, deepspeed_launch, 
 from pipeline.training.optim import OptimConfig, build_optimizer
 from pipeline.training.preflight import check_resume, check_shard_count, resume_target
 from pipeline.training.tracking import LoggingConfig
+from pipeline.training.validation import Unit, Validation
 
 PROG = "pipeline.train_autoencoder"
+EVAL_IMAGES, EVAL_BATCH = 64, 4  # held-out images validated during training; per forward (a few, so every rank has some)
 
 
 @dataclass(kw_only=True)
@@ -92,7 +101,7 @@ class AutoencoderTrainConfig:
     seed: int = 0
     steps: int = 1000
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast for training steps; evaluation is fp32
-    eval_every: int = 200
+    eval_every: int = 200  # held-out validation every N steps and at the last (0: off)
     factor_samples: int = 1000  # training images used to measure scaling/shift
     data: AEDataConfig = field(default_factory=AEDataConfig)
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
@@ -157,6 +166,10 @@ class AutoencoderTrainer(TrainerCore):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.loader = image_loader(train, cfg.data.loader, rank, world, cfg.data.resolution, self.shard_sizes(train))
         self.held_out = held_out_images(held_out, cfg.data.held_out, cfg.data.resolution)
+        if cfg.eval_every:
+            images = list(self.held_out[:EVAL_IMAGES])  # (3, H, W) each
+            self.validation = Validation(cfg.eval_every, images, [tuple(x.shape) for x in images], ("val_loss", "psnr_held_out_64"), [],
+                                         EVAL_BATCH, rank, world, even=False)
         self.last_lr = cfg.optim.lr
         self.disc_overflow_steps = 0
 
@@ -256,17 +269,33 @@ class AutoencoderTrainer(TrainerCore):
             metrics["d_loss"] = float(out["d_loss"])
         return metrics
 
-    def on_step(self) -> dict:
-        if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-            return {"psnr_held_out_64": self.evaluate(64)[0]}
-        return {}
+    def validation_values(self, units: list[Unit]) -> torch.Tensor:
+        """The reconstruction term (L1 + ``l2_weight``·MSE) and PSNR of held-out images, (B, 2)."""
+        x = torch.stack([self.validation.samples[i] for i, _ in units]).to(self.accelerator.device)  # (B, 3, H, W)
+        recon = self.reconstruct(x)
+        error = (recon - x).flatten(1)
+        rec = error.abs().mean(1) + self.cfg.loss.l2_weight * (error**2).mean(1)
+        return torch.stack([rec, psnr(recon, x)], dim=1)
+
+    @contextlib.contextmanager
+    def validation_mode(self):
+        """The VAE in eval mode (fp32: no autocast)."""
+        self.vae.eval()
+        try:
+            yield
+        finally:
+            self.vae.train()
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) through the VAE, decoded from the posterior mean."""
+        return self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
 
     @torch.no_grad()
-    def evaluate(self, count: int | None = None) -> tuple[float, torch.Tensor]:
-        vae = self.vae.eval()
-        x = self.held_out[:count].to(self.accelerator.device)
-        recon = torch.cat([vae.decode(vae.encode(x[i : i + 128]).latent_dist.mode()).sample for i in range(0, len(x), 128)])
-        vae.train()
+    def evaluate(self) -> tuple[float, torch.Tensor]:
+        """Mean PSNR of every held-out image and their reconstructions (the export's; main process)."""
+        with self.validation_mode():
+            x = self.held_out.to(self.accelerator.device)
+            recon = torch.cat([self.reconstruct(x[i : i + 128]) for i in range(0, len(x), 128)])
         return float(psnr(recon, x).mean()), recon
 
     def export(self) -> None:

@@ -15,7 +15,11 @@ A recipe (``training.dit``, ``training.distill``, ``training.autoencoder``) subc
   (tensors) or ``None`` to drop a micro-batch whose loss was not finite on some rank;
 - optional hooks: ``after_optimizer_step`` (weight averages), ``metrics`` (the logged line),
   ``on_step`` (sample grids, evaluations), ``save_extra`` / ``load_extra``, ``train_state`` /
-  ``load_train_state`` (more counters) and ``export``.
+  ``load_train_state`` (more counters) and ``export``;
+- optionally ``self.validation`` (``pipeline.training.validation.Validation``: the held-out set
+  and this rank's share) with ``validation_values(units)`` and ``validation_mode()``: every
+  ``every`` steps and at the last, each rank runs its share, the sums are all-reduced once and
+  the main process logs them; at the end it plots them (``RUN/val_loss.png``).
 
 A window whose optimizer step was skipped on overflow (fp16: the loss scaler found inf/nan
 gradients; :meth:`TrainerCore.step_was_skipped`) advances nothing: not the step counter, not the
@@ -27,6 +31,7 @@ One resume rule (``Checkpoints.resume_folder``), one checkpoint mechanism, one d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,6 +60,7 @@ class TrainerCore:
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.schedules: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.loader = None
+        self.validation = None  # a Validation the recipe sets (None: off)
         self.step, self.micro, self.bad_steps, self.skipped, self.overflow_steps = 0, 0, 0, 0, 0
         self.running: list = []  # what micro_step returned since the last logged line
 
@@ -193,6 +199,8 @@ class TrainerCore:
             metrics = self.metrics(self.running)
             self.running.clear()
         metrics.update(self.on_step())
+        if self.validation is not None and self.validation.due(self.step, cfg.steps):
+            metrics.update(self.validate())
         if metrics:
             tracker.log(self.step, metrics)
         if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
@@ -206,11 +214,31 @@ class TrainerCore:
         """A recipe's work after each optimizer step; returns more metrics for this step's line."""
         return {}
 
+    def validate(self) -> dict:
+        """The held-out metrics: this rank's share, all-reduced (every rank calls it at the same step)."""
+        with self.validation_mode():
+            totals = self.validation.run(self.validation_values, self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return self.validation.metrics(totals)
+
+    def validation_values(self, units: list[tuple[int, int]]) -> torch.Tensor:
+        """The quantities ``self.validation.names`` of held-out units ``(sample, bin)``, (B, K)."""
+        raise NotImplementedError
+
+    def validation_mode(self):
+        """The context validation runs in (networks in eval mode, autocast)."""
+        return contextlib.nullcontext()
+
     def finish(self, tracker: Tracker) -> None:
-        """Wait for every rank; the main process exports."""
+        """Wait for every rank; the main process exports and plots the validation loss."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.export()
+            if self.validation is not None:
+                from pipeline.figures.plots import plot_validation_loss
+
+                plot_validation_loss(self.cfg.run_dir / "metrics.jsonl", self.cfg.run_dir / "val_loss.png")
         tracker.close()
 
     def export(self) -> None:

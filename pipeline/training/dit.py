@@ -15,6 +15,13 @@ Sample grids draw from forked RNG streams and encode their fixed prompts once (t
 are then released; the VAE is loaded per grid and released), so ``sampling.every`` never changes
 the training trajectory or the memory that stays resident.
 
+Validation (``validation.every`` > 0; ``pipeline.training.validation``): the rectified-flow loss of
+held-out latents at the fixed times ``validation.bins`` with fixed noise and their own text (none
+dropped), in the run's compute dtype, of the trained network (under ZeRO-3 every rank runs its
+forwards, gathering as in training) or of the EMA; each rank runs its share and the sums are
+all-reduced. Held out from ``data.latents`` (its last shard's first ``validation.count``
+samples, which training then skips) or read from ``validation.latents``.
+
 LoRA (``lora.rank`` > 0; ``pipeline.training.lora``): adapters are added to the built model before
 the EMA copy and ``prepare``; the base is frozen (``lora.base_dtype``), the optimizer holds the
 adapters only, and the EMA averages (and checkpoints) only them, gathered under ZeRO-3 without the
@@ -36,6 +43,7 @@ null condition for the unconditional half.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from pathlib import Path
@@ -44,7 +52,8 @@ import torch
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.data.images import tensor_to_images
-from pipeline.data.latents import latent_loader, latent_meta, shard_list
+from pipeline.data.latents import collate_latents, decode_latent_sample, latent_loader, latent_meta, shard_list
+from pipeline.data.stream import held_out_split, read_first, read_held_out
 from pipeline.data.remote import dataset_json_of
 from pipeline.data.model_folder import export_model
 from pipeline.figures.sheets import write_sheet
@@ -61,12 +70,13 @@ from pipeline.models.pixart import flops_per_sample as pixart_flops
 from pipeline.models.pretrained import check_latents, find_pretrained, load_pretrained
 from pipeline.training.core import TrainerCore
 from pipeline.training.dit_config import TrainConfig
-from pipeline.training.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, whole_parameters
+from pipeline.training.distributed import compute_dtype, create_accelerator, deepspeed_plugin, dist_env, is_partitioned, whole_parameters
 from pipeline.training.ema import EMA
 from pipeline.training.lora import add_lora, fused_copy, save_adapter
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import ModelSpec, TrainingPlan, preflight, resume_target
 from pipeline.training.tracking import Throughput, device_peak_tflops
+from pipeline.training.validation import Unit, Validation, fixed_noise
 
 PROG = "pipeline.train"
 T_BUCKETS = 10
@@ -193,12 +203,25 @@ def check_buckets(buckets: dict | None, patch: int) -> None:
                               f"model: encode again with bucket_step a multiple of the VAE factor × {patch}")
 
 
+def text_condition(batch: dict, device: torch.device) -> dict:
+    """The model's ``cond`` from a latent batch: its text, none dropped (nothing drawn)."""
+    return {k: to_device(v, device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+
+
 def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
     """The model's ``cond`` from a latent batch; rows drawn with ``p_uncond`` use the null condition."""
-    cond = {k: to_device(v, device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+    cond = text_condition(batch, device)
     rows = batch["latent"].shape[0]
     cond["drop"] = (torch.rand(rows) < p_uncond).to(device)
     return cond
+
+
+def latent_signature(meta: dict) -> dict:
+    """What latents must share to be read by the same network: channels, VAE factors, text widths."""
+    text = meta.get("text_encoders") or {}
+    vae = meta.get("vae") or {}
+    widths = {name: {k: v for k, v in (text.get(name) or {}).items() if k in ("width", "token_width", "return_tokens")} for name in ("t5", "clip")}
+    return {"channels": meta["latent_shape"][0], "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"), **widths}
 
 
 def accelerator_for(cfg: TrainConfig):
@@ -236,7 +259,7 @@ class Trainer(TrainerCore):
         self.meta = located_meta(cfg, self.prog)  # the encoders checked before any work
         world = dist_env().world_size  # before any collective: a plan that cannot run stops every rank alike
         preflight(cfg.data.latents, cfg.data.loader, world, deepspeed=cfg.deepspeed.enabled, zero_stage=cfg.deepspeed.zero_stage,
-                  resume_from=resume_target(cfg))
+                  resume_from=resume_target(cfg), held_out=cfg.held_out)
         super().__init__(cfg, accelerator_for(cfg))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.build_model()
@@ -254,8 +277,10 @@ class Trainer(TrainerCore):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         torch.manual_seed(cfg.seed * 1000 + self.accelerator.process_index)  # per-rank noise
         shards = shard_list(cfg.data.latents)
-        self.loader = latent_loader(shards, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes,
-                                    self.shard_sizes(shards, self.meta))
+        sizes = self.shard_sizes(shards, self.meta)
+        split = self.held_out_split(sizes)
+        self.loader = latent_loader(shards, cfg.data.loader, self.accelerator.process_index, self.accelerator.num_processes, sizes, split)
+        self.validation = self.build_validation(shards, split)
         tokens = math.prod(self.meta["latent_shape"][1:]) // self.model_patch**2  # image tokens of the default grid (buckets: about as many)
         self.meter = Throughput(self.flops, tokens, self.accelerator.num_processes, device_peak_tflops(cfg.logging))
         self.last_lr = cfg.optim.lr
@@ -338,6 +363,73 @@ class Trainer(TrainerCore):
     def average(self, group: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Update every average from one group of whole parameters (a subclass adds its own)."""
         self.ema.update(group, self.cfg.ema.decay_at(self.step))
+
+    # ------------------------------------------------------------------ validation
+
+    def held_out_split(self, sizes: list[int]) -> list[int] | None:
+        """Leading samples of each shard held out for validation (None: none, the stream as without it)."""
+        count = self.cfg.held_out
+        if not count:
+            return None
+        if count >= sum(sizes):
+            raise ConfigError(f"validation.count={count} would hold out every one of the {sum(sizes)} samples of data.latents: "
+                              "lower it, or give a separate set (validation.latents=FOLDER)")
+        return held_out_split(sizes, count)
+
+    def build_validation(self, shards: list[str], split: list[int] | None) -> Validation | None:
+        """The held-out latents and this rank's share of their (sample, time) units; None when off."""
+        v = self.cfg.validation
+        if not v.every:
+            return None
+        if v.latents is None:
+            samples = read_held_out(shards, split, decode_latent_sample)
+        else:
+            samples = self.separate_validation_set()
+        if not samples:
+            raise ConfigError(f"validation: no held-out latent could be read from {v.latents or self.cfg.data.latents}")
+        network = self.validation_network()
+        even = v.weights == "model" and is_partitioned(network)  # ZeRO-3: every rank runs as many forwards
+        return Validation(v.every, samples, [tuple(s["latent"].shape) for s in samples], ("val_loss",), [f"t={t:.4g}" for t in v.times],
+                          v.batch_size, self.accelerator.process_index, self.accelerator.num_processes, even)
+
+    def separate_validation_set(self) -> list[dict]:
+        """The first ``validation.count`` samples of ``validation.latents``, checked against the training latents."""
+        v = self.cfg.validation
+        other = latent_meta(v.latents)
+        if latent_signature(other) != latent_signature(self.meta):
+            raise ConfigError(f"validation.latents: {v.latents} was encoded otherwise than data.latents ({latent_signature(other)} "
+                              f"against {latent_signature(self.meta)}): encode it with the same VAE and text encoders")
+        return read_first(shard_list(v.latents), v.count, decode_latent_sample)
+
+    def validation_network(self) -> torch.nn.Module:
+        """What validation evaluates: the trained network (its bare module) or the EMA."""
+        return self.ema.module if self.cfg.validation.weights == "ema" else self.accelerator.unwrap_model(self.model)
+
+    def validation_batch(self, units: list[Unit]) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """Held-out units -> latents x0 (B, C, h, w), their text cond, fixed noise (B, C, h, w), times (B,)."""
+        device, v = self.accelerator.device, self.cfg.validation
+        batch = collate_latents([self.validation.samples[i] for i, _ in units])
+        x0 = to_device(batch["latent"], device)
+        noise = torch.stack([fixed_noise(v.seed, i, x0.shape[1:]) for i, _ in units]).to(device)
+        t = torch.tensor([v.times[j] for _, j in units], device=device)
+        return x0, text_condition(batch, device), noise, t
+
+    def validation_values(self, units: list[Unit]) -> torch.Tensor:
+        """The rectified-flow loss of held-out units at their fixed times, (B, 1)."""
+        x0, cond, noise, t = self.validation_batch(units)
+        return flow_loss(self.validation_network(), x0, cond, t, noise)[:, None]
+
+    @contextlib.contextmanager
+    def validation_mode(self):
+        """The evaluated network in eval mode, in the run's compute dtype."""
+        network = self.validation_network()
+        training = network.training
+        network.eval()
+        try:
+            with self.autocast():
+                yield
+        finally:
+            network.train(training)
 
     # ------------------------------------------------------------------ the core's hooks
 

@@ -13,6 +13,7 @@ from pipeline.encoders.locations import EncoderPaths
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.optim import OptimConfig
 from pipeline.training.tracking import LoggingConfig
+from pipeline.training.validation import ValidationConfig
 
 
 @dataclass(kw_only=True)
@@ -176,6 +177,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: LoRA adapters on a frozen base
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out loss at fixed t (every: 0 = off)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -189,3 +191,9 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.run
+
+    @property
+    def held_out(self) -> int:
+        """Samples of ``data.latents`` the training stream leaves out for validation."""
+        v = self.validation
+        return v.count if v.every and v.latents is None else 0

@@ -70,8 +70,9 @@ def check_shard_count(shards: str | Path | list[str], loader: LoaderConfig, worl
     return listed
 
 
-def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig) -> None:
-    """The data position is per (rank, worker) stream: exact resume needs the same world size and num_workers."""
+def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig, held_out: int | None = None) -> None:
+    """The data position is per (rank, worker) stream: exact resume needs the same world size and
+    num_workers, and the same samples held out for validation (``held_out``; None: not checked)."""
     position = None if folder is None else Path(folder) / "data_rank0.json"
     if position is None or not position.exists():
         return
@@ -88,6 +89,11 @@ def check_resume(folder: Path | None, world_size: int, loader: LoaderConfig) -> 
             raise PlanError(f"{folder} was written with data.loader.{key}={saved[key]}, this launch has {getattr(loader, key)}: "
                             "the samples would come in another order. Relaunch with it, or start a new run "
                             "(checkpoint.resume=never, another run name)")
+    if held_out is not None and saved.get("held_out", 0) != held_out:
+        raise PlanError(f"{folder} was written holding out {saved.get('held_out', 0)} sample(s) of the data for validation, this "
+                        f"launch holds out {held_out}: the training samples would differ. Resume with the same validation.every / "
+                        "validation.count, or validate on a separate set (validation.latents=FOLDER), which leaves the training "
+                        "samples as they are")
 
 
 def resume_target(cfg) -> Path | None:
@@ -96,11 +102,13 @@ def resume_target(cfg) -> Path | None:
 
 
 def preflight(
-    shards: str | Path | list[str], loader: LoaderConfig, world_size: int, *, deepspeed: bool, zero_stage: int, resume_from: Path | None
+    shards: str | Path | list[str], loader: LoaderConfig, world_size: int, *, deepspeed: bool, zero_stage: int, resume_from: Path | None,
+    held_out: int | None = None,
 ) -> None:
-    """The checks every rank runs before any collective; raises :class:`PlanError` (one line)."""
+    """The checks every rank runs before any collective; raises :class:`PlanError` (one line).
+    ``held_out``: samples of the shards left out of training for validation (None: not checked)."""
     check_shard_count(shards, loader, world_size)
     problem = deepspeed_launch_conflict(deepspeed, zero_stage)
     if problem:
         raise PlanError(problem)
-    check_resume(resume_from, world_size, loader)
+    check_resume(resume_from, world_size, loader, held_out)

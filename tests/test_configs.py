@@ -98,4 +98,13 @@ def test_shipped_config_trains(path, launched_jobs):
     if ran["model"].get("architecture") == "pixart":
         assert PixArtTransformer2DModel.from_pretrained(run / "model/transformer").config.num_layers == 2
         return
+    if ran.get("lora", {}).get("rank", 0) > 0:  # a LoRA fine-tune of the tiny teacher: adapters trained and saved
+        from safetensors.torch import load_file
+
+        from pipeline.training.lora import WEIGHT_NAME
+
+        adapters = load_file(run / "lora" / WEIGHT_NAME)
+        assert adapters and all(t.abs().max() > 0 for k, t in adapters.items() if "lora_B" in k)
+        DiT.from_pretrained(run / "model/transformer")  # the fused export loads
+        return
     assert DiT.from_pretrained(run / "model/transformer").config.depth == 2

@@ -41,6 +41,16 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     assert set(report["edits"]["runs"]) == {"teacher_50", "student_1", "student_2", "student_4"}
     assert "edits/edit_sheet.png" in md and (tmp_path / "demo/edits/edit_sheet.png").is_file()
     assert any(g["goal"].startswith("edit student_1: inpaint") for g in report["goals"])
+    lora = report["lora"]  # the LoRA stage: the new colour before and after, the old prompts with the adapters
+    assert lora["before"]["prompts"] == lora["after"]["prompts"] == 8 and lora["old"]["prompts"] == teacher["prompts"]
+    assert lora["old_vs_teacher"] == pytest.approx(lora["old"]["adherence_all"] - teacher["adherence_all"])
+    assert lora["adapter_bytes"] > 0 and {"lora_concept_adherence", "lora_old_prompts_vs_teacher"} <= {g["goal"] for g in report["goals"]}
+    assert "## LoRA: a colour the teacher never saw" in md and "eval/concept_lora_50/grid.png" in md
+    for row in (teacher, *report["students"]):  # diversity columns: pixel-space k-NN metrics and one-to-many
+        assert 0 <= row["coverage"] <= 1 and 0 <= row["recall"] <= 1 and row["vendi"] >= 1 and 0 <= row["tv_excess"] + row["tv_perfect"] <= 1
+    assert "teacher/val_loss.png" in md and "student/val_loss.png" in md  # the validation-loss figures
+    assert "unnamed-attribute TV" in md and "sweep/sweep.png" in md and (tmp_path / "demo/sweep/sweep.png").is_file()
+    assert {"teacher_one_to_many_tv_excess", "student_4_coverage_vs_teacher", "student_4_recall_vs_teacher"} <= {g["goal"] for g in report["goals"]}
 
 
 def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
@@ -61,3 +71,16 @@ def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
     assert by_goal["teacher_adherence_1_object"]["met"] and not by_goal["teacher_adherence_2_objects"]["met"]
     report["students"][0]["adherence_vs_teacher"] = 0.9
     assert {g["goal"]: g for g in goals(report)}["student_1_vs_teacher"]["met"]
+    report["lora"] = {"after": {"adherence_all": 0.81}, "old_vs_teacher": -0.025}
+    by_goal = {g["goal"]: g for g in goals(report)}
+    assert by_goal["lora_concept_adherence"]["met"] and by_goal["lora_concept_adherence"]["value"] == pytest.approx(0.81)
+    assert not by_goal["lora_old_prompts_vs_teacher"]["met"]  # the adapters cost the old prompts more than 0.02
+    report["teacher"] |= {"coverage": 0.8, "recall": 0.5, "tv_excess": 0.12}
+    report["students"][1] |= {"coverage": 0.78, "recall": 0.45}
+    by_goal = {g["goal"]: g for g in goals(report)}
+    assert by_goal["student_4_coverage_vs_teacher"]["value"] == pytest.approx(0.975) and by_goal["student_4_coverage_vs_teacher"]["met"]
+    assert by_goal["student_4_recall_vs_teacher"]["value"] == pytest.approx(0.9) and not by_goal["student_4_recall_vs_teacher"]["met"]
+    assert "student_1_coverage_vs_teacher" not in by_goal  # not measured: no goal line
+    assert not by_goal["teacher_one_to_many_tv_excess"]["met"]  # at most 0.10
+    report["teacher"]["tv_excess"] = 0.04
+    assert {g["goal"]: g for g in goals(report)}["teacher_one_to_many_tv_excess"]["met"]

@@ -19,7 +19,11 @@ from pathlib import Path
 from pipeline.figures.plots import plot_curves
 
 DIVERSITY_KEYS = ("precision", "recall", "density", "coverage", "vendi")
-PAIRS = (("coverage", "adherence_all"), ("recall", "adherence_all"), ("clip_score", "fid"))
+# (x, y) plotted where measured; one-to-many's entropy ratio is the within-prompt diversity that
+# set metrics miss when every prompt is drawn once (1 = as varied as the data, 0 = collapsed)
+PAIRS = (("coverage", "adherence_all"), ("recall", "adherence_all"), ("one_to_many_entropy_ratio", "adherence_all"),
+         ("one_to_many_tv_excess", "adherence_all"), ("clip_score", "fid"))
+ONE_TO_MANY_KEYS = ("one_to_many_tv", "one_to_many_tv_excess", "one_to_many_entropy_ratio")
 FIDELITY_KEYS = ("adherence_all", "clip_score", "fid", "vendi")  # each against guidance when no pair was measured
 PREFERRED_FEATURES = ("dinov2", "inception", "pixels")  # the curves' diversity: DINOv2's when measured (Stein et al. 2023)
 
@@ -55,6 +59,7 @@ def cell(summary: dict, folder: Path, label: str) -> dict:
            "output": str(folder), "count": summary["count"], "seconds_per_image": summary["seconds_per_image"]}
     row |= {k: summary[k] for k in ("adherence_all", "clip_score", "fid", "kid_mean") if k in summary}
     row |= headline_diversity(summary)
+    row |= {k: summary[k] for k in ONE_TO_MANY_KEYS if k in summary}
     if summary.get("outside_guidance_range"):
         row["outside_guidance_range"] = summary["outside_guidance_range"]
     return row
@@ -73,9 +78,13 @@ def markdown(cells: list[dict]) -> str:
               else "No diversity metrics: `pipeline.evaluate --guidance … --inception FILE | --dinov2 FOLDER` measures them.")
     lines = ["# Guidance × steps sweep", "",
              f"Guidance g: `v_null + g·(v_cond − v_null)`, i.e. 1 + w in `(1+w)·v_cond − w·v_null`; g = 1 is no guidance. {spaces}", "",
-             "| model | steps | guidance | adherence | CLIP score | FID | precision | recall | density | coverage | Vendi |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    keys = ("adherence_all", "clip_score", "fid", "precision", "recall", "density", "coverage", "vendi")
+             "One-to-many (`--one-to-many K`): the attribute an under-specified prompt leaves out, over K seeds, "
+             "against the training grammar: TV beyond a perfect sampler's, and the entropy ratio.", "",
+             "| model | steps | guidance | adherence | CLIP score | FID | precision | recall | density | coverage | Vendi "
+             "| unnamed TV excess | entropy ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = ("adherence_all", "clip_score", "fid", "precision", "recall", "density", "coverage", "vendi",
+            "one_to_many_tv_excess", "one_to_many_entropy_ratio")
     for rows in _series(cells).values():
         for r in rows:
             values = " | ".join(f"{r[k]:.4f}" if k in r else "–" for k in keys)

@@ -154,8 +154,8 @@ def lora_section(lora: dict, teacher: dict, rel) -> list[str]:
         ceiling = (m.get("adherence_vae_ceiling") or {}).get("all")
         lines.append(f"| {prompts} | {model} | {m['adherence_all']:.3f} | {m['adherence']['colour']:.3f} | "
                      + (f"{ceiling:.3f} |" if ceiling is not None else "– |"))
-    return lines + ["", f"Lime prompts before: ![before]({rel(b['grid'])})", "",
-                    f"Lime prompts after: ![after]({rel(a['grid'])})", ""]
+    return lines + ["", f"Mint prompts before: ![before]({rel(b['grid'])})", "",
+                    f"Mint prompts after: ![after]({rel(a['grid'])})", ""]
 
 
 EDIT_COLUMNS = (("inpaint", "new_object", "inpaint: new object"), ("inpaint", "unmasked_psnr", "inpaint: unmasked PSNR"),

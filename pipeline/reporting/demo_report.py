@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline.evaluation.relative import versus
 from pipeline.evaluation.sweep import headline_diversity
 from pipeline.figures.plots import plot_loss_curves
@@ -132,8 +134,12 @@ def diversity_section(report: dict) -> list[str]:
 
 
 def lora_stage(run: Path, teacher: dict) -> dict:
-    """The LoRA stage's evaluations (``LORA_EVALS``), its adapter file and its trainable share."""
+    """The LoRA stage's evaluations (``LORA_EVALS``), its adapter file's size and the run's LoRA settings."""
     out = {key: _evaluated(run / "eval" / name) for key, name in LORA_EVALS.items()}
+    config = run / "lora_concept/config.yaml"
+    ran = yaml.safe_load(config.read_text()) if config.is_file() else {}
+    out["settings"] = {"rank": ran.get("lora", {}).get("rank"), "targets": ran.get("lora", {}).get("targets"),
+                       "steps": ran.get("steps")}
     out["old_vs_teacher"] = out["old"]["adherence_all"] - teacher["adherence_all"]
     weights = run / "lora_concept/lora/pytorch_lora_weights.safetensors"
     out["adapter_bytes"] = weights.stat().st_size if weights.is_file() else None
@@ -145,8 +151,9 @@ def lora_section(lora: dict, teacher: dict, rel) -> list[str]:
     b, a, old = lora["before"], lora["after"], lora["old"]
     size = f" The adapter file holds {lora['adapter_bytes'] / 1024:.0f} KiB." if lora["adapter_bytes"] else ""
     lines = ["## LoRA: a colour the teacher never saw", "",
-             f"Rank-8 adapters (configs/dit_lora_demo.yaml) on the frozen teacher, trained on scenes with half of the "
-             f"objects in \"mint\".{size} Adherence at {a['steps']} steps, guidance {a['guidance']}:", "",
+             f"Rank-{lora['settings']['rank']} adapters on `{lora['settings']['targets']}` (configs/dit_lora_demo.yaml, "
+             f"{lora['settings']['steps']} steps) on the frozen teacher, trained on scenes with half of the objects in "
+             f"\"mint\".{size} Adherence at {a['steps']} steps, guidance {a['guidance']}:", "",
              "| prompts | model | adherence (all) | colour | autoencoder ceiling |", "|---|---|---:|---:|---:|"]
     rows = [(f"{b['prompts']} mint", "teacher (before)", b), (f"{a['prompts']} mint", "teacher + LoRA", a),
             (f"{teacher['prompts']} old", "teacher", teacher), (f"{old['prompts']} old", "teacher + LoRA", old)]

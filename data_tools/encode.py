@@ -6,6 +6,11 @@ without padding, ``KEY.clip.npy`` (D,), ``KEY.clip_tokens.npy`` when asked, ``KE
 ``KEY.json``. ``dataset.json`` records the latent shape and dtype, the VAE's scale/shift and the
 encoders, so the next stage needs no flags this one knew.
 
+Paired image shards (``data_tools.pairs``: ``KEY.src.png`` beside the target) also give
+``KEY.src_latent.npy`` (C, h, w): the source through the same VAE, normalisation, resize/crop and
+bucket as the target; ``dataset.json`` then names the degradations under ``"image_condition"``.
+Shards without sources take the plain path unchanged.
+
 Input shard ``i`` becomes ``latents-i.tar`` and rank ``r`` of ``N`` encodes the shards with
 ``i % N == r``: the result is the same set of keys for any number of processes. A shard is
 committed atomically; a rerun skips finished shards. After the start the ranks never meet in a
@@ -46,7 +51,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, exit_on_config_error, load_config, to_dict
 from pipeline.config.source import Source
 from pipeline.data.buckets import Bucketing, bucket_name, nearest_bucket, parse_bucket
-from pipeline.data.images import decode_image_sample
+from pipeline.data.images import SOURCE_MEMBER, decode_image_sample
 from pipeline.training.distributed import array_task, create_accelerator, dist_env
 from data_tools.shard import PLAN_FILE
 from data_tools.split import (claim, mark_done, missing, progress_line, record_split, refuse_beside_workers, require_complete,
@@ -159,12 +164,26 @@ def batches(shard: Path, size: int, resolution: int | None, bucketing: Bucketing
         if not sample["caption"].strip():
             skipped["empty_caption"] += 1
             continue
+        if SOURCE_MEMBER in raw and not attach_source(sample, raw[SOURCE_MEMBER], resolution, bucketing):
+            skipped["unusable_source"] += 1  # undecodable, or not at the target's size
+            continue
         sample["json"] = sample_json(raw.get("json", b"{}"), sample["image"].shape, bucketing)
-        group = pending.setdefault(tuple(sample["image"].shape), [])
+        group_key = (tuple(sample["image"].shape), "source" in sample)  # a batch is all pairs or all plain
+        group = pending.setdefault(group_key, [])
         group.append(sample)
         if len(group) == size:
-            yield pending.pop(tuple(sample["image"].shape))
+            yield pending.pop(group_key)
     yield from pending.values()  # first-seen order: deterministic
+
+
+def attach_source(sample: dict, data: bytes, resolution: int | None, bucketing: Bucketing | None) -> bool:
+    """Decode a pair's source image with the target's resize/crop (a bucket is chosen by aspect, and
+    the source has the target's size) into ``sample["source"]``; False when unusable."""
+    source = decode_image_sample({"png": data, "__key__": sample["key"]}, resolution, bucketing.assign if bucketing else None)
+    if source is None or source["image"].shape != sample["image"].shape:
+        return False
+    sample["source"] = source["image"]  # (3, H, W)
+    return True
 
 
 def sample_json(source: bytes, shape: torch.Size, bucketing: Bucketing | None) -> bytes:
@@ -181,6 +200,9 @@ def encode_batch(samples: list[dict], encoders: Encoders, device: torch.device) 
     """One batch of decoded images + captions -> tar members (text unpadded)."""
     images = torch.stack([s["image"] for s in samples]).to(device)  # (B, 3, H, W)
     latents = encoders.vae.encode(images).cpu().numpy()  # (B, C, h, w)
+    sources = None  # (B, C, h, w) for a batch of pairs
+    if "source" in samples[0]:
+        sources = encoders.vae.encode(torch.stack([s["source"] for s in samples]).to(device)).cpu().numpy()
     text = {k: v.cpu() for k, v in encoders.text.encode([s["caption"] for s in samples]).items()}
     out = []
     for i, s in enumerate(samples):
@@ -189,6 +211,8 @@ def encode_batch(samples: list[dict], encoders: Encoders, device: torch.device) 
             if name in text:
                 real = text[f"{name}_mask"][i]  # (L,) bool
                 members[f"{name}.npy"] = npy_bytes(text[name][i][real].numpy().astype(encoders.store))  # (L_i, D)
+        if sources is not None:
+            members["src_latent.npy"] = npy_bytes(sources[i].astype(encoders.store))  # (C, h, w)
         if "clip" in text:
             members["clip.npy"] = npy_bytes(text["clip"][i].numpy().astype(encoders.store))
         out.append((s["key"], members))
@@ -251,7 +275,18 @@ def describe(cfg: EncodeConfig, encoders: Encoders, shards: list[Path]) -> dict:
         "text_encoders": encoders.text.describe(),
         "config": to_dict(cfg),
     }
+    pairs = input_pairs(cfg)
+    if pairs is not None:
+        summary["image_condition"] = {"degradations": list(pairs.get("degradations", []))}
     return map_paths(summary, relative_to(cfg.output))  # local paths relative to the folder
+
+
+def input_pairs(cfg: EncodeConfig) -> dict | None:
+    """The input's ``"pairs"`` entry (paired image shards, ``data_tools.pairs``), else None."""
+    try:
+        return dataset_meta(cfg.input).get("pairs")
+    except SourceNotFound:  # img2dataset's folders have no dataset.json
+        return None
 
 
 def bucket_histogram(sizes: Counter, channels: int, down: int) -> dict:

@@ -35,7 +35,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -301,6 +301,18 @@ def processed(tasks: list[Candidate], opts: ImageOptions, workers: int) -> Itera
         return
     with _pool_context().Pool(workers) as pool:
         yield pool.imap(work, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
+
+
+@contextmanager
+def worker_map(workers: int) -> Iterator[Callable[[Callable, list], list]]:
+    """``map(function, tasks) -> results`` in order, on ``workers`` processes (this one when 1); the
+    pool lives as long as the context, for other per-sample tools (``data_tools.pairs``). Enter it
+    before starting a progress bar (see :func:`_pool_context`)."""
+    if workers == 1:
+        yield lambda function, tasks: list(map(function, tasks))
+        return
+    with _pool_context().Pool(workers) as pool:
+        yield lambda function, tasks: pool.map(function, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
 
 
 def write_shards(cfg: ShardConfig, plan: list[Candidate], todo: list[int]) -> int:

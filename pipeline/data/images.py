@@ -124,3 +124,47 @@ def image_loader(
 def image_size(sample: dict) -> tuple[int, ...]:
     """An image sample's bucket: its shape (3, H, W); a batch holds one (unless ``resolution`` crops all to one)."""
     return tuple(sample["image"].shape)
+
+
+# ---------------------------------------------------------------------------- paired shards (data_tools.pairs)
+
+SOURCE_MEMBER, MASK_MEMBER = "src.png", "mask.png"
+
+
+def decode_pair_sample(raw: dict, resolution: int | None = None) -> dict | None:
+    """Raw members of a paired shard -> {"image" (target), "source", "mask", "caption", "key"};
+    ``None`` (skipped) when the target or the source is missing or undecodable, or their sizes
+    differ. Both are centre-cropped to ``resolution`` alike; ``mask`` (1, H, W) is 1 on kept pixels
+    (all ones when the pair has no ``KEY.mask.png``)."""
+    target = decode_image_sample(raw, resolution)
+    source = _member_image(raw, SOURCE_MEMBER, resolution)
+    if target is None or source is None or source.shape != target["image"].shape:
+        return None
+    mask = _member_image(raw, MASK_MEMBER, resolution) if MASK_MEMBER in raw else None
+    target["source"] = source  # (3, H, W)
+    target["mask"] = torch.ones(1, *source.shape[1:]) if mask is None else (mask[:1] > 0).float()  # (1, H, W)
+    return target
+
+
+def _member_image(raw: dict, member: str, resolution: int | None) -> torch.Tensor | None:
+    if member not in raw:
+        return None
+    sample = decode_image_sample({"png": raw[member], "__key__": raw["__key__"]}, resolution)
+    return None if sample is None else sample["image"]
+
+
+def collate_pairs(samples: list[dict]) -> dict:
+    batch = collate_images(samples)
+    batch["source"] = torch.stack([s["source"] for s in samples])  # (B, 3, H, W)
+    batch["mask"] = torch.stack([s["mask"] for s in samples])  # (B, 1, H, W)
+    return batch
+
+
+def pair_loader(
+    shards: str | Path | list[str], cfg: LoaderConfig, rank: int = 0, world_size: int = 1, resolution: int | None = None,
+    sizes: list[int] | None = None,
+) -> ShardLoader:
+    """Endless, resumable batches of pairs from a paired image-shard folder (``data_tools.pairs``):
+    ``{"image": (B, 3, H, W) target, "source": (B, 3, H, W), "mask": (B, 1, H, W), "caption", "key"}``."""
+    decode = partial(decode_pair_sample, resolution=resolution)
+    return ShardLoader(shard_list(shards), cfg, decode, collate_pairs, rank, world_size, image_size, sizes)

@@ -2,7 +2,9 @@
 
 A latent sample holds ``KEY.latent.npy`` (C, h, w), ``KEY.t5.npy`` (L, D) unpadded,
 ``KEY.clip.npy`` (D,), optionally ``KEY.clip_tokens.npy`` (L', D'), ``KEY.txt`` and
-``KEY.json``. The collate pads the variable-length token sequences and returns their masks.
+``KEY.json``; a paired sample (``data_tools.pairs`` then ``data_tools.encode``) also holds
+``KEY.src_latent.npy`` (C, h, w), its source image's latent, stacked like the latent.
+The collate pads the variable-length token sequences and returns their masks.
 
 Batches keep the stored dtype (fp16 as ``data_tools.encode`` writes by default): half the bytes
 to decode, pad and hand from a data worker to the trainer, which casts on the device (the model
@@ -24,7 +26,7 @@ from pipeline.data.paths import map_paths, resolved_from
 from pipeline.data.remote import SourceNotFound, dataset_json_of, is_url, list_shards, read_json
 
 SEQUENCES = ("t5", "clip_tokens")  # variable length: padded in a batch, with a mask
-VECTORS = ("latent", "clip")  # fixed shape: stacked
+VECTORS = ("latent", "clip", "src_latent")  # fixed shape: stacked
 
 
 def decode_latent_sample(raw: dict) -> dict | None:

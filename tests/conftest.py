@@ -80,6 +80,34 @@ def latent_shards(tmp_path_factory, image_shards: Path, tiny_vae_dir: Path, tiny
 
 
 @pytest.fixture(scope="session")
+def paired_image_shards(tmp_path_factory, image_shards: Path) -> Path:
+    """``image_shards`` made into paired shards (``data_tools.pairs``): each of the 48 samples a
+    grayscale or a ×4-downsampled source (drawn from its key), 12 per shard, PNG."""
+    from data_tools import pairs
+
+    root = tmp_path_factory.mktemp("paired")
+    args = ["--input", str(image_shards), "--output", str(root / "pairs"), "--degradation", "grayscale,down4"]
+    assert pairs.main([*args, "--samples-per-shard", "12"]) == 0
+    return root / "pairs"
+
+
+@pytest.fixture(scope="session")
+def paired_latents(tmp_path_factory, paired_image_shards: Path, tiny_vae_dir: Path, tiny_text_encoders_dir: Path) -> Path:
+    """``paired_image_shards`` encoded by ``data_tools.encode`` (tiny VAE, T5, CLIP): each sample
+    also holds ``KEY.src_latent.npy``; dataset.json names the degradations under ``image_condition``."""
+    import yaml
+
+    from data_tools import encode
+
+    root = tmp_path_factory.mktemp("paired_latents")
+    text = yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())
+    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(tiny_vae_dir)}, "text": text, "batch_size": 12}))
+    args = ["--input", str(paired_image_shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
+    assert encode.main(args) == 0
+    return root / "latents"
+
+
+@pytest.fixture(scope="session")
 def bucketed_latents(tmp_path_factory, tiny_vae_dir, tiny_text_encoders_dir) -> Path:
     """36 non-square synthetic scenes (aspects 0.5, 1, 2) -> image shards kept at their size ->
     latents in buckets of about 32² px (``data_tools.encode buckets=32``)."""
@@ -112,12 +140,12 @@ def teacher_dir(tmp_path_factory, latent_shards: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, tiny_text_encoders_dir, teacher_dir,
-                  bucketed_latents) -> Path:
+                  bucketed_latents, paired_latents, paired_image_shards) -> Path:
     """Every multi-process training job of the suite in one 2-process gloo launch (``tests.jobs``):
     the DDP / ZeRO-2 / ZeRO-3 × fp32 / bf16 × accumulation 1 / 2 cells (each run and resumed),
     distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, an
-    overflowing optimizer step under DDP fp16 (``jobs.loss_scaler``) and ZeRO-2 bf16, and every config in
-    ``configs/``, shrunk. Returns the
+    overflowing optimizer step under DDP fp16 (``jobs.loss_scaler``) and ZeRO-2 bf16, the image-conditioned
+    DDP / ZeRO-2 cells on ``paired_latents``, and every config in ``configs/``, shrunk. Returns the
     folder of their runs and ``NAME.rank{r}.json`` results; ``launch.log`` holds the output."""
     import json
     import os
@@ -138,7 +166,9 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
     specs += jobs.bucket_jobs(bucketed_latents, out) + jobs.text_jobs(latent_shards, out)
     specs += jobs.pixart_jobs(latent_shards, out)
     specs += [spec for cell in jobs.LORA_CELLS for spec in jobs.lora_jobs(*cell, latent_shards, teacher_dir, out)]
-    inputs = {"latents": latent_shards, "images": image_shards, "teacher": teacher_dir, "vae": tiny_vae_dir,
+    specs += [spec for cell in jobs.COND_CELLS if cell[0] != "one" for spec in jobs.cond_jobs(*cell, paired_latents, teacher_dir, out)]
+    inputs = {"latents": latent_shards, "paired_latents": paired_latents, "paired_images": paired_image_shards, "images": image_shards,
+              "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]
     with serving(unsized_copy(latent_shards, out / "served")) as server:  # for the http-sizes job

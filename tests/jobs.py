@@ -63,6 +63,7 @@ def _import_stages() -> None:
     import pipeline.training.autoencoder  # noqa: F401
     import pipeline.training.distill  # noqa: F401
     import pipeline.training.dit  # noqa: F401
+    import pipeline.training.pix2pix  # noqa: F401
 
 
 def _reset_accelerate() -> None:
@@ -91,6 +92,10 @@ def _build(stage: str, config: str | None, overrides: list[str]):
         from pipeline.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
 
         return AutoencoderTrainer(load_config(AutoencoderTrainConfig, config, overrides))
+    if stage == "pix2pix":
+        from pipeline.training.pix2pix import Pix2PixTrainConfig, Pix2PixTrainer
+
+        return Pix2PixTrainer(load_config(Pix2PixTrainConfig, config, overrides))
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -349,6 +354,24 @@ def lora_jobs(mode: str, precision: str, accum: int, latents: Path, base: Path, 
     return [{**spec, "overrides": [*spec["overrides"], *no_grid]} for spec in specs]
 
 
+COND = ("p_uncond=0.1", "p_drop_image=0.1", "p_drop_both=0.1")  # three-way dropout (InstructPix2Pix: 0.05 each)
+COND_CELLS = {  # (mode, precision, accum): image_condition; DDP and ZeRO-2 in the 2-process launch, one process in tests/test_image_condition.py
+    ("one", "bf16", 2): "concat", ("ddp", "bf16", 2): "concat", ("zero2", "bf16", 2): "sequence",
+}
+
+
+def cond_jobs(mode: str, precision: str, accum: int, latents: Path, base: Path, out: Path, grid: bool = False,
+              extra: tuple[str, ...] = ()) -> list[dict]:
+    """An image-conditioned cell (``cond-MODE-PRECISION-accumN``) on paired latents: the text-to-image
+    model folder ``base`` (``model.init``) widened (``concat``) or read as is (``sequence``,
+    ``COND_CELLS``), three-way dropout; run 4 steps and resumed from step 2; a final grid (source |
+    output, dual guidance; ``sampling.sources``) only with ``grid``."""
+    mode_extra = (f"model.init={base}", f"model.image_condition={COND_CELLS[(mode, precision, accum)]}", *COND, *extra)
+    specs = cell_jobs(mode, precision, accum, latents, out, prefix="cond-", extra=mode_extra)
+    no_grid = [] if grid else ["sampling.sources=0"]
+    return [{**spec, "overrides": [*spec["overrides"], *no_grid]} for spec in specs]
+
+
 def ema_copy_job(latents: Path, out: Path) -> dict:
     """ZeRO-3 with ``ema.decay=0``: the EMA must then be the weights themselves, read whole."""
     return job("zero3-ema-decay0", "train", [f"data.latents={latents}", f"output_dir={out}", "run=zero3-ema-decay0", *MODES["zero3"],
@@ -371,6 +394,9 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
             return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}"], str(path))
         if "_lora_" in name:  # a fine-tune: the tiny teacher is its model.init
             return job(name, "train", [*shrunk, f"model.init={inputs['teacher']}"], str(path))
+        if "_cond_" in name:  # image-conditioned: the tiny teacher widened, on the paired latents
+            paired = [f"data.latents={inputs['paired_latents']}" if o.startswith("data.latents=") else o for o in shrunk]
+            return job(name, "train", [*paired, f"model.init={inputs['teacher']}"], str(path))
         tiny = "PixArt-tiny" if name.startswith("pixart_") else "DiT-tiny"
         return job(name, "train", [*shrunk, f"model.name={tiny}", "model.overrides={depth: 2}"], str(path))
     if name.startswith("autoencoder_"):
@@ -378,6 +404,10 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
                   "data.held_out=8", "factor_samples=16", "model.block_out_channels=[32, 32]", "model.sample_size=32",
                   "loss.disc_start=1"]  # the discriminator's update runs too
         return job(name, "autoencoder", shrunk, str(path))
+    if name.startswith("pix2pix_"):  # the baselines (cgan, l2) on the paired image shards, tiny U-Net and PatchGAN
+        shrunk = [f"data.shards={inputs['paired_images']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "data.resolution=32",
+                  "data.held_out=8", "model.base_channels=8", "model.depth=3", "loss.disc_channels=8"]
+        return job(name, "pix2pix", shrunk, str(path))
     if name.startswith("encode_"):
         text = inputs["text"]  # the tiny encoders' TextEncodersConfig as a dict
         shrunk = [f"input={inputs['images']}", f"output={out / name}", f"vae.path={inputs['vae']}",

@@ -28,6 +28,10 @@ def config_class(path: Path):
         from pipeline.training.autoencoder import AutoencoderTrainConfig
 
         return AutoencoderTrainConfig, []
+    if path.name.startswith("pix2pix_"):
+        from pipeline.training.pix2pix import Pix2PixTrainConfig
+
+        return Pix2PixTrainConfig, []
     raise AssertionError(f"{path.name}: no config class known for this name; add it here")
 
 
@@ -87,6 +91,12 @@ def test_shipped_config_trains(path, launched_jobs):
 
         assert all(math.isfinite(m["l1_rec"]) for m in lines)
         assert AutoencoderKL.from_pretrained(run / "vae").config.scaling_factor > 0
+        return
+    if path.name.startswith("pix2pix_"):
+        from pipeline.models.translator import Translator
+
+        assert all(math.isfinite(m["l1"]) for m in lines)
+        assert Translator.from_pretrained(run / "generator").degradations == ["grayscale", "down4"]
         return
     from diffusers import PixArtTransformer2DModel
 

@@ -303,3 +303,27 @@ def test_compiled_blocks_train_like_eager_and_keep_their_names(latent_shards, tm
     from pipeline.models.dit import DiT
 
     assert DiT.from_pretrained(tmp_path / "compile-True/model/transformer").config.depth == 2
+
+
+# ---------------------------------------------------------------------------- image-conditioned cells
+
+
+LAUNCHED_COND_CELLS = [cell for cell in jobs.COND_CELLS if cell[0] != "one"]  # the one-process cell: tests/test_image_condition.py
+
+
+@pytest.mark.xdist_group("launch")  # the one 2-process launch runs once (make test: pytest-xdist)
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", LAUNCHED_COND_CELLS, ids=["cond-" + jobs.cell_name(*c) for c in LAUNCHED_COND_CELLS])
+def test_image_conditioned_cell_trains_resumes_exactly_and_exports(cell, launched_jobs):
+    """An image-conditioned run on paired latents (``jobs.cond_jobs``: the teacher widened under DDP,
+    read as a sequence-conditioned model under ZeRO-2; bf16, accumulation 2, three-way dropout):
+    exact resume, the export is the EMA and records its mode; DDP all-reduces at the window's end."""
+    name = "cond-" + jobs.cell_name(*cell)
+    check_run_and_resume(launched_jobs, name, 2)
+    check_export_is_the_ema(launched_jobs / name)
+    config = json.loads((launched_jobs / name / "model/transformer/config.json").read_text())
+    info = json.loads((launched_jobs / name / "model/model_index.json").read_text())["info"]
+    assert config["image_condition"] == info["image_condition"]["mode"] == jobs.COND_CELLS[cell]
+    if cell[0] == "ddp":
+        for result in jobs.results(launched_jobs, name):
+            assert result["allreduce_micro"] and set(result["allreduce_micro"]) == {cell[2] - 1}, result["allreduce_micro"]

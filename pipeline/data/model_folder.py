@@ -20,7 +20,11 @@ should pass: PixArtSigmaPipeline's default is 300).
 
 ``info`` is what our own readers need beyond the components: the encoder configs (max length,
 dtypes; local paths relative to MODEL, ``pipeline.data.paths``, so a run folder can move), the latent
-shape, resolution, sampler defaults, training shift, buckets, a student's teacher.
+shape, resolution, sampler defaults, training shift, buckets, a student's teacher; for an
+image-conditioned DiT (``image_condition`` in its config: InstructPix2Pix / FLUX.1 Kontext)
+``"image_condition": {"mode": "concat" | "sequence", "degradations": [SPEC, ...]}``, the tasks its
+paired latents' ``dataset.json`` records (``LatentDiffusionPipeline`` refuses such a folder: it is
+text-to-image only; ``pipeline.inference.pipeline.TextToImage`` and ``pipeline.edit`` run it).
 ``encoders="reference"`` records the encoders where they are instead of copying them (a T5-XXL of
 many GB): their components are then ``[null, null]`` in ``model_index.json`` and
 ``LatentDiffusionPipeline.from_pretrained`` loads them from ``info``. Encoders named by hub id are
@@ -80,6 +84,9 @@ def export_model(folder: Path, model: torch.nn.Module, latent_meta: dict, extra:
     shift, base = extra.get("sampling", {}).get("shift", 1.0), extra.get("timesteps", {}).get("shift_base_tokens", 256)
     info = {"kind": "text_to_image", "transformer": "transformer", "vae": vae, "text": text,
             "latent_shape": latent_meta["latent_shape"], "resolution": latent_meta["resolution"], **extra}
+    mode = (getattr(model, "config", None) or {}).get("image_condition")
+    if mode is not None:
+        info["image_condition"] = {"mode": mode, "degradations": list((latent_meta.get("image_condition") or {}).get("degradations", []))}
     if pixart:
         _, h, w = latent_meta["latent_shape"]
         shift = math.sqrt(h * w / model.patch_size**2 / base) if shift == "auto" else float(shift)  # no dynamic shifting there

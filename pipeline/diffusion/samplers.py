@@ -5,7 +5,8 @@
 - ``consistency``: the multistep consistency sampler (Song et al. 2023, "Consistency Models",
   Algorithm 1) for a student whose ``f(x, t) = x − t·v(x, t)``: ``x0 = f(ε, 1)``, then for each
   ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
-- Guidance: ``pipeline.diffusion.guidance``.
+- Guidance: ``pipeline.diffusion.guidance``; an image-conditioned teacher (``cond["image"]``)
+  takes ``image_guidance`` too (InstructPix2Pix's dual guidance).
 - Editing: both samplers take an ``Edit`` (``pipeline.diffusion.editing``): they start at
   ``shift_time(strength)`` from the noised image (diffusers' SD3 image-to-image start, see
   :func:`time_grid`), walk only the grid's times below it, and keep the image's unmasked region
@@ -97,8 +98,10 @@ def euler(
     progress: bool = False,
     edit: Edit | None = None,
     generator: Generators = None,
+    image_guidance: float | None = None,
 ) -> torch.Tensor:
-    """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``. With an
+    """Integrate from ``x = noise`` at ``t = 1`` to ``t = 0``; returns the sample ``x0``
+    (``image_guidance``: the dual guidance of an image-conditioned model, None: plain). With an
     ``edit``: from the image noised to the start of :func:`time_grid`, its kept region reset to
     the image on the same noise's path after every step (and ``edit.resample`` RePaint jumps per
     step, their noise from ``generator``: one, or one per image)."""
@@ -109,7 +112,7 @@ def euler(
         for jump in range(1 + (edit.resample if edit else 0)):
             if jump:  # RePaint: back to t_i by the forward process, then the same step again
                 x = edit.keep(renoise(x, grid[i + 1], grid[i], generator), grid[i], noise)
-            x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance)
+            x = x + (grid[i + 1] - grid[i]) * guided_velocity(model, x, t, cond, guidance, image_guidance)
             if edit is not None:
                 x = edit.keep(x, grid[i + 1], noise)
     return x
@@ -140,16 +143,20 @@ def sampler_generators(seed: Seeds, shape: Sequence[int]) -> Generators:
 
 @torch.no_grad()
 def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
-           seed: Seeds = 0, edit: Edit | None = None) -> torch.Tensor:
+           seed: Seeds = 0, edit: Edit | None = None, image_guidance: float | None = None) -> torch.Tensor:
     """Latents from ``noise`` with the named sampler: Euler with classifier-free guidance (a
     teacher), or consistency steps with the guidance scale given to the model as an input (a
     student: one evaluation per step). Fresh noise (a student's steps, RePaint's jumps) comes
     from :func:`sampler_generators` (``seed``: one for the batch, or one per image). ``edit``:
-    start from an image and keep its unmasked part."""
+    start from an image and keep its unmasked part. ``image_guidance``: an image-conditioned
+    teacher's source-image scale (``pipeline.diffusion.guidance``; None or 1: plain guidance with
+    the source kept); a student takes none."""
     _check_sampler(sampler)
     generator = sampler_generators(seed, noise.shape[1:])
     if sampler == "euler":
-        return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator)
+        return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator, image_guidance=image_guidance)
+    if image_guidance is not None and image_guidance != 1.0:
+        raise ValueError(f"image_guidance={image_guidance}: a consistency student takes no image guidance")
     cond = _student_cond(cond, guidance, noise.shape[0], noise.device)
     return consistency(model, noise, cond, steps, shift, generator, edit)
 

@@ -19,6 +19,13 @@ A distilled student (``sampler == "consistency"``) takes the guidance scale as a
 with the multistep consistency sampler (``pipeline.diffusion.samplers.consistency``) on the
 scheduler's σ grid; its fresh noise at each step comes from ``generator`` (one per image: image k's
 own stream, as the starting noise).
+
+An image-conditioned model (``image_condition`` in the transformer's config: InstructPix2Pix /
+FLUX.1 Kontext) takes ``image=`` (one source per prompt, resized to the output size, bicubic, and
+encoded by the folder's VAE: its posterior mode, normalised) and ``image_guidance_scale`` (default:
+the folder's ``sampling.image_guidance``): InstructPix2Pix's dual guidance
+``v_u + s_T(v_both − v_img) + s_I(v_img − v_u)`` in one batched call, as
+``pipeline.inference.pipeline.TextToImage.generate(..., images=...)`` samples it.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 import pipeline.encoders.clip_component  # noqa: F401  (model_index.json names it: diffusers finds it imported)
 import pipeline.models.dit  # noqa: F401  (idem)
+from pipeline.data.images import image_to_tensor, to_rgb
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolution_shift
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.noise import Generators, randn_rows
@@ -55,6 +64,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         super().__init__()
         if sampler not in ("euler", "consistency"):
             raise ValueError(f"unknown sampler '{sampler}' (euler, consistency)")
+        if getattr(transformer, "config", {}).get("image_condition") is not None and sampler != "euler":
+            raise ValueError("an image-conditioned transformer samples with euler (dual guidance), not a consistency student's steps")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2)
         self.register_to_config(sampler=sampler, info=info or {})
@@ -113,22 +124,26 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         output_type: str = "pil",
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        image: Image.Image | list[Image.Image] | None = None,
+        image_guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
-        """Images for ``prompt``; defaults (steps, guidance, size) are the model's own (``info``).
-        ``generator``: one, or one per image (image k then depends on its own generator only);
-        ``latents`` (B, C, h, w) replaces the starting noise; ``output_type``: pil, np, pt or latent."""
+        """Images for ``prompt``; defaults (steps, guidance, size, image guidance) are the model's own
+        (``info``). ``generator``: one, or one per image (image k then depends on its own generator
+        only); ``latents`` (B, C, h, w) replaces the starting noise; ``output_type``: pil, np, pt or
+        latent. An image-conditioned model needs ``image``: one source per prompt."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         defaults = self.config.info.get("sampling", {})
         steps = int(num_inference_steps or defaults.get("steps", 50))
         guidance = float(defaults.get("guidance", 4.0) if guidance_scale is None else guidance_scale)
         cond, negative = self._conditions(prompts, negative_prompt)
         latents = self._starting_noise(len(prompts), height, width, generator, latents)
+        image_guidance = self._source(cond, image, image_guidance_scale, latents, negative)
         self._set_timesteps(steps, latents)
         if self.config.sampler == "consistency":
             latents = self._consistency(latents, {**cond, "guidance": torch.full((len(prompts),), guidance, device=latents.device)},
                                         generator)
         else:
-            latents = self._scheduler_steps(latents, cond, negative, guidance)
+            latents = self._scheduler_steps(latents, cond, negative, guidance, image_guidance)
         images = latents if output_type == "latent" else self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -145,6 +160,30 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         both = self.encode_prompt(prompts + negatives)
         return {k: v[: len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()}
+
+    def _source(self, cond: dict, image, image_guidance_scale: float | None, latents: torch.Tensor,
+                negative: dict | None) -> float | None:
+        """An image-conditioned model's source latents into ``cond["image"]`` (B, C, h, w) and its
+        image guidance; None (and no ``image`` accepted) for a text-to-image model."""
+        mode = self.transformer.config.get("image_condition")
+        if mode is None:
+            if image is not None:
+                raise ValueError("image= given, but the transformer is text to image (no image_condition)")
+            return None
+        images = [image] if isinstance(image, Image.Image) else list(image or [])
+        if len(images) != latents.shape[0]:
+            raise ValueError(f"the transformer is image-conditioned (image_condition={mode}): give image=, one source per prompt "
+                             f"({len(images)} for {latents.shape[0]})")
+        if negative is not None:
+            raise ValueError("a negative prompt is not supported with an image-conditioned transformer (its null condition is learned)")
+        size = (latents.shape[-1] * self.vae_scale_factor, latents.shape[-2] * self.vae_scale_factor)  # (width, height)
+        pixels = torch.stack([image_to_tensor(to_rgb(im).resize(size, Image.Resampling.BICUBIC) if im.size != size else to_rgb(im))
+                              for im in images]).to(latents.device, self.vae.dtype)  # (B, 3, H, W) in [-1, 1]
+        config = self.vae.config
+        raw = self.vae.encode(pixels).latent_dist.mode().float()  # (B, C, h, w)
+        cond["image"] = (raw - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+        default = self.config.info.get("sampling", {}).get("image_guidance", 1.5)
+        return float(default if image_guidance_scale is None else image_guidance_scale)
 
     def _starting_noise(self, batch: int, height: int | None, width: int | None, generator: Generators,
                         latents: torch.Tensor | None) -> torch.Tensor:
@@ -177,12 +216,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """Diffusers' ``timestep = σ·1000`` -> our ``t = σ`` (B,)."""
         return (timestep.float() / self.scheduler.config.num_train_timesteps).expand(batch)
 
-    def _scheduler_steps(self, latents: torch.Tensor, cond: dict, negative: dict | None, guidance: float) -> torch.Tensor:
-        """A teacher: the scheduler's steps on the guided velocity."""
+    def _scheduler_steps(self, latents: torch.Tensor, cond: dict, negative: dict | None, guidance: float,
+                         image_guidance: float | None = None) -> torch.Tensor:
+        """A teacher: the scheduler's steps on the guided velocity (dual guidance with a source)."""
         for timestep in self.progress_bar(self.scheduler.timesteps):
             t = self._model_time(timestep, latents.shape[0])
             if negative is None:
-                v = guided_velocity(self.transformer, latents, t, cond, guidance)
+                v = guided_velocity(self.transformer, latents, t, cond, guidance, image_guidance)
             else:
                 both = {k: torch.cat([cond[k], negative[k]]) for k in cond}
                 v_cond, v_neg = self.transformer(torch.cat([latents, latents]), torch.cat([t, t]), both).chunk(2)

@@ -12,6 +12,12 @@ rest). Image k draws all its noise from seed + k; edits of one mode, size and se
 batches of ``--batch-size``, which does not change the results. Masked edits (``--mask``,
 ``--outpaint``) put the input's pixels back outside the feathered mask after decoding unless
 ``--no-paste-back``. A sheet of input | mask | output is written beside the results.
+
+An image-conditioned model (trained on pairs with ``model.image_condition``: InstructPix2Pix,
+Brooks et al. 2023; FLUX.1 Kontext) has one mode: ``--image`` is its source, ``--prompt`` what the
+result shows, and it samples from noise at the image's size with dual guidance ``--guidance`` (text)
+and ``--image-guidance`` (the source; default the model's, else 1.5); the other modes' flags
+(``--mask``, ``--strength``, ``--outpaint``, ``--scale``, FlowEdit's prompts) are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.images import IMAGE_EXTENSIONS, to_rgb
 from pipeline.data.jsonl import read_jsonl
+from pipeline.data.model_folder import read_model_info
 from pipeline.encoders.common import EncoderLoadError
 from pipeline.encoders.locations import add_encoder_args, encoder_paths
 from pipeline.figures.sheets import strips_sheet
@@ -41,7 +48,8 @@ from pipeline.inference.editing import (
 from pipeline.inference.pipeline import TextToImage
 
 PROG = "pipeline.edit"
-DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0, "outpaint": 1.0, "superres": 0.4, "flowedit": 0.7}
+DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0, "outpaint": 1.0, "superres": 0.4, "flowedit": 0.7, "conditioned": 1.0}
+DEFAULT_IMAGE_GUIDANCE = 1.5  # InstructPix2Pix's s_I, when the model folder records none
 
 
 @dataclass
@@ -58,9 +66,12 @@ class Item:
     outpaint: tuple[int, int, int, int] | None = None
     scale: float | None = None
     seed: int = 0
+    conditioned: bool = False  # the model is image-conditioned: the image is its source
 
     @property
     def mode(self) -> str:
+        if self.conditioned:
+            return "conditioned"
         if self.source_prompt is not None or self.target_prompt is not None:
             return "flowedit"
         if self.outpaint is not None:
@@ -70,6 +81,13 @@ class Item:
         return "inpaint" if self.mask is not None else "img2img"
 
     def check(self) -> Item:
+        if self.conditioned:
+            given = [flag for flag, value in (("--mask", self.mask), ("--strength", self.strength), ("--outpaint", self.outpaint),
+                                              ("--scale", self.scale), ("--source-prompt", self.source_prompt),
+                                              ("--target-prompt", self.target_prompt)) if value is not None]
+            if given:
+                raise EditInputError(f"{self.image}: the model is image-conditioned (the image is its source, sampled from noise); "
+                                     f"{', '.join(given)} belong to a text-to-image model's edits")
         if self.mode == "flowedit" and (self.source_prompt is None or self.target_prompt is None):
             raise EditInputError(f"{self.image}: --source-prompt and --target-prompt go together")
         if self.mode == "outpaint" and self.mask is not None:
@@ -100,11 +118,12 @@ def parse_padding(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def items_from(args: argparse.Namespace) -> list[Item]:
-    """The edits the arguments describe, in order, image k with seed + k."""
+def items_from(args: argparse.Namespace, conditioned: bool = False) -> list[Item]:
+    """The edits the arguments describe, in order, image k with seed + k (``conditioned``: the
+    model is image-conditioned)."""
     base = {"prompt": args.prompt or "", "source_prompt": args.source_prompt, "target_prompt": args.target_prompt,
             "strength": args.strength, "outpaint": parse_padding(args.outpaint) if args.outpaint else None,
-            "scale": args.scale}
+            "scale": args.scale, "conditioned": conditioned}
     source = args.image
     if source.suffix == ".jsonl":
         items = _manifest(source, args.output, base)
@@ -156,12 +175,14 @@ def load_inputs(item: Item) -> tuple[Image.Image, Image.Image | None]:
 
 
 def run_batch(editor: ImageEditor, items: list[Item], images: list[Image.Image], masks: list, sampling: Sampling,
-              source_guidance: float) -> tuple[list[Image.Image], list, list[Image.Image]]:
+              source_guidance: float, image_guidance: float | None = None) -> tuple[list[Image.Image], list, list[Image.Image]]:
     """(inputs as the model gets them, masks or None, results) for edits that share a mode, an
     input size and their settings (``batch_key``); item k keeps its own seed."""
     first, seeds = items[0], [item.seed for item in items]
     prompts = [item.prompt for item in items]
-    if first.mode == "flowedit":
+    if first.mode == "conditioned":
+        out = editor.conditioned(images, prompts, sampling, seeds, image_guidance)
+    elif first.mode == "flowedit":
         out = editor.text_edit(images, [i.source_prompt for i in items], [i.target_prompt for i in items], first.strength,
                                sampling, seeds, source_guidance)
     elif first.mode == "outpaint":
@@ -205,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="steps of the full grid (only those below the strength run)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--source-guidance", type=float, default=1.5, help="FlowEdit: guidance of the source prompt")
+    p.add_argument("--image-guidance", type=float, help="an image-conditioned model: guidance of the source image "
+                   f"(InstructPix2Pix's s_I; default the model's, else {DEFAULT_IMAGE_GUIDANCE}; 1: text guidance only)")
     p.add_argument("--shift", type=float, default=1.0)
     p.add_argument("--resample", type=int, default=0, help="RePaint jumps per step (teacher)")
     p.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
@@ -226,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1 (got {args.batch_size})")
     try:
-        items = items_from(args)
+        info = read_model_info(args.model)  # what the model is, before any weights are loaded
+        conditioned = info.get("image_condition") is not None
+        if args.image_guidance is not None and not conditioned:
+            raise EditInputError(f"--image-guidance: {args.model} is a text-to-image model (no image_condition)")
+        image_guidance = args.image_guidance
+        if image_guidance is None:
+            image_guidance = info.get("sampling", {}).get("image_guidance", DEFAULT_IMAGE_GUIDANCE)
+        items = items_from(args, conditioned)
         sampling = Sampling(steps=args.steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
                             paste_back=args.paste_back, feather=args.feather)
         inputs = [load_inputs(item) for item in items]
@@ -235,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list = [None] * len(items)
         for batch in batches(items, inputs, args.batch_size):
             shown, masks, outs = run_batch(editor, [items[k] for k in batch], [inputs[k][0] for k in batch],
-                                           [inputs[k][1] for k in batch], sampling, args.source_guidance)
+                                           [inputs[k][1] for k in batch], sampling, args.source_guidance, image_guidance)
             for k, image, mask, out in zip(batch, shown, masks, outs):
                 items[k].output.parent.mkdir(parents=True, exist_ok=True)
                 out.save(items[k].output)

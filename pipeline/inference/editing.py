@@ -21,6 +21,9 @@ batch, as in ``pipeline.evaluate``. ``strength`` is the share of the steps that 
   refined at a low strength. The model only saw its training resolution: a target grid it never
   trained on gives weaker images (README, "Editing").
 - ``text_edit(images, source_prompts, target_prompts, strength)``: FlowEdit.
+- ``conditioned(images, prompts, image_guidance)``: an image-conditioned model (trained on pairs:
+  InstructPix2Pix, Brooks et al. 2023; FLUX.1 Kontext) samples from noise with the image as its
+  source and dual guidance (eq. 3), at the image's size.
 """
 
 from __future__ import annotations
@@ -200,6 +203,23 @@ class ImageEditor:
                       sampling: Sampling | None = None, seeds: list[int] | None = None) -> list[Image.Image]:
         """Bicubic ×``scale``, then refined at ``strength`` (a low one: the last steps only)."""
         return self.edit([upscale(im, scale) for im in images], prompts, strength, None, sampling, seeds)
+
+    @torch.no_grad()
+    def conditioned(self, images: list[Image.Image], prompts: list[str], sampling: Sampling | None = None,
+                    seeds: list[int] | None = None, image_guidance: float = 1.5) -> list[Image.Image]:
+        """An image-conditioned model's output for each source image (same size, which the output
+        takes) and prompt: from noise, dual guidance ``sampling.guidance`` / ``image_guidance``;
+        image k's noise from ``seeds[k]`` alone."""
+        sampling = sampling or Sampling()
+        seeds = list(range(len(images))) if seeds is None else seeds
+        if self.pipe.image_condition is None:
+            raise EditInputError("this model is text to image (no image_condition): its edits take a mode (--strength, --mask, …)")
+        if not len(images) == len(prompts) == len(seeds):
+            raise EditInputError(f"{len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
+        sources = self.encode(images)  # (B, C, h, w)
+        noise = self.pipe.noise_per_image(seeds, list(sources.shape[1:]))
+        out = self.pipe.latents(prompts, sampling.steps, sampling.guidance, sampling.shift, seeds, noise, sources, image_guidance)
+        return tensor_to_images(self.pipe.vae.decode(out))
 
     @torch.no_grad()
     def text_edit(self, images: list[Image.Image], source_prompts: list[str], target_prompts: list[str], strength: float,

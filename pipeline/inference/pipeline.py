@@ -4,6 +4,12 @@ against, loaded from an exported model folder (``pipeline.data.model_folder``).
 ``TextToImage.from_folder(DIR)`` reads ``model_index.json`` (its ``info``: encoders, latent shape, sampler);
 ``generate(prompts)`` encodes the prompts, samples latents (Euler with classifier-free guidance
 for a teacher, multistep consistency for a distilled student) and decodes them with the VAE.
+
+An image-conditioned model (the folder's ``info["image_condition"]``; Brooks et al. 2023,
+"InstructPix2Pix"; Black Forest Labs 2025, "FLUX.1 Kontext") takes one source image per prompt
+(``generate(..., images=...)``): resized to the output size (bicubic), VAE-encoded as the training
+sources were, and sampled with dual guidance (``guidance`` for the text, ``image_guidance`` for
+the source, InstructPix2Pix eq. 3).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import from_dict
-from pipeline.data.images import tensor_to_images
+from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.data.model_folder import MODEL_INDEX, read_model_info
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolve_shift
 from pipeline.diffusion.noise import image_generators, randn_rows
@@ -63,20 +69,50 @@ class TextToImage:
 
     def __init__(
         self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler",
-        shift_base_tokens: int = SHIFT_BASE_TOKENS,
+        shift_base_tokens: int = SHIFT_BASE_TOKENS, image_condition: dict | None = None,
     ) -> None:
-        """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them)."""
+        """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them);
+        ``image_condition``: the model folder's record (``{"mode", "degradations"}``)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
         self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
         self.latent_shape = list(latent_shape)  # [C, h, w]
         self.shift_base_tokens = shift_base_tokens  # for shift "auto" (SD3's resolution shift)
+        mode = getattr(transformer, "image_condition", None)
+        self._image_condition = image_condition or ({"mode": mode, "degradations": []} if mode else None)
 
     @classmethod
     def from_folder(cls, folder: Path, device: str | torch.device = "cpu", encoders: EncoderPaths | None = None) -> TextToImage:
         loaded = load_pipeline(folder, device, encoders)
         base = loaded.info.get("timesteps", {}).get("shift_base_tokens", SHIFT_BASE_TOKENS)
-        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"), base)
+        return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"), base,
+                   loaded.info.get("image_condition"))
+
+    @property
+    def image_condition(self) -> dict | None:
+        """``{"mode": "concat" | "sequence", "degradations": [SPEC, ...]}`` of an image-conditioned
+        model (the tasks its training pairs showed), None for a text-to-image one."""
+        return self._image_condition
+
+    @torch.no_grad()
+    def encode_sources(self, images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        """Source images (PIL) resized to ``size`` (width, height; bicubic) -> normalised latents (B, C, h, w)."""
+        resized = [to_rgb(image).resize(size, Image.Resampling.BICUBIC) if image.size != size else to_rgb(image) for image in images]
+        pixels = torch.stack([image_to_tensor(image) for image in resized])  # (B, 3, H, W) in [-1, 1]
+        return self.vae.encode(pixels.to(self.vae.device))
+
+    def check_sources(self, count: int, sources) -> None:
+        """One clear line when the sources do not fit the model: required by an image-conditioned
+        model (one per prompt), refused by a text-to-image one."""
+        if self.image_condition is None:
+            if sources is not None:
+                raise ValueError("images= given, but this is a text-to-image model (no image_condition)")
+            return
+        if sources is None:
+            raise ValueError(f"this model is image-conditioned (image_condition={self.image_condition['mode']}): give images= "
+                             "(one source image per prompt)")
+        if len(sources) != count:
+            raise ValueError(f"{len(sources)} source images for {count} prompts (one per prompt)")
 
     def latent_shape_for(self, size: tuple[int, int] | None) -> list[int]:
         """[C, h, w] of an image ``size`` (width, height) in pixels; None: the model's default. The
@@ -107,31 +143,47 @@ class TextToImage:
 
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0, seed: Seeds = 0,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None = None, sources: torch.Tensor | None = None,
+                image_guidance: float | None = None) -> torch.Tensor:
         """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the noise drawn from
         ``seed``: one seed, the batch's noise in one draw; one seed per prompt, each image's own
-        (``noise_per_image``), its later draws too, so image k does not depend on its batch."""
+        (``noise_per_image``), its later draws too, so image k does not depend on its batch.
+        ``sources`` (B, C, h, w): an image-conditioned model's source latents (``encode_sources``),
+        sampled with ``image_guidance``."""
+        self.check_sources(len(prompts), sources)
         if noise is None:
             noise = self.noise(len(prompts), seed) if isinstance(seed, int) else self.noise_per_image(list(seed))
-        return self.sample(self.text.encode(prompts), noise.to(self.vae.device), steps, guidance, shift, seed)
+        cond = self.text.encode(prompts)
+        if sources is not None:
+            cond["image"] = sources.to(self.vae.device)
+        return self.sample(cond, noise.to(self.vae.device), steps, guidance, shift, seed, image_guidance)
 
     @torch.no_grad()
     def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float | str = 1.0,
-               seed: Seeds = 0) -> torch.Tensor:
+               seed: Seeds = 0, image_guidance: float | None = None) -> torch.Tensor:
         """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it);
         ``seed``: one for the batch, or one per image (``noise_per_image``'s seeds)."""
-        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, self.resolve_shift(shift, noise), seed)
+        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, self.resolve_shift(shift, noise), seed,
+                      image_guidance=image_guidance)
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
         return tensor_to_images(self.vae.decode(latents))
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float | str = 1.0, seed: int = 0,
-                 size: tuple[int, int] | None = None) -> tuple[list[Image.Image], float]:
+                 size: tuple[int, int] | None = None, images: list[Image.Image] | None = None,
+                 image_guidance: float = 1.5) -> tuple[list[Image.Image], float]:
         """Images for ``prompts`` (``size`` (width, height) px, default the model's; image k from
-        seed + k alone, as ``pipeline.evaluate`` draws it) and the wall seconds per image."""
+        seed + k alone, as ``pipeline.evaluate`` draws it) and the wall seconds per image. An
+        image-conditioned model needs ``images``, one source per prompt (resized to the output size),
+        and samples with ``image_guidance`` (InstructPix2Pix's s_I; 1: text guidance only)."""
         start = clock()
+        self.check_sources(len(prompts), images)
         seeds = list(range(seed, seed + len(prompts)))
-        noise = self.noise_per_image(seeds, self.latent_shape_for(size))
-        images = self.images(self.latents(prompts, steps, guidance, shift, seeds, noise))
-        return images, (clock() - start) / len(prompts)
+        shape = self.latent_shape_for(size)
+        noise = self.noise_per_image(seeds, shape)
+        sources = None
+        if images is not None:
+            sources = self.encode_sources(images, (shape[2] * self.vae.downsample, shape[1] * self.vae.downsample))
+        out = self.latents(prompts, steps, guidance, shift, seeds, noise, sources, image_guidance if sources is not None else None)
+        return self.images(out), (clock() - start) / len(prompts)

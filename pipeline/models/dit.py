@@ -14,6 +14,12 @@ References:
   layers over the text tokens inside the diffusion model (``text_refiner_depth``), so the model
   can learn which words belong together (a colour with its object's position) before the image
   tokens read them; here with 1D sin-cos positions, since the refiner must know word order.
+- Brooks et al. 2023, "InstructPix2Pix" (§3.2) and Black Forest Labs' Flux Control:
+  ``image_condition="concat"``, the source latent concatenated on the channels, the patch
+  embedding's extra input channels zero-initialised, so a text-to-image teacher starts it exactly.
+- Black Forest Labs 2025, "FLUX.1 Kontext" (§3): ``image_condition="sequence"``, the source
+  latent's tokens appended after the noisy ones with their own positions (here the grid placed
+  below the image: rows gh..2gh−1), the prediction sliced back to the noisy tokens.
 
 Contract used by the loss and the samplers: ``model(x, t, cond) -> v`` with ``x`` (B, C, H, W),
 ``t`` (B,) float in [0, 1] (0 = data, 1 = noise) and ``cond`` a dict of optional tensors:
@@ -23,6 +29,8 @@ Contract used by the loss and the samplers: ``model(x, t, cond) -> v`` with ``x`
     "clip_tokens" (B, L', clip_token_dim), "clip_tokens_mask" (B, L') bool
     "drop" (B,) bool: replace the row's text by the learned null condition (classifier-free guidance)
     "guidance" (B,) float guidance scale (only with ``guidance_embed``)
+    "image" (B, C, H, W) the source latent (required with ``image_condition``, refused without)
+    "drop_image" (B,) bool: the row's source is the null image, the zero latent (image guidance)
 
 The null condition lives here. A dropped row's token sequence becomes the learned null sequence:
 one learned token (hidden width, after the text projections) at position 0 with every other key
@@ -64,8 +72,9 @@ from pipeline.models.dit_layers import (
     sincos_pos_embed_2d,
 )
 
-COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance"})
+COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance", "image", "drop_image"})
 TEXT_ATTENTION = ("cross", "joint")  # how the image tokens read the text: PixArt-α or SD3 MMDiT
+IMAGE_CONDITION = ("concat", "sequence")  # how a source latent enters: InstructPix2Pix / Flux Control, or FLUX.1 Kontext
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +97,12 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     text) or ``"joint"`` (``JointBlock``, SD3's MMDiT: text and image tokens in two streams with
     their own weights and one attention over both; the last block updates only the image tokens;
     needs text tokens).
+    ``image_condition`` (an image-to-image model, ``cond["image"]`` the source latent): ``"concat"``
+    widens the patch embedding to ``2·in_channels`` inputs, [noisy ‖ source], its source half
+    zero-initialised (InstructPix2Pix, Flux Control); ``"sequence"`` patchifies the source with
+    the same embedding and appends its tokens, positioned on the grid below the image, to the noisy
+    ones through every block, and keeps the first N tokens' prediction (FLUX.1 Kontext). The
+    output has ``in_channels`` either way.
     """
 
     _supports_gradient_checkpointing = True
@@ -112,6 +127,7 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pos_interpolation: bool = False,
         text_refiner_depth: int = 0,
         text_attention: str = "cross",
+        image_condition: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -127,7 +143,11 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if text_attention == "joint" and not self.has_text:
             raise ValueError('text_attention="joint" needs text tokens (text_dim or clip_token_dim)')
         self.joint = text_attention == "joint"
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        if image_condition is not None and image_condition not in IMAGE_CONDITION:
+            raise ValueError(f"image_condition must be None or one of {', '.join(map(repr, IMAGE_CONDITION))}, got {image_condition!r}")
+        self.image_condition = image_condition
+        embedded = 2 * in_channels if image_condition == "concat" else in_channels  # [noisy ‖ source] channels
+        self.x_embedder = nn.Conv2d(embedded, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size)
         self.guidance_embedder = ScalarEmbedder(hidden_size) if guidance_embed else None
         self.clip_embedder = self._pooled_mlp(clip_dim, hidden_size) if clip_dim else None
@@ -160,7 +180,9 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def initialize_weights(self) -> None:
         """The one place for initialisation (DiT): a fresh model outputs exactly zero.
 
-        xavier-uniform for every Linear and the patch embedding (as a Linear), zero biases;
+        xavier-uniform for every Linear and the patch embedding (as a Linear over the noisy
+        latent's channels; with ``image_condition="concat"`` the source's channels are zero, so
+        the source has no effect until trained: InstructPix2Pix's initialisation), zero biases;
         normal(0.02) for the timestep / guidance / pooled-CLIP MLPs and the null condition; zero
         for every adaLN modulation output layer (both streams of a joint block), the
         cross-attention output projections and the final Linear. A fresh block (either kind) is
@@ -173,8 +195,14 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
-        w = self.x_embedder.weight.data  # (D, C, p, p)
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear (D, C·p·p)
+        w = self.x_embedder.weight.data  # (D, C, p, p); concat: (D, 2C, p, p)
+        if self.image_condition == "concat":
+            noisy = torch.empty_like(w[:, : self.in_channels])  # (D, C, p, p)
+            nn.init.xavier_uniform_(noisy.view(w.shape[0], -1))  # as a text-to-image model's (D, C·p·p)
+            w[:, : self.in_channels] = noisy
+            w[:, self.in_channels :] = 0.0  # the source's channels
+        else:
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear (D, C·p·p)
         nn.init.zeros_(self.x_embedder.bias)
         for mlp in (self.t_embedder.mlp, getattr(self.guidance_embedder, "mlp", None), self.clip_embedder):
             if mlp is not None:
@@ -205,10 +233,10 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x, cond = self._cast_inputs(x, cond)
         B, _, H, W = x.shape
         gh, gw = H // self.patch_size, W // self.patch_size
-        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D), a strided view
-        # Table first: the sum takes its contiguous layout, so the residual stream is contiguous
-        # (with the view first, every later op inherited the (B, D, N) strides and LayerNorm copied).
-        h = torch.add(self._pos_embed(gh, gw, h.dtype, h.device), h)  # (B, N, D)
+        source = self._source(cond) if self.image_condition is not None else None  # (B, C, H, W)
+        h = self._patches(torch.cat([x, source], dim=1) if self.image_condition == "concat" else x, gh, gw)  # (B, N, D)
+        if self.image_condition == "sequence":
+            h = torch.cat([h, self._patches(source, gh, gw, row_offset=gh)], dim=1)  # (B, 2N, D): [noisy; source]
         c = self._conditioning(t.expand(B) if t.ndim == 0 else t, cond)  # (B, D)
         context, mask = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None
         for block in self.blocks:
@@ -218,8 +246,24 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 out = block(h, c, context, mask)
             # DiTBlock -> h (B, N, D); JointBlock -> (h, context): the text stream moves on too.
             h, context = out if self.joint else (out, context)
+        if self.image_condition == "sequence":
+            h = h[:, : gh * gw]  # (B, N, D): the noisy tokens' prediction only (the loss covers the target alone)
         h = self.final_layer(h, c)  # (B, N, p·p·C)
         return self.unpatchify(h, gh, gw)
+
+    def _patches(self, x: Tensor, gh: int, gw: int, row_offset: int = 0) -> Tensor:
+        """Latent (B, C', H, W) -> tokens (B, N, D) with their sin-cos positions (rows offset by ``row_offset``)."""
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D), a strided view
+        # Table first: the sum takes its contiguous layout, so the residual stream is contiguous
+        # (with the view first, every later op inherited the (B, D, N) strides and LayerNorm copied).
+        return torch.add(self._pos_embed(gh, gw, h.dtype, h.device, row_offset), h)  # (B, N, D)
+
+    def _source(self, cond: Mapping[str, Tensor]) -> Tensor:
+        """The source latent (B, C, H, W); rows with ``drop_image`` get the null image, zeros (no sync)."""
+        image = cond["image"]
+        if "drop_image" in cond:
+            image = torch.where(cond["drop_image"].bool()[:, None, None, None], torch.zeros((), dtype=image.dtype, device=image.device), image)
+        return image
 
     def unpatchify(self, h: Tensor, gh: int, gw: int) -> Tensor:
         """(B, N, p·p·C) -> (B, C, gh·p, gw·p); token order row-major, features ordered (p, p, C)."""
@@ -228,12 +272,13 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         h = h.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
         return h.reshape(h.shape[0], C, gh * p, gw * p)  # (B, C, H, W)
 
-    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """(1, gh·gw, D) sin-cos table for this grid, cached per (grid, dtype, device)."""
-        key = (gh, gw, dtype, device)
+    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype, device: torch.device, row_offset: int = 0) -> Tensor:
+        """(1, gh·gw, D) sin-cos table for this grid (rows offset by ``row_offset``), cached per (grid, dtype, device)."""
+        key = (gh, gw, dtype, device) if not row_offset else (gh, gw, dtype, device, row_offset)
         table = self._pos_cache.get(key)
         if table is None:
-            table = sincos_pos_embed_2d(self.hidden_size, gh, gw, self.pos_base).to(device=device, dtype=dtype)[None]  # (1, N, D)
+            table = sincos_pos_embed_2d(self.hidden_size, gh, gw, self.pos_base, row_offset)
+            table = table.to(device=device, dtype=dtype)[None]  # (1, N, D)
             self._pos_cache[key] = table
         return table
 
@@ -312,7 +357,7 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         arrive in float32; under autocast the weights stay fp32 and this is a no-op. ``t`` and the
         guidance scale stay float32: their sinusoidal features are computed in float32."""
         dtype = self.x_embedder.weight.dtype
-        cast = {k: v.to(dtype) if k in ("t5", "clip", "clip_tokens") else v for k, v in cond.items()}
+        cast = {k: v.to(dtype) if k in ("t5", "clip", "clip_tokens", "image") else v for k, v in cond.items()}
         return x.to(dtype), cast
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -339,9 +384,16 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 raise ValueError(f"DiT: cond['{key}_mask'] {tuple(mask.shape)} != {tuple(cond[key].shape[:2])}")
         if cfg.guidance_embed and "guidance" not in cond:
             raise ValueError("DiT: cond['guidance'] (B,) is required (the model was built with guidance_embed)")
-        for key in ("drop", "guidance"):
+        for key in ("drop", "guidance", "drop_image"):
             if key in cond and cond[key].shape != (B,):
                 raise ValueError(f"DiT: cond[{key!r}] must be (B,) = ({B},), got {tuple(cond[key].shape)}")
+        if self.image_condition is None and "image" in cond:
+            raise ValueError("DiT: cond['image'] given, but this model has no image_condition (a text-to-image model)")
+        if self.image_condition is not None:
+            if "image" not in cond:
+                raise ValueError(f"DiT: cond['image'] (B, C, H, W), the source latent, is required (image_condition={self.image_condition!r})")
+            if cond["image"].shape != x.shape:
+                raise ValueError(f"DiT: cond['image'] must have x's shape {tuple(x.shape)}, got {tuple(cond['image'].shape)}")
         return cond
 
 
@@ -379,17 +431,21 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
       the scores and values over all (L + N)² query-key pairs (instead of the image-only N²); in
       the last block the text stream has only its k / v projections and a shift / scale
       modulation, and only the N image tokens query the L + N keys.
-    Then the final layer. Not counted: norms, activations, softmax and the timestep / CLIP /
+    Then the final layer. With ``image_condition``: ``"concat"`` doubles the patch embedding's
+    input channels; ``"sequence"`` embeds the source too and runs the blocks over 2N image tokens
+    (N of them from the source; the final layer over the N noisy ones). Not counted: norms, activations, softmax and the timestep / CLIP /
     guidance MLPs (per sample, tiny). Training (forward + backward) ≈ 3 × this; with activation
     checkpointing ≈ 4 ×.
     """
     cfg = _full_config(config)
     D, p, C, depth = cfg["hidden_size"], cfg["patch_size"], cfg["in_channels"], cfg["depth"]
-    n = (cfg["sample_size"] // p) ** 2  # image tokens
+    out = (cfg["sample_size"] // p) ** 2  # the noisy latent's tokens (what the final layer predicts)
+    image_condition = cfg.get("image_condition")
+    n = 2 * out if image_condition == "sequence" else out  # image tokens through the blocks: [noisy; source]
     hidden_mlp = int(D * cfg["mlp_ratio"])
     text_width = cfg["text_dim"] or cfg["clip_token_dim"]
     L = tokens_text if text_width else 0
-    macs = n * C * p * p * D  # patch embedding
+    macs = n * C * p * p * D * (2 if image_condition == "concat" else 1)  # patch embedding
     image = 4 * n * D * D + 2 * n * D * hidden_mlp + 6 * D * D  # qkv + out projections, MLP, adaLN modulation
     if text_width and cfg["text_attention"] == "joint":
         text = 4 * L * D * D + 2 * L * D * hidden_mlp + 6 * D * D  # the same over the L text tokens
@@ -405,7 +461,7 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
         macs += L * text_width * D  # text projection
     if L:  # the text refiner: qkv + out projections, scores + values, MLP over the L text tokens
         macs += cfg["text_refiner_depth"] * (4 * L * D * D + 2 * L * L * D + 2 * L * D * hidden_mlp)
-    macs += 2 * D * D + n * D * p * p * C  # final adaLN, final Linear
+    macs += 2 * D * D + out * D * p * p * C  # final adaLN, final Linear
     return 2.0 * macs
 
 

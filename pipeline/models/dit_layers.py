@@ -36,20 +36,21 @@ def sinusoidal_embedding(values: Tensor, dim: int = FREQ_DIM, max_period: float 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base: int | None = None) -> Tensor:
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base: int | None = None, row_offset: int = 0) -> Tensor:
     """2D sin-cos positional embedding (MAE / DiT) for a grid_h × grid_w grid of patches.
 
     Positions are patch indices 0..g−1 on each axis, so the default grid matches DiT and larger or
     non-square grids extend it. With ``base`` (PixArt-α's interpolation, Chen et al. 2023 §2.3),
     each axis's indices are scaled by ``base / g``: every grid spans the positions of the
-    ``base × base`` grid the model was trained at. Returns (grid_h · grid_w, dim) float32,
-    row-major over (h, w).
+    ``base × base`` grid the model was trained at. ``row_offset`` shifts the row indices (the
+    grid placed that many rows lower, before any scaling: FLUX.1 Kontext's own positions for the
+    condition tokens). Returns (grid_h · grid_w, dim) float32, row-major over (h, w).
     """
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
     scale_h, scale_w = (base / grid_h, base / grid_w) if base else (1.0, 1.0)
     ys, xs = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64) * scale_h, torch.arange(grid_w, dtype=torch.float64) * scale_w, indexing="ij"
+        (torch.arange(grid_h, dtype=torch.float64) + row_offset) * scale_h, torch.arange(grid_w, dtype=torch.float64) * scale_w, indexing="ij"
     )  # (gh, gw) each
     out_w = xs.reshape(-1, 1) * omega[None]  # (N, dim/4)
     out_h = ys.reshape(-1, 1) * omega[None]  # (N, dim/4)

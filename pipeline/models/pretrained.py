@@ -3,7 +3,9 @@ check it against the latents, load it.
 
 References: Chen et al. 2024, "PixArt-Σ" (``PixArtTransformer2DModel``, trained here through
 ``pipeline.models.pixart``); Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3's MMDiT,
-``SD3Transformer2DModel``: refused, see :data:`SD3_REFUSAL`).
+``SD3Transformer2DModel``: refused, see :data:`SD3_REFUSAL`); Brooks et al. 2023, "InstructPix2Pix"
+(§3.2) and Flux Control: a text-to-image DiT widened into an image-conditioned one
+(:func:`with_image_condition`), the patch embedding's new input channels zero, so it starts as the teacher.
 
 Layouts (DESIGN.md §11), told apart by ``config.json``'s ``_class_name``:
 
@@ -230,10 +232,14 @@ def _check_latent_scale(source: Pretrained, vae: dict) -> None:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_pretrained(source: Pretrained, empty: bool = False) -> nn.Module:
+def load_pretrained(source: Pretrained, empty: bool = False, image_condition: str | None = None) -> nn.Module:
     """The checkpoint's transformer in fp32 (master weights, DESIGN.md §8) behind our contract: a
     ``DiT``, or a ``PixArt`` (null text not yet set). ``empty``: built from the config alone (on the
-    ``meta`` device, for the dry run)."""
+    ``meta`` device, for the dry run). ``image_condition`` (``model.image_condition``): a text-to-image
+    DiT becomes an image-conditioned one (:func:`with_image_condition`); a conditioned checkpoint must
+    have that mode."""
+    if image_condition is not None:
+        _check_image_condition(source, image_condition)
     if source.architecture == "dit":
         from pipeline.models.dit import DiT
 
@@ -253,4 +259,36 @@ def load_pretrained(source: Pretrained, empty: bool = False) -> nn.Module:
             return PixArt(model)
         except ValueError as err:
             raise ConfigError(f"model.init: {source.given}: {err}") from None
+    if image_condition is not None and model.config.get("image_condition") is None:
+        return with_image_condition(model, image_condition)
     return model
+
+
+def _check_image_condition(source: Pretrained, mode: str) -> None:
+    """``model.image_condition`` on a checkpoint: a DiT, text-to-image or conditioned the same way."""
+    if source.architecture != "dit":
+        raise ConfigError(f"model.image_condition={mode}: {source.given} holds a {source.architecture} transformer; "
+                          "image conditioning is a DiT option (model.init of our DiT folder, or a fresh DiT)")
+    theirs = source.config.get("image_condition")
+    if theirs is not None and theirs != mode:
+        raise ConfigError(f"model.image_condition={mode}, but {source.given} is conditioned with image_condition={theirs}: "
+                          f"set model.image_condition={theirs}")
+
+
+def with_image_condition(teacher: nn.Module, mode: str) -> nn.Module:
+    """A text-to-image ``DiT`` as an image-conditioned one (``mode``: ``concat`` | ``sequence``) holding
+    its weights. ``concat``: the patch embedding takes [noisy ‖ source], the source's input channels
+    zero (InstructPix2Pix), so its outputs equal the teacher's for any source; ``sequence``: the same
+    weights (the source's tokens go through the teacher's patch embedding, FLUX.1 Kontext)."""
+    from pipeline.models.dit import DiT
+
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    widened = DiT.from_config({**config, "image_condition": mode})
+    if teacher.x_embedder.weight.device.type == "meta":  # the dry run: shapes only
+        return widened
+    state = teacher.state_dict()
+    if mode == "concat":
+        weight = state["x_embedder.weight"]  # (D, C, p, p)
+        state["x_embedder.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)  # (D, 2C, p, p)
+    widened.load_state_dict(state)
+    return widened

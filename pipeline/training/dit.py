@@ -39,6 +39,16 @@ Classifier-free guidance: with probability ``p_uncond`` a sample's text is repla
 model's learned null condition (``cond["drop"]``: a learned null token instead of the T5/CLIP
 tokens and a learned null vector instead of the pooled CLIP embedding). Sampling uses the same
 null condition for the unconditional half.
+
+Image conditioning (``model.image_condition``; Brooks et al. 2023, "InstructPix2Pix"; Black Forest
+Labs 2025, "FLUX.1 Kontext"): the model reads each sample's source latent (``batch["src_latent"]``
+of paired latents, checked before any work) as ``cond["image"]``. Dropout is three-way from one
+uniform draw per row (:func:`condition`: text only with ``p_uncond``, the source image only with
+``p_drop_image``, both with ``p_drop_both``), so a run draws as many random numbers per step as a
+text-to-image one and resumes exactly. ``model.init`` of a text-to-image DiT widens it
+(``pipeline.models.pretrained.with_image_condition``). Validation passes the held-out sources; the
+sample grid draws the first ``sampling.sources`` samples of ``data.latents`` (their captions and
+sources) with dual guidance, shown source | output.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.data.images import tensor_to_images
 from pipeline.data.latents import collate_latents, decode_latent_sample, latent_loader, latent_meta, shard_list
 from pipeline.data.stream import held_out_split, read_first, read_held_out
+from pipeline.figures.sheets import strips_sheet
 from pipeline.data.remote import dataset_json_of
 from pipeline.data.model_folder import export_model
 from pipeline.figures.sheets import write_sheet
@@ -90,7 +101,7 @@ def build_model(cfg: TrainConfig, meta: dict) -> torch.nn.Module:
     empty = torch.empty(()).device.type == "meta"
     m = cfg.model
     if m.init is not None:
-        model = load_pretrained(find_pretrained(m.init), empty=empty)
+        model = load_pretrained(find_pretrained(m.init), empty=empty, image_condition=m.image_condition)
     elif m.architecture == "pixart":
         model = fresh_pixart(cfg, meta)
     else:
@@ -113,7 +124,8 @@ def fresh_dit(cfg: TrainConfig, meta: dict) -> torch.nn.Module:
         "clip_token_dim": text["clip"]["token_width"] if text.get("clip") and text["clip"].get("return_tokens") else 0,
     }
     m = cfg.model
-    options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention}
+    options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention,
+               "image_condition": m.image_condition}
     return build_dit(m.name, in_channels=channels, sample_size=height, **options, **widths, **m.overrides)
 
 
@@ -168,6 +180,10 @@ def located_meta(cfg: TrainConfig, prog: str) -> dict:
         print(f"{prog}: encoders from {moved}, instead of where {where} says")
     if cfg.model.init is not None:
         adopt_init(cfg, meta, prog)
+    if cfg.model.image_condition is not None and not meta.get("image_condition"):
+        raise ConfigError(f"data.latents: {cfg.data.latents} holds no source latents (its dataset.json has no \"image_condition\"), "
+                          f"which model.image_condition={cfg.model.image_condition} reads: encode paired image shards "
+                          "(data_tools.pairs, then data_tools.encode)")
     return meta
 
 
@@ -177,6 +193,10 @@ def adopt_init(cfg: TrainConfig, meta: dict, prog: str) -> None:
     source = find_pretrained(cfg.model.init)
     check_latents(source, meta)
     taken = []
+    recorded = source.config.get("image_condition")
+    if recorded is not None and cfg.model.image_condition is None:  # a conditioned checkpoint stays one
+        cfg.model.image_condition = recorded
+        taken.append(f"model.image_condition={recorded}")
     for key, section in (("timesteps", cfg.timesteps), ("sampling", cfg.sampling)):
         value = (source.shift or {}).get(key)
         if value is not None and value != 1.0 and section.shift == 1.0:
@@ -203,16 +223,31 @@ def check_buckets(buckets: dict | None, patch: int) -> None:
                               f"model: encode again with bucket_step a multiple of the VAE factor × {patch}")
 
 
-def text_condition(batch: dict, device: torch.device) -> dict:
-    """The model's ``cond`` from a latent batch: its text, none dropped (nothing drawn)."""
-    return {k: to_device(v, device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+def text_condition(batch: dict, device: torch.device, image: bool = False) -> dict:
+    """The model's ``cond`` from a latent batch: its text (and with ``image`` its source latent as
+    ``cond["image"]``), none dropped (nothing drawn)."""
+    cond = {k: to_device(v, device) for k, v in batch.items() if k in ("t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask")}
+    if image:
+        cond["image"] = to_device(batch["src_latent"], device)  # (B, C, h, w)
+    return cond
 
 
-def condition(batch: dict, p_uncond: float, device: torch.device) -> dict:
-    """The model's ``cond`` from a latent batch; rows drawn with ``p_uncond`` use the null condition."""
-    cond = text_condition(batch, device)
-    rows = batch["latent"].shape[0]
-    cond["drop"] = (torch.rand(rows) < p_uncond).to(device)
+def condition(batch: dict, p_uncond: float, device: torch.device, p_drop_image: float = 0.0, p_drop_both: float = 0.0,
+              image: bool = False) -> dict:
+    """The model's ``cond`` from a latent batch with the dropout drawn: one uniform ``u`` per row.
+    Text-to-image: ``u < p_uncond`` rows use the null text. With ``image`` (the source latent read):
+    three-way (InstructPix2Pix) on the same draw, ``[0, p_uncond)`` the text alone dropped,
+    ``[p_uncond, +p_drop_image)`` the source image alone (``cond["drop_image"]``: the null image),
+    ``[.., +p_drop_both)`` both."""
+    cond = text_condition(batch, device, image)
+    u = torch.rand(batch["latent"].shape[0])  # (B,): one draw per row, whatever is dropped
+    if not image:
+        cond["drop"] = (u < p_uncond).to(device)
+        return cond
+    image_from, both_from, both_to = p_uncond, p_uncond + p_drop_image, p_uncond + p_drop_image + p_drop_both
+    both = (u >= both_from) & (u < both_to)
+    cond["drop"] = ((u < image_from) | both).to(device)
+    cond["drop_image"] = (((u >= image_from) & (u < both_from)) | both).to(device)
     return cond
 
 
@@ -264,6 +299,7 @@ class Trainer(TrainerCore):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.build_model()
         self.lora = cfg.lora.rank > 0
+        self.conditioned = getattr(model, "image_condition", None) is not None  # reads batch["src_latent"]
         if self.lora:
             add_lora(model, cfg.lora)  # the base frozen, the adapters trainable (before the copies and prepare)
         self.model_patch = model.patch_size
@@ -286,6 +322,7 @@ class Trainer(TrainerCore):
         self.last_lr = cfg.optim.lr
         self.t_sums, self.t_counts = torch.zeros(T_BUCKETS), torch.zeros(T_BUCKETS)
         self._grid_cond: dict | None = None
+        self._grid_sources: dict | None = None
 
     def build_model(self) -> torch.nn.Module:
         """The trained network (a subclass may start it from another model)."""
@@ -317,7 +354,8 @@ class Trainer(TrainerCore):
         """Per-sample rectified-flow loss (B,) in fp32 and the times it was drawn at (B,)."""
         device = self.accelerator.device
         x0 = to_device(batch["latent"], device)  # (B, C, h, w)
-        cond = condition(batch, self.cfg.p_uncond, device)
+        cfg = self.cfg
+        cond = condition(batch, cfg.p_uncond, device, cfg.p_drop_image, cfg.p_drop_both, self.conditioned)
         t = sample_timesteps(x0.shape[0], self.cfg.timesteps, device=device, tokens=self.image_tokens(x0))
         return flow_loss(self.model, x0, cond, t, torch.randn_like(x0)), t
 
@@ -412,7 +450,7 @@ class Trainer(TrainerCore):
         x0 = to_device(batch["latent"], device)
         noise = torch.stack([fixed_noise(v.seed, i, x0.shape[1:]) for i, _ in units]).to(device)
         t = torch.tensor([v.times[j] for _, j in units], device=device)
-        return x0, text_condition(batch, device), noise, t
+        return x0, text_condition(batch, device, self.conditioned), noise, t
 
     def validation_values(self, units: list[Unit]) -> torch.Tensor:
         """The rectified-flow loss of held-out units at their fixed times, (B, 1)."""
@@ -469,39 +507,66 @@ class Trainer(TrainerCore):
     def export_info(self) -> dict:
         """What the model folder's ``info`` says beyond the encoders: the sampler and its defaults."""
         s, t = self.cfg.sampling, self.cfg.timesteps
-        info = {"sampler": "euler", "sampling": {"steps": s.steps, "guidance": s.guidance, "shift": s.shift},
+        sampling = {"steps": s.steps, "guidance": s.guidance, "shift": s.shift}
+        if self.conditioned:
+            sampling["image_guidance"] = s.image_guidance
+        info = {"sampler": "euler", "sampling": sampling,
                 "timesteps": {"shift": t.shift, "shift_base_tokens": t.shift_base_tokens}, "buckets": self.meta.get("buckets")}
         if self.lora:  # what the fused weights hold (the adapter alone: RUN/lora/)
             info["lora"] = {"fused": True, "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.resolved_alpha, "targets": self.cfg.lora.targets}
         return info
 
     def sample_grid(self, name: str) -> Path | None:
-        """A captioned grid from the fixed prompts and seed with the EMA network (main process).
+        """A captioned grid from the fixed prompts and seed with the EMA network (main process); an
+        image-conditioned model's from the grid's samples (:meth:`grid_sources`), source | output.
 
         It draws from forked RNG streams, so training continues exactly as without it."""
-        if not self.is_main or not self.cfg.sampling.prompts:
-            return None
         s, device = self.cfg.sampling, self.accelerator.device
+        if not self.is_main or not (s.sources if self.conditioned else s.prompts):
+            return None
+        sources = self.grid_sources() if self.conditioned else None
+        prompts = sources["caption"] if sources else s.prompts
+        shape = list(sources["src_latent"].shape[1:]) if sources else self.meta["latent_shape"]
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda), self.autocast():
-            cond = {k: v.to(device) for k, v in self.grid_condition().items()}
-            noise = torch.randn(len(s.prompts), *self.meta["latent_shape"], generator=torch.Generator().manual_seed(s.seed)).to(device)
+            cond = {k: v.to(device) for k, v in self.grid_condition(prompts).items()}
+            if sources:
+                cond["image"] = sources["src_latent"].float().to(device)  # (B, C, h, w)
+            noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
             shift = resolve_shift(s.shift, self.image_tokens(noise), self.cfg.timesteps.shift_base_tokens)
-            latents = sample(self.ema.module, self.export_info()["sampler"], cond, noise, s.steps, s.guidance, shift, s.seed)
+            latents = sample(self.ema.module, self.export_info()["sampler"], cond, noise, s.steps, s.guidance, shift, s.seed,
+                             image_guidance=s.image_guidance if sources else None)
             vae = FrozenVAE(from_dict(VAEConfig, self.meta["config"]["vae"]), device)  # loaded for this grid only
             images = tensor_to_images(vae.decode(latents))
+            shown = tensor_to_images(vae.decode(cond["image"])) if sources else None
         del vae, cond
         release_memory()
-        return write_sheet(images, s.prompts, self.cfg.run_dir / "samples" / f"{name}.png")
+        path = self.cfg.run_dir / "samples" / f"{name}.png"
+        if shown is None:
+            return write_sheet(images, prompts, path)
+        strips_sheet([[source, image] for source, image in zip(shown, images)], prompts, path, gap=2)
+        return path
 
-    def grid_condition(self) -> dict:
-        """The fixed prompts encoded once, kept on the CPU; the text encoders are released after."""
+    def grid_condition(self, prompts: list[str] | None = None) -> dict:
+        """The grid's prompts (default: the fixed ones) encoded once, kept on the CPU; the text
+        encoders are released after."""
         if self._grid_cond is None:
             text = TextEncoders(from_dict(TextEncodersConfig, self.meta["config"]["text"]), self.accelerator.device)
-            self._grid_cond = {k: v.cpu() for k, v in text.encode(self.cfg.sampling.prompts).items()}
+            self._grid_cond = {k: v.cpu() for k, v in text.encode(prompts or self.cfg.sampling.prompts).items()}
             del text
             release_memory()
         return self._grid_cond
+
+    def grid_sources(self) -> dict:
+        """An image-conditioned model's grid: the first ``sampling.sources`` samples of
+        ``data.latents`` of the first one's shape, collated (captions, ``src_latent``); read once."""
+        if self._grid_sources is None:
+            samples = read_first(shard_list(self.cfg.data.latents), self.cfg.sampling.sources, decode_latent_sample)
+            if not samples:
+                raise ConfigError(f"sampling: no latent could be read from {self.cfg.data.latents} for the grid")
+            shape = samples[0]["latent"].shape
+            self._grid_sources = collate_latents([x for x in samples if x["latent"].shape == shape])
+        return self._grid_sources
 
 
 # ---------------------------------------------------------------------------- the dry run's plan

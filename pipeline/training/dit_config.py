@@ -1,4 +1,9 @@
-"""Typed configuration of ``pipeline.train`` (DiT + rectified flow), one dataclass per section."""
+"""Typed configuration of ``pipeline.train`` (DiT + rectified flow), one dataclass per section.
+
+Image conditioning (``model.image_condition``, ``p_drop_image``, ``p_drop_both``): Brooks et al. 2023,
+"InstructPix2Pix" (§3.2.1: text, image and both dropped 5% of the time each, for dual guidance);
+Black Forest Labs 2025, "FLUX.1 Kontext" (``sequence``).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,11 @@ class ModelConfig:
     (``pipeline.models.pretrained``): our exported model folder, a PixArt-Σ transformer or pipeline
     folder, or a hub id; the checkpoint then fixes the architecture and size (``name`` and
     ``overrides`` are not used) and its recorded shift replaces ``timesteps.shift`` /
-    ``sampling.shift`` where those are left at 1.0."""
+    ``sampling.shift`` where those are left at 1.0. ``image_condition``: an image-to-image DiT
+    reading each sample's source latent (paired latents, ``KEY.src_latent.npy``): ``concat`` on the
+    channels (InstructPix2Pix, Flux Control; with ``init`` a text-to-image DiT, its patch embedding
+    widened with zero weights so the run starts exactly at it) or ``sequence`` (FLUX.1 Kontext: the
+    source's tokens appended to the noisy ones)."""
 
     architecture: Literal["dit", "pixart"] = "dit"
     name: str = "DiT-tiny"  # a key of pipeline.models.dit.DIT_CONFIGS (dit) or pipeline.models.pixart.PIXART_CONFIGS (pixart)
@@ -32,6 +41,7 @@ class ModelConfig:
     qk_norm: bool = False
     text_refiner_depth: int = 0  # transformer layers over the text tokens before the blocks read them (Lumina-Next, Sana)
     text_attention: Literal["cross", "joint"] = "cross"  # PixArt-α cross-attention, or SD3's joint (MMDiT) blocks
+    image_condition: Literal["concat", "sequence"] | None = None  # None: text-to-image
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each block (one compilation serves all blocks, one more per bucket shape); DDP or ZeRO-2, not ZeRO-3
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {depth: 4}
@@ -43,7 +53,7 @@ class ModelConfig:
         known = DIT_CONFIGS if self.architecture == "dit" else PIXART_CONFIGS
         if self.name not in known:
             raise ValueError(f"unknown {self.architecture} model '{self.name}' (known: {', '.join(known)})")
-        dit_only = {"qk_norm": False, "text_refiner_depth": 0, "text_attention": "cross"}
+        dit_only = {"qk_norm": False, "text_refiner_depth": 0, "text_attention": "cross", "image_condition": None}
         for key, default in dit_only.items():
             if self.architecture == "pixart" and getattr(self, key) != default:
                 raise ValueError(f"{key} is a DiT option: architecture=pixart (PixArt-Σ as diffusers builds it) has none")
@@ -137,7 +147,9 @@ class LoraConfig:
 @dataclass(kw_only=True)
 class SamplingConfig:
     """The grid drawn every ``every`` steps from fixed prompts and seed (0 = only at the end; no
-    prompts: no grid at all, not even at the end)."""
+    prompts: no grid at all, not even at the end). An image-conditioned model's grid holds the
+    first ``sources`` samples of ``data.latents`` instead of the prompts (source | output, each with
+    its own caption; 0: no grid), drawn with dual guidance ``guidance`` / ``image_guidance``."""
 
     every: int = 0
     prompts: list[str] = field(default_factory=lambda: ["a large red circle at the center on a white background"])
@@ -145,6 +157,12 @@ class SamplingConfig:
     guidance: float = 4.0
     shift: float | Literal["auto"] = 1.0  # auto: SD3's resolution shift from the grid's tokens (timesteps.shift_base_tokens)
     seed: int = 0
+    image_guidance: float = 1.5  # an image-conditioned model's source-image scale (InstructPix2Pix's s_I; 1: text guidance only)
+    sources: int = 8  # an image-conditioned model's grid: this many samples of data.latents (their captions and sources)
+
+    def __post_init__(self) -> None:
+        if self.sources < 0:
+            raise ValueError(f"sources must be >= 0 (got {self.sources})")
 
 
 @dataclass(kw_only=True)
@@ -163,7 +181,9 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000  # optimizer steps
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    p_uncond: float = 0.1  # probability of training on the null condition (for guidance)
+    p_uncond: float = 0.1  # probability of training on the null condition (for guidance); with image_condition: text only dropped
+    p_drop_image: float = 0.0  # image_condition: probability of the null source image alone (InstructPix2Pix: 0.05)
+    p_drop_both: float = 0.0  # image_condition: probability of dropping text and source image (InstructPix2Pix: 0.05)
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +204,15 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1 (got {self.steps})")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1) (got {self.p_uncond})")
+        for key in ("p_drop_image", "p_drop_both"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ValueError(f"{key} must be in [0, 1) (got {value})")
+            if value and self.model.image_condition is None:
+                raise ValueError(f"{key}={value} drops the source image: it needs model.image_condition (concat or sequence)")
+        if self.p_uncond + self.p_drop_image + self.p_drop_both >= 1:
+            raise ValueError(f"p_uncond + p_drop_image + p_drop_both must be < 1 (got {self.p_uncond} + {self.p_drop_image} + "
+                             f"{self.p_drop_both}): some rows must keep both conditions")
         if self.model.compile and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             raise ValueError("model.compile does not work with deepspeed.zero_stage=3 (its parameter hooks run inside "
                              "every block); use ZeRO-2 or DDP, or model.compile=false")

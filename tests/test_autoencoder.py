@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL
 from safetensors.numpy import load_file
 
 from pipeline import train_autoencoder
-from pipeline.training.autoencoder_losses import adaptive_weight, hinge_d_loss
+from pipeline.training.autoencoder_losses import adaptive_weight
+from pipeline.training.gan_losses import hinge_d_loss
 from tests.helpers import ROOT
 
 

@@ -68,11 +68,14 @@ class Reconstruction(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / taming's NLayerDiscriminator): one real/fake logit per patch."""
+    """PatchGAN (pix2pix / taming's NLayerDiscriminator): one real/fake logit per patch.
 
-    def __init__(self, channels: int = 64, layers: int = 2) -> None:
+    ``in_channels``: 3 for an image alone (the autoencoder's); 6 for pix2pix's conditional
+    discriminator, which sees ``[source ‖ image]`` concatenated on channels."""
+
+    def __init__(self, channels: int = 64, layers: int = 2, in_channels: int = 3) -> None:
         super().__init__()
-        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         width = channels
         for i in range(1, layers + 1):
             out = channels * min(2**i, 8)
@@ -86,4 +89,5 @@ class PatchDiscriminator(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> patch logits (B, 1, h', w')."""
         return self.net(images)

@@ -55,10 +55,11 @@ from pipeline.figures.sheets import pairs_sheet
 from pipeline.data.stream import LoaderConfig
 from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminator, Reconstruction, build_autoencoder
 from pipeline.data.quality import psnr
-from pipeline.training.autoencoder_losses import adaptive_weight, generator_loss, hinge_d_loss, measure_factors
+from pipeline.training.autoencoder_losses import adaptive_weight, measure_factors
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.core import TrainerCore
 from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env
+from pipeline.training.gan_losses import generator_loss, hinge_d_loss
 from pipeline.training.optim import OptimConfig, build_optimizer
 from pipeline.training.preflight import check_resume, check_shard_count, resume_target
 from pipeline.training.tracking import LoggingConfig

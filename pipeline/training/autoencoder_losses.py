@@ -1,4 +1,4 @@
-"""The autoencoder recipe's losses and measurements.
+"""The autoencoder recipe's losses and measurements (the adversarial ones: ``pipeline.training.gan_losses``).
 
 References: Esser et al. 2021, "Taming Transformers" (hinge loss, the adaptive generator weight,
 eq. 7); Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (the
@@ -9,15 +9,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
-
-
-def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss: ``½·(mean relu(1 − real) + mean relu(1 + fake))``."""
-    return 0.5 * (torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean())
-
-
-def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    return -fake_logits.mean()
 
 
 def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:

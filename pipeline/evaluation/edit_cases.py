@@ -15,6 +15,18 @@ Case ``k`` of a task depends only on (task, seed, k, resolution): a scene is ren
   and grown back; the result should be the full render.
 - ``superres``: the render box-downsampled by ``SR_SCALE`` is the input; the result should be
   the full-size render.
+
+Inverse problems (``INVERSE_TASKS``, not in the default ``TASKS``): a known degradation
+(``pipeline.data.degradations``, ``TASK_DEGRADATIONS``) of the render is the input, its own
+caption the prompt, the render the target. ``measurement`` is ``y = A(render)`` (C, h, w) on the
+8-bit grid (:func:`eight_bit`: what a user holds is an 8-bit image, so no method may read the truth
+out of y's float digits: an exact deblurring would) and ``image`` is ``Degradation.source(render)``
+(what a model gets: y shown as an image at full size).
+
+- ``colourise``: ``grayscale`` (BT.601 luma);
+- ``sr4``: ``down4`` (4× box average; the source is its bicubic upsampling);
+- ``edges``: ``edges`` (Sobel magnitude; not linear: no projection);
+- ``deblur``: ``blur`` (circular Gaussian, σ 1.5 px).
 """
 
 from __future__ import annotations
@@ -23,7 +35,11 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
+
+from pipeline.data.degradations import parse_degradation
+from pipeline.data.images import image_to_tensor, tensor_to_images
 
 from pipeline.evaluation.adherence import render_caption
 from pipeline.evaluation.synthetic import (
@@ -35,6 +51,9 @@ from pipeline.evaluation.synthetic import (
 )
 
 TASKS = ("inpaint", "img2img", "flowedit", "outpaint", "superres", "inpaint_quarter", "inpaint_half")
+TASK_DEGRADATIONS = {"colourise": "grayscale", "sr4": "down4", "edges": "edges", "deblur": "blur"}
+INVERSE_TASKS = tuple(TASK_DEGRADATIONS)  # known degradations: source | each method | target
+ALL_TASKS = TASKS + INVERSE_TASKS
 MASKED = ("inpaint", "inpaint_quarter", "inpaint_half")  # the tasks that inpaint a mask
 MASK_MARGIN = 2  # pixels around the object's box that the inpainting mask also covers
 SR_SCALE = 2
@@ -59,6 +78,8 @@ class EditCase:
     padding: tuple[int, int, int, int] | None = None  # outpaint: (left, top, right, bottom)
     source_prompt: str | None = None  # flowedit: the caption of the input
     notes: dict = field(default_factory=dict)
+    degradation: str | None = None  # inverse tasks: the spec of A (``TASK_DEGRADATIONS``)
+    measurement: torch.Tensor | None = None  # inverse tasks: y = A(reference), (C, h, w)
 
 
 def _scene(index: int, resolution: int, seed: int, second_object_prob: float) -> tuple[Image.Image, dict]:
@@ -149,13 +170,32 @@ def superres_case(index: int, resolution: int, seed: int, second_object_prob: fl
     return EditCase("superres", index, small, caption_for(scene["background"], scene["objects"]), scene, full)
 
 
+def eight_bit(y: torch.Tensor) -> torch.Tensor:
+    """Values in [-1, 1] snapped to the 256 levels of an 8-bit image."""
+    return ((y.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def inverse_case(task: str):
+    """The builder of an inverse-problem case: the render, its degradation ``y`` and source image."""
+    deg = parse_degradation(TASK_DEGRADATIONS[task])
+
+    def build(index: int, resolution: int, seed: int, second_object_prob: float) -> EditCase:
+        full, scene = _scene(index, resolution, seed, second_object_prob)
+        x = image_to_tensor(full)[None]  # (1, 3, H, W)
+        source = tensor_to_images(deg.source(x))[0]
+        return EditCase(task, index, source, caption_for(scene["background"], scene["objects"]), scene, full,
+                        degradation=deg.spec, measurement=eight_bit(deg.measure(x)[0]))
+
+    return build
+
+
 BUILDERS = {"inpaint": inpaint_case, "img2img": img2img_case, "flowedit": flowedit_case, "outpaint": outpaint_case,
             "superres": superres_case, "inpaint_quarter": large_mask_case("inpaint_quarter"),
-            "inpaint_half": large_mask_case("inpaint_half")}
+            "inpaint_half": large_mask_case("inpaint_half"), **{task: inverse_case(task) for task in INVERSE_TASKS}}
 
 
 def edit_cases(task: str, count: int, resolution: int, seed: int, second_object_prob: float = 0.25) -> list[EditCase]:
     """``count`` cases of ``task``; case k from (task, seed, k) alone."""
     if task not in BUILDERS:
-        raise ValueError(f"unknown edit task '{task}' ({', '.join(TASKS)})")
+        raise ValueError(f"unknown edit task '{task}' ({', '.join(ALL_TASKS)})")
     return [BUILDERS[task](k, resolution, seed, second_object_prob) for k in range(count)]

@@ -16,6 +16,16 @@ Per task (rates are over cases; PSNR/SSIM are means in dB / [0, 1]):
   ``baseline_scores`` gives the same for the input as the model gets it (edge-filled canvas,
   bicubic upsampling) as ``baseline_*``.
 
+- inverse tasks (``colourise``, ``sr4``, ``edges``, ``deblur``: a known degradation ``y = A(x)``):
+  ``objects_kept`` (every object's attributes and the count right), ``colour_right`` (every
+  object's colour right), ``background``, ``psnr`` and ``lpips`` (``pipeline.evaluation.lpips``;
+  None without AlexNet weights) against the render, and ``consistency`` (RMS of ``A(x̂) − y`` in
+  [0, 1] pixel units, ``pipeline.data.degradations.consistency_error``). The methods that produce
+  the images (``run_inverse_method``): ``source`` (the input as is), ``sdedit`` (the editor
+  without retraining), ``solver`` (``pipeline.inference.inverse``, also ``raw_consistency``: its
+  last decode before the pixel projection), and trained ones (a pix2pix ``Translator``, an
+  image-conditioned ``TextToImage``).
+
 ``vae_ceiling`` scores the VAE round trip of each case's target render the same way: the best a
 latent-space edit can do, so a reader sees how much of a gap is the autoencoder's. For the
 unmasked PSNR that is the ceiling without paste-back (``Sampling.paste_back``, on by default,
@@ -29,11 +39,14 @@ import statistics
 import torch
 from tqdm import tqdm
 
+from pipeline.data.degradations import consistency_error, parse_degradation
 from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.data.quality import psnr, ssim
 from pipeline.evaluation.adherence import ATTRIBUTES, analyse, score
-from pipeline.evaluation.edit_cases import MASKED, SR_SCALE, EditCase
+from pipeline.evaluation.edit_cases import INVERSE_TASKS, MASKED, SR_SCALE, EditCase
+from pipeline.evaluation.lpips import lpips
 from pipeline.inference.editing import ImageEditor, Sampling, outpaint_canvas, upscale
+from pipeline.inference.inverse import SolverConfig, solve
 
 
 def _tensors(images) -> torch.Tensor:
@@ -167,6 +180,8 @@ def score_task(cases: list[EditCase], outputs: list) -> tuple[dict, list[dict]]:
         return score_restore(cases, outputs)
     if task in ("img2img", "flowedit"):
         return score_img2img(cases, outputs)
+    if task in INVERSE_TASKS:
+        return score_inverse(cases, outputs)
     return score_against_reference(cases, outputs)
 
 
@@ -180,6 +195,83 @@ def vae_ceiling(editor: ImageEditor, cases: list[EditCase], batch_size: int = 64
     key = CEILINGS[cases[0].task]
     summary, _ = score_task(cases, vae_round_trip(editor, [c.reference for c in cases], batch_size))
     return {f"vae_{key}": summary[key]}
+
+
+# ------------------------------------------------------------------------- inverse problems
+INVERSE_SCORES = ("objects_kept", "colour_right", "background", "psnr", "lpips", "consistency")
+
+
+def measurements(cases: list[EditCase]) -> torch.Tensor:
+    """(B, C, h, w): each case's ``y = A(reference)``."""
+    return torch.stack([c.measurement for c in cases])
+
+
+def score_inverse(cases: list[EditCase], outputs: list) -> tuple[dict, list[dict]]:
+    """An inverse task's scores (``INVERSE_SCORES``) of ``outputs`` against the render and ``y``;
+    ``lpips`` is None where LPIPS is unavailable (``pipeline.evaluation.lpips``)."""
+    deg = parse_degradation(cases[0].degradation)
+    pixels, references = _tensors(outputs), _tensors([c.reference for c in cases])
+    distances = lpips(pixels, references)
+    values = {"psnr": psnr(pixels, references), "consistency": consistency_error(deg, pixels, measurements(cases))}
+    rows = []
+    for k, (case, out) in enumerate(zip(cases, outputs)):
+        correct = score(analyse(out), case.truth)
+        rows.append({"objects_kept": all(correct[a] for a in (*ATTRIBUTES, "count")), "colour_right": correct["colour"],
+                     "background": correct["background"], **{name: float(v[k]) for name, v in values.items()},
+                     "lpips": None if distances is None else float(distances[k])})
+    summary = {key: _mean(r[key] for r in rows) for key in INVERSE_SCORES if key != "lpips"}
+    summary["lpips"] = None if distances is None else _mean(r["lpips"] for r in rows)
+    return summary, rows
+
+
+def _batches(cases: list[EditCase], batch_size: int):
+    for start in range(0, len(cases), batch_size):
+        yield start, cases[start:start + batch_size]
+
+
+def run_sdedit(editor: ImageEditor, cases: list[EditCase], strength: float, sampling: Sampling, seed: int,
+               batch_size: int = 64) -> list:
+    """The editor without retraining: SDEdit from each source at ``strength`` (for ``sr4`` the
+    source is the bicubic upsampling: ``ImageEditor.super_resolve``'s path); case k from seed + k."""
+    outputs = []
+    for start, batch in _batches(cases, batch_size):
+        seeds = list(range(seed + start, seed + start + len(batch)))
+        outputs += editor.edit([c.image for c in batch], [c.prompt for c in batch], strength, None, sampling, seeds)
+    return outputs
+
+
+def run_solver(pipe, cases: list[EditCase], cfg: SolverConfig, seed: int, batch_size: int = 64) -> tuple[list, list[float]]:
+    """The data-consistent solver on each case (``pipeline.inference.inverse.solve``, case k from
+    seed + k): its images and the consistency error of its last decode before the projection."""
+    deg = parse_degradation(cases[0].degradation)
+    outputs, raw = [], []
+    for start, batch in _batches(cases, batch_size):
+        y, seeds = measurements(batch), list(range(seed + start, seed + start + len(batch)))
+        sources = _tensors([c.image for c in batch]) if cfg.strength < 1 else None
+        solved = solve(pipe, deg, y, [c.prompt for c in batch], seeds, cfg, start=sources)
+        outputs += solved.images
+        raw += consistency_error(deg, solved.raw.cpu(), y).tolist()
+    return outputs, raw
+
+
+@torch.no_grad()
+def run_translator(translator, cases: list[EditCase], batch_size: int = 64) -> list:
+    """A pix2pix / L2 generator (``pipeline.models.translator.Translator``) on each source."""
+    outputs = []
+    for _, batch in _batches(cases, batch_size):
+        outputs += tensor_to_images(translator.translate(_tensors([c.image for c in batch])))
+    return outputs
+
+
+def run_conditioned(pipe, cases: list[EditCase], steps: int, guidance: float, image_guidance: float, seed: int,
+                    batch_size: int = 64) -> list:
+    """An image-conditioned model (``TextToImage.generate(..., images=sources)``); case k from seed + k."""
+    outputs = []
+    for start, batch in _batches(cases, batch_size):
+        images, _ = pipe.generate([c.prompt for c in batch], steps, guidance, seed=seed + start,
+                                  images=[c.image for c in batch], image_guidance=image_guidance)
+        outputs += images
+    return outputs
 
 
 def evaluate_task(editor: ImageEditor, cases: list[EditCase], strength: float, sampling: Sampling, seed: int,

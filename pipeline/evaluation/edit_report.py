@@ -12,6 +12,13 @@ result). Each task also shows its VAE ceiling: the same score for the VAE round 
 The goals (issue #15): inpainting's new object right at least 0.8× as often as the teacher's
 text-to-image single-object adherence (read from a ``pipeline.evaluate`` folder, ``--baseline``),
 the unmasked region ≥ 30 dB PSNR, image-to-image's new background ≥ 0.9 and objects kept ≥ 0.9.
+
+Inverse problems, on request (``--tasks colourise,sr4,edges,deblur``, issue #28): each task's
+methods side by side (``pipeline.evaluation.inverse_report``): the source as is, ``--l2`` and
+``--pix2pix`` generators, SDEdit by the teacher, the data-consistent solver
+(``pipeline.inference.inverse``; ``--solver-steps/-update/-strength``), ``--conditioned``
+models, and the VAE ceiling; objects kept, colour right, PSNR, LPIPS and the consistency error
+‖A(x̂) − y‖ per method, and ``sheet_TASK.png`` (source | each method | target).
 """
 
 from __future__ import annotations
@@ -27,15 +34,25 @@ from PIL import Image
 
 from pipeline.data.jsonl import read_jsonl
 from pipeline.evaluation.adherence import parse_caption
-from pipeline.evaluation.edit_cases import TASKS, EditCase, edit_cases
+from pipeline.evaluation.edit_cases import ALL_TASKS, INVERSE_TASKS, TASKS, EditCase, edit_cases
 from pipeline.evaluation.edit_eval import (
     baseline_inputs,
     baseline_scores,
     evaluate_task,
     vae_ceiling,
 )
+from pipeline.evaluation.inverse_report import (
+    INVERSE_STRENGTHS,
+    InverseSettings,
+    evaluate_inverse_task,
+    inverse_goals,
+    inverse_markdown,
+    inverse_sheet,
+    load_trained,
+)
 from pipeline.figures.sheets import table_sheet
 from pipeline.inference.editing import ImageEditor, Sampling, outpaint_canvas
+from pipeline.inference.inverse import UPDATES, SolverConfig
 from pipeline.inference.pipeline import TextToImage
 from pipeline.timing import clock
 
@@ -115,6 +132,14 @@ def goals(runs: dict, t2i_single: float | None) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
+    """The report as Markdown: today's tasks (when asked for), then the inverse problems."""
+    lines = edit_markdown(report) if report["tasks"] else []
+    if report.get("inverse"):
+        lines += inverse_markdown(report["inverse"], report["inverse_goals"])
+    return "\n".join(lines)
+
+
+def edit_markdown(report: dict) -> list[str]:
     strengths = ", ".join(f"{t} {s}" for t, s in report["strengths"].items())
     feather = "auto" if report["feather"] is None else report["feather"]
     paste = (f"masked edits paste the input back outside the mask (feather {feather} px)"
@@ -142,7 +167,7 @@ def markdown(report: dict) -> str:
                   for g in report["goals"]]
         lines.append("")
     lines += ["## Pictures", "", "![edits](edit_sheet.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def sheet(cases: dict[str, list[EditCase]], outputs: dict[str, dict[str, list]], path: Path) -> Path:
@@ -165,14 +190,18 @@ def _outpaint_mask(case: EditCase):
 
 
 def write_report(runs: list[tuple[str, Path, int]], args: argparse.Namespace, device: str) -> dict:
-    """Evaluate each ``(label, model folder, steps)``; write the report files into ``args.output``."""
+    """Evaluate each ``(label, model folder, steps)`` on today's tasks and the teacher (with the
+    trained folders) on the inverse tasks; write the report files into ``args.output``."""
+    edits = [t for t in args.tasks if t in TASKS]
+    inverse_tasks = [t for t in args.tasks if t in INVERSE_TASKS]
+    runs = runs if edits else []
     pipes: dict[Path, TextToImage] = {}
-    for _, folder, _ in runs:
+    for folder in [f for _, f, _ in runs] + ([args.teacher] if inverse_tasks else []):
         if folder not in pipes:
             pipes[folder] = TextToImage.from_folder(folder, device)
     first = next(iter(pipes.values()))
     resolution = first.latent_shape[-1] * first.vae.downsample
-    cases = {task: edit_cases(task, args.count, resolution, args.seed) for task in args.tasks}
+    cases = {task: edit_cases(task, args.count, resolution, args.seed) for task in edits}
     strengths = {"inpaint": args.inpaint_strength, "img2img": args.img2img_strength, "flowedit": args.flowedit_strength,
                  "outpaint": 1.0, "superres": args.superres_strength, "inpaint_quarter": args.inpaint_strength,
                  "inpaint_half": args.inpaint_strength}
@@ -184,17 +213,59 @@ def write_report(runs: list[tuple[str, Path, int]], args: argparse.Namespace, de
         per_case += rows
     t2i_single = single_object_adherence(args.baseline) if args.baseline else None
     report = {"count": args.count, "seed": args.seed, "resolution": resolution, "guidance": args.guidance,
-              "paste_back": args.paste_back, "feather": args.feather, "tasks": list(args.tasks),
-              "strengths": {t: strengths[t] for t in args.tasks},
+              "paste_back": args.paste_back, "feather": args.feather, "tasks": edits,
+              "strengths": {t: strengths[t] for t in edits},
               "baseline": str(args.baseline) if args.baseline else None, "t2i_single": t2i_single,
               "runs": results, "goals": goals(results, t2i_single)}
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
+    if inverse_tasks:
+        per_case += run_inverse(pipes[args.teacher], inverse_tasks, resolution, args, device, report)
     (out / "edit_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "per_case.jsonl").write_text("".join(json.dumps(row) + "\n" for row in per_case), encoding="utf-8")
-    sheet(cases, outputs, out / "edit_sheet.png")
+    if edits:
+        sheet(cases, outputs, out / "edit_sheet.png")
     (out / "edit_report.md").write_text(markdown(report), encoding="utf-8")
     return report
+
+
+def run_inverse(teacher: TextToImage, tasks: list[str], resolution: int, args: argparse.Namespace, device: str,
+                report: dict) -> list[dict]:
+    """The inverse tasks into ``report["inverse"]`` and ``report["inverse_goals"]``, a sheet per
+    task into ``args.output``; returns the per-case rows."""
+    trained = [load_trained(kind, folder, device) for kind in ("l2", "pix2pix", "conditioned")
+               for folder in getattr(args, kind)]
+    steps = args.teacher_steps[0]
+    settings = InverseSettings(
+        sampling=Sampling(steps=steps, guidance=args.guidance),
+        solver=SolverConfig(steps=args.solver_steps or steps, guidance=args.guidance, update=args.solver_update,
+                            strength=args.solver_strength),
+        image_guidance=args.image_guidance, strengths={**INVERSE_STRENGTHS, **args.inverse_strength},
+        seed=args.seed, batch_size=args.batch_size)
+    report["inverse"], per_case = {}, []
+    for task in tasks:
+        cases = edit_cases(task, args.count, resolution, args.seed)
+        report["inverse"][task], outputs, rows = evaluate_inverse_task(task, cases, teacher, trained, settings)
+        inverse_sheet(cases, outputs, args.output / f"sheet_{task}.png")
+        per_case += rows
+    report["solver"] = {"steps": settings.solver.steps, "update": settings.solver.update,
+                        "strength": settings.solver.strength, "polish": settings.solver.polish}
+    report["inverse_goals"] = inverse_goals(report["inverse"])
+    return per_case
+
+
+def task_strength(text: str) -> tuple[str, float]:
+    """``TASK=S`` (an inverse task's SDEdit strength) -> (task, S)."""
+    task, _, value = text.partition("=")
+    if task not in INVERSE_TASKS:
+        raise argparse.ArgumentTypeError(f"'{text}': TASK must be one of {', '.join(INVERSE_TASKS)}")
+    try:
+        strength = float(value)
+    except ValueError:
+        strength = float("nan")
+    if not 0 < strength <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}': the strength must be in (0, 1]")
+    return task, strength
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", type=Path, help="exported student folder (consistency steps)")
     p.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--count", type=int, default=256, help="cases per task")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", type=_tasks, nargs="+", default=[list(TASKS)],
+                   help=f"space- or comma-separated; default: {','.join(TASKS)}; on request: {','.join(INVERSE_TASKS)}")
     p.add_argument("--seed", type=int, default=CASE_SEED, help="case k: scene and noise from seed + k")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--inpaint-strength", type=float, default=1.0, help="inpainting, large masks included")
@@ -215,16 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flowedit-strength", type=float, default=0.7)
     p.add_argument("--superres-strength", type=float, default=0.4)
     p.add_argument("--baseline", type=Path, help="a pipeline.evaluate folder of the teacher (its single-object adherence)")
+    p.add_argument("--l2", type=Path, nargs="+", default=[], help="L2-regression generator folders (inverse tasks)")
+    p.add_argument("--pix2pix", type=Path, nargs="+", default=[], help="pix2pix generator folders (inverse tasks)")
+    p.add_argument("--conditioned", type=Path, nargs="+", default=[], help="image-conditioned model folders (inverse tasks)")
+    p.add_argument("--image-guidance", type=float, default=1.5, help="the conditioned models' image guidance")
+    p.add_argument("--inverse-strength", type=task_strength, nargs="+", default=[], metavar="TASK=S",
+                   help="SDEdit's strength on an inverse task (defaults: "
+                   + ", ".join(f"{t}={s}" for t, s in INVERSE_STRENGTHS.items()) + ")")
+    p.add_argument("--solver-steps", type=int, help="the data-consistent solver's steps (default: the first --teacher-steps)")
+    p.add_argument("--solver-update", choices=UPDATES, default=UPDATES[0], help="pipeline.inference.inverse's update")
+    p.add_argument("--solver-strength", type=float, default=1.0, help="1: from noise; below 1: from the noised source")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", type=Path, required=True)
     return p
 
 
+def _tasks(text: str) -> list[str]:
+    tasks = [t for t in text.replace(",", " ").split() if t]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none)'} (known: {', '.join(ALL_TASKS)})")
+    return tasks
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    args.inverse_strength = dict(args.inverse_strength)
+    args.tasks = list(dict.fromkeys(t for group in args.tasks for t in group))
     if args.teacher is None and args.student is None:
         p.error("give --teacher DIR and/or --student DIR")
+    if args.teacher is None and any(t in INVERSE_TASKS for t in args.tasks):
+        p.error(f"the inverse tasks ({', '.join(INVERSE_TASKS)}) need --teacher DIR")
+    if args.solver_steps is not None and args.solver_steps < 1:
+        p.error(f"--solver-steps must be >= 1 (got {args.solver_steps})")
+    if not 0 < args.solver_strength <= 1:
+        p.error(f"--solver-strength must be in (0, 1] (got {args.solver_strength})")
     if args.feather is not None and args.feather < 0:
         p.error(f"--feather must be >= 0 (got {args.feather})")
     for name in ("count", "batch_size"):
@@ -243,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    missed = [g for g in report["goals"] if not g["met"]]
+    checks = report["goals"] + report.get("inverse_goals", [])
+    missed = [g for g in checks if not g["met"]]
     print(f"{PROG}: {len(runs)} runs × {len(args.tasks)} tasks × {args.count} cases; goals met "
-          f"{len(report['goals']) - len(missed)}/{len(report['goals'])}; report in {args.output / 'edit_report.md'}")
+          f"{len(checks) - len(missed)}/{len(checks)}; report in {args.output / 'edit_report.md'}")
     return 0
 
 

@@ -57,6 +57,7 @@ from pipeline.models.autoencoder import AutoencoderModelConfig, PatchDiscriminat
 from pipeline.data.quality import psnr
 from pipeline.training.autoencoder_losses import adaptive_weight, measure_factors
 from pipeline.training.checkpoint import CheckpointConfig
+from pipeline.training.adversarial import AdversarialUpdates
 from pipeline.training.core import TrainerCore
 from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env
 from pipeline.training.gan_losses import generator_loss, hinge_d_loss
@@ -149,7 +150,7 @@ def preflight(cfg: AutoencoderTrainConfig, world_size: int) -> tuple[list[str], 
     return train, held_out
 
 
-class AutoencoderTrainer(TrainerCore):
+class AutoencoderTrainer(AdversarialUpdates, TrainerCore):
     """VAE + discriminator, two optimizers, on the training core."""
 
     prog = PROG
@@ -223,31 +224,6 @@ class AutoencoderTrainer(TrainerCore):
         if self.accelerator.sync_gradients and not self.update(self.disc, self.opt_d, self.schedules["sched_d"]):
             self.disc_overflow_steps += 1
         return loss.detach()
-
-    def update(self, model: torch.nn.Module, optimizer, scheduler) -> bool:
-        """Unscale and clip this optimizer's gradients only (``optim.grad_clip`` > 0; the other
-        network's partly accumulated ones stay as they are), step, advance its schedule once unless
-        the loss scaler skipped the step (inf/nan gradients), clear the gradients; whether it stepped.
-        Under DDP the gradients are all-reduced by now: every rank clips and decides alike."""
-        if self.cfg.optim.grad_clip > 0:
-            self.accelerator.unscale_gradients(optimizer=optimizer)  # a no-op unless fp16
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-        optimizer.step()
-        stepped = not optimizer.step_was_skipped
-        if stepped:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return stepped
-
-    def rescale_pending(self, model: torch.nn.Module, scale: float) -> None:
-        """Bring ``model``'s partly accumulated gradients, scaled by ``scale``, to the loss scale now
-        (another optimizer's step may have changed it), so its optimizer unscales them with the
-        rest of its window (a power of 2: exact)."""
-        ratio = self.accelerator.scaler.get_scale() / scale
-        if ratio != 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(ratio)
 
     def step_was_skipped(self) -> bool:
         """The generator's skip decides the step (the discriminator's is counted on its own)."""

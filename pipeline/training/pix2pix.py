@@ -33,8 +33,8 @@ The discriminator's LR schedule runs over ``steps·d_steps`` updates.
 Precision and parallelism as the autoencoder (``pipeline.training.autoencoder``): one process or
 DDP, fp32 master weights, ``mixed_precision`` bf16/fp16 is accelerate's autocast, losses in fp32,
 no DeepSpeed; both optimizers step inside the accumulation context; with fp16 one shared loss
-scaler, each update unscales and clips its own gradients (``AutoencoderTrainer.update`` /
-``rescale_pending``, reused). The last shard is held out (never trained on); validation every
+scaler, each update unscales and clips its own gradients (``pipeline.training.adversarial``, shared
+with the autoencoder). The last shard is held out (never trained on); validation every
 ``eval_every`` steps on its first ``EVAL_IMAGES`` pairs: ``val_loss`` (L1 to the target) and
 ``psnr_held_out_64``. At the end: ``RUN/generator/`` (``Translator.from_pretrained``, recording the
 shards' degradations), ``RUN/eval.json`` (held-out PSNR overall, per degradation, and of the source
@@ -61,7 +61,8 @@ from pipeline.data.stream import LoaderConfig
 from pipeline.figures.sheets import strips_sheet
 from pipeline.models.autoencoder import PatchDiscriminator
 from pipeline.models.translator import Translator, TranslatorConfig, build_translator
-from pipeline.training.autoencoder import AutoencoderTrainer, training_shards
+from pipeline.training.adversarial import AdversarialUpdates
+from pipeline.training.autoencoder import training_shards
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.core import TrainerCore
 from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env
@@ -168,12 +169,10 @@ def preflight(cfg: Pix2PixTrainConfig, world_size: int) -> tuple[list[str], str,
     return train, held_out, degradations
 
 
-class Pix2PixTrainer(TrainerCore):
+class Pix2PixTrainer(AdversarialUpdates, TrainerCore):
     """U-Net generator (+ conditional PatchGAN for ``cgan``), one or two optimizers, on the core."""
 
     prog = PROG
-    update = AutoencoderTrainer.update  # unscale/clip this optimizer's gradients, step, advance its schedule
-    rescale_pending = AutoencoderTrainer.rescale_pending  # fp16: the other network's partial window to the new scale
 
     def __init__(self, cfg: Pix2PixTrainConfig) -> None:
         train, held_out, degradations = preflight(cfg, dist_env().world_size)

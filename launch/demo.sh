@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the embedded synthetic dataset, on CPU:
 # synth -> shard -> inspect -> autoencoder -> text encoders -> latents -> teacher, then two lanes:
-# [student -> diffusers grids -> evaluate students -> guidance sweeps] beside [evaluate teacher ->
-# LoRA concept], then edit (inpainting, image-to-image, outpainting, super-resolution) -> report.
+# [student -> diffusers grids -> evaluate students -> guidance sweeps -> pix2pix / L2 baselines] beside
+# [evaluate teacher -> LoRA concept -> image-conditioned model], then edit (inpainting, image-to-image,
+# outpainting, super-resolution) -> inverse problems (colourisation, 4x super-resolution: every method
+# side by side) -> report.
 # Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
 # resumes or recognises its complete output).
 #
@@ -14,7 +16,7 @@ PY=${PYTHON_BIN:-python}
 RES=32
 if [ "${1:-}" = "--quick" ]; then
     OUT=${DEMO_OUT:-runs/demo-quick}
-    COUNT=400 EVAL_COUNT=8 EDIT_COUNT=2 PER_SHARD=100 CONCEPT_COUNT=200 CONCEPT_EVAL=8 O2M_PROMPTS=4 SWEEP_COUNT=8
+    COUNT=400 EVAL_COUNT=8 EDIT_COUNT=2 PER_SHARD=100 CONCEPT_COUNT=200 CONCEPT_EVAL=8 O2M_PROMPTS=4 SWEEP_COUNT=8 INVERSE_COUNT=2
     # Non-square scenes through aspect-ratio buckets of about 32² px (24x48, 32x32, 48x24):
     # shards keep each image's size, encode crops to the nearest bucket, batches hold one bucket.
     ASPECT=0.5,1,2 SHARD_SIZE=(--resize none) BUCKETS=(buckets=32)
@@ -22,11 +24,14 @@ if [ "${1:-}" = "--quick" ]; then
     TEACHER=(steps=60 sampling.every=0 checkpoint.every=60 data.loader.batch_size=32 optim.warmup_steps=10)
     STUDENT=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5)
     LORA=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5)
+    COND=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5 sampling.sources=4 sampling.steps=8)
+    P2P=(steps=20 eval_every=20 data.held_out=16 checkpoint.every=20)
 else
     OUT=${DEMO_OUT:-runs/demo}
     COUNT=${DEMO_COUNT:-6000} EVAL_COUNT=512 EDIT_COUNT=128 PER_SHARD=500 CONCEPT_COUNT=1500 CONCEPT_EVAL=256 O2M_PROMPTS=32 SWEEP_COUNT=64
+    INVERSE_COUNT=128
     ASPECT=1 SHARD_SIZE=(--resolution "$RES") BUCKETS=()
-    AE=() TEACHER=() STUDENT=() LORA=()
+    AE=() TEACHER=() STUDENT=() LORA=() COND=() P2P=()
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 start=$(date +%s)
@@ -55,6 +60,10 @@ for SET in "" concept_; do
     "$PY" -m data_tools.shard --input "$OUT/${SET}synth" --output "$OUT/${SET}shards" "${SHARD_SIZE[@]}" \
         --format png --samples-per-shard "$PER_SHARD" --workers 2 --seed 0
 done
+# Paired data for the image-conditioned models (issue 28): every training scene with a grayscale or a
+# 4x-downsampled source at its own size, drawn per sample, so one model learns both tasks.
+"$PY" -m data_tools.pairs --input "$OUT/shards" --output "$OUT/cond_shards" --degradation grayscale,down4 \
+    --samples-per-shard "$PER_SHARD" --workers 1 --seed 0
 stage "inspect"
 "$PY" -m data_tools.inspect "$OUT/shards" --contact-sheet "$OUT/contact_sheet.png" --samples 24
 stage "autoencoder"
@@ -69,6 +78,9 @@ stage "encode"
 "$PY" -m data_tools.encode --input "$OUT/shards" --output "$OUT/latents" --config configs/encode_demo.yaml \
     vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip" ${BUCKETS[@]+"${BUCKETS[@]}"}
 "$PY" -m data_tools.preview_latents "$OUT/latents" --output "$OUT/latents_decoded.png"
+# The pairs: each target latent with its source's latent beside it (KEY.src_latent.npy).
+"$PY" -m data_tools.encode --input "$OUT/cond_shards" --output "$OUT/cond_latents" --config configs/encode_demo.yaml \
+    vae.path="$OUT/autoencoder/vae" text.t5.path="$OUT/encoders/t5" text.clip.path="$OUT/encoders/clip" ${BUCKETS[@]+"${BUCKETS[@]}"}
 stage "teacher"
 "$PY" -m pipeline.train --config configs/dit_demo.yaml output_dir="$OUT" data.latents="$OUT/latents" \
     ${TEACHER[@]+"${TEACHER[@]}"}
@@ -110,6 +122,11 @@ teacher_lane() {
     "$PY" -m pipeline.evaluate --model "$OUT/teacher/model" "${concept[@]}" --output "$OUT/eval/concept_teacher_50"
     "$PY" -m pipeline.evaluate --model "$OUT/lora_concept/model" "${concept[@]}" --output "$OUT/eval/concept_lora_50"
     "$PY" -m pipeline.evaluate --model "$OUT/lora_concept/model" --steps 50 --output "$OUT/eval/lora_50" "${EVAL[@]}"
+    stage "image-conditioned"
+    # The teacher widened into an image-to-image model (configs/dit_cond_demo.yaml): the source's latent
+    # concatenated on the channels, zero-initialised, fine-tuned on the grayscale / 4x-downsampled pairs.
+    "$PY" -m pipeline.train --config configs/dit_cond_demo.yaml output_dir="$OUT" data.latents="$OUT/cond_latents" \
+        model.init="$OUT/teacher/model" ${COND[@]+"${COND[@]}"}
 }
 ( export OMP_NUM_THREADS=$HALF; teacher_lane ) > "$OUT/teacher_lane.log" 2>&1 &
 LANE=$!
@@ -139,6 +156,13 @@ SWEEP=(--reference "$OUT/eval_shards" --count "$SWEEP_COUNT" --guidance 1 2 4 6 
        --one-to-many 8 --one-to-many-prompts "$((O2M_PROMPTS / 2))")
 "$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps 50 --output "$OUT/sweep/teacher_g{guidance}_{steps}" "${SWEEP[@]}"
 "$PY" -m pipeline.evaluate --model "$OUT/student/model" --steps 1 2 4 --output "$OUT/sweep/student_g{guidance}_{steps}" "${SWEEP[@]}"
+stage "pix2pix"
+# The baselines from the same pairs, in pixel space: pix2pix (U-Net + conditional PatchGAN, L_cGAN + 100 L1)
+# and its twin trained on L2 alone (the blurry conditional mean).
+for P2P_CONFIG in pix2pix_demo pix2pix_l2_demo; do
+    "$PY" -m pipeline.train_pix2pix --config "configs/$P2P_CONFIG.yaml" output_dir="$OUT" data.shards="$OUT/cond_shards" \
+        ${P2P[@]+"${P2P[@]}"}
+done
 stage "wait for the teacher lane"
 wait "$LANE" || { echo "the teacher lane failed; its log ends:"; tail -30 "$OUT/teacher_lane.log"; exit 1; }
 LANE=
@@ -149,6 +173,15 @@ stage "edit"
 "$PY" -m pipeline.evaluate_edits --teacher "$OUT/teacher/model" --student "$OUT/student/model" --count "$EDIT_COUNT" \
     --tasks inpaint img2img outpaint superres --baseline "$OUT/eval/teacher_50" --guidance 4 --batch-size 64 \
     --output "$OUT/edits"
+stage "inverse problems"
+# Colourisation and 4x super-resolution, every method on the same cases: the source as is (bicubic),
+# the L2 and pix2pix baselines, SDEdit and the data-consistent solver (the teacher, no retraining) and
+# the image-conditioned model. Guidance 1.5 (the conditioned model's image guidance 1.2, from its
+# folder's config) and SDEdit at strength 0.7 / 0.5: each method's best of a small screen (README).
+"$PY" -m pipeline.evaluate_edits --teacher "$OUT/teacher/model" --tasks colourise sr4 --count "$INVERSE_COUNT" \
+    --conditioned "$OUT/cond/model" --pix2pix "$OUT/pix2pix/generator" --l2 "$OUT/pix2pix_l2/generator" \
+    --guidance 1.5 --image-guidance 1.2 --inverse-strength colourise=0.7 sr4=0.5 --solver-steps 25 --batch-size 64 \
+    --output "$OUT/inverse"
 stage "report"
 "$PY" -m pipeline.demo_report --run "$OUT"
 stage "done"
@@ -168,4 +201,7 @@ demo output in $OUT/:
   sweep/                         guidance x steps: sweep.md, sweep.png (adherence against coverage / recall)
   lora_concept/                  the LoRA run: lora/pytorch_lora_weights.safetensors, model/ (fused)
   edits/                         pipeline.evaluate_edits: edit_report.md/json, edit_sheet.png
+  cond_shards/, cond_latents/    grayscale / 4x-downsampled pairs (data_tools.pairs) and their latents
+  cond/, pix2pix/, pix2pix_l2/   the image-conditioned DiT (model/) and the pixel-space baselines (generator/)
+  inverse/                       colourisation and 4x SR, every method: edit_report.md, sheet_colourise.png, sheet_sr4.png
 TXT

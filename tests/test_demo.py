@@ -53,6 +53,15 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     ratios = {f"student_4_{key}_vs_teacher" for key in ("coverage", "recall") if teacher[key] > 0}  # a ratio needs a teacher value
     assert {g["goal"] for g in report["goals"]} & {"student_4_coverage_vs_teacher", "student_4_recall_vs_teacher"} == ratios
     assert "teacher_one_to_many_tv_excess" in {g["goal"] for g in report["goals"]}
+    inverse = report["inverse"]["tasks"]  # issue 28: every method on colourisation and 4x SR, the trained ones included
+    for task in ("colourise", "sr4"):
+        assert set(inverse[task]["methods"]) == {"source", "l2", "pix2pix", "sdedit", "solver", "conditioned", "vae"}
+        solver, sdedit = inverse[task]["methods"]["solver"], inverse[task]["methods"]["sdedit"]
+        assert solver["consistency"] < sdedit["consistency"] / 10  # exact projections: even a toy teacher meets them
+        assert f"inverse/sheet_{task}.png" in md and (tmp_path / f"demo/inverse/sheet_{task}.png").is_file()
+    assert {"conditioned: colourise colour right ≥ 0.95", "sr4: solver consistency ≤ 1/10 of SDEdit's"} <= {g["goal"] for g in report["goals"]}
+    for run in ("cond", "pix2pix", "pix2pix_l2"):  # the stages' own outputs
+        assert (tmp_path / "demo" / run / ("model/model_index.json" if run == "cond" else "generator/config.json")).is_file()
 
 
 def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():

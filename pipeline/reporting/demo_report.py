@@ -92,6 +92,12 @@ def collect(run: Path) -> dict:
     if edits.is_file():
         report["edits"] = json.loads(edits.read_text()) | {"sheet": str(run / "edits/edit_sheet.png")}
         report["goals"] += [{**g, "goal": f"edit {g['run']}: {g['goal']}"} for g in report["edits"]["goals"]]
+    inverse = run / "inverse/edit_report.json"
+    if inverse.is_file():
+        found = json.loads(inverse.read_text())
+        report["inverse"] = {"count": found["count"], "guidance": found["guidance"], "tasks": found["inverse"],
+                             "sheets": {task: str(run / f"inverse/sheet_{task}.png") for task in found["inverse"]}}
+        report["goals"] += [{**g, "goal": f"{g['run']}: {g['goal']}"} for g in found["inverse_goals"]]
     return report
 
 
@@ -182,6 +188,29 @@ def edit_section(edits: dict, rel) -> list[str]:
     return lines + ["", f"Input | mask | target | results: ![edits]({rel(edits['sheet'])})", ""]
 
 
+INVERSE_COLUMNS = (("objects_kept", "objects kept"), ("colour_right", "colour right"), ("psnr", "PSNR (dB)"),
+                   ("consistency", "‖A(x̂) − y‖"))
+
+
+def inverse_section(inverse: dict, rel) -> list[str]:
+    """Issue 28's comparison: every method on the same colourisation / 4× SR cases."""
+    lines = ["## Image-conditioned models and inverse problems", "",
+             f"{inverse['count']} synthetic cases per task, guidance {inverse['guidance']}; `inverse/edit_report.md` has the "
+             "rest. `source` is the degraded input as is (bicubic for SR); `l2` and `pix2pix` are pixel-space U-Nets trained "
+             "on the pairs; `sdedit` and `solver` are the teacher without retraining (the solver keeps A(x̂) = y); "
+             "`conditioned` is the teacher widened to read the source and fine-tuned on the pairs; `vae` is the target's "
+             "round trip, the ceiling of every latent method. ‖A(x̂) − y‖ is the RMS consistency error in [0, 1] pixels.", ""]
+    for task, result in inverse["tasks"].items():
+        lines += [f"**{task}** ({result['degradation']}):", "",
+                  "| method | " + " | ".join(title for _, title in INVERSE_COLUMNS) + " | s / case |",
+                  "|---|" + "---:|" * (len(INVERSE_COLUMNS) + 1)]
+        for label, row in result["methods"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{row[key]:.3f}" if key != "consistency" else f"{row[key]:.4f}"
+                                                      for key, _ in INVERSE_COLUMNS) + f" | {row['seconds_per_case']:.3f} |")
+        lines += ["", f"Source | each method | target: ![{task}]({rel(inverse['sheets'][task])})", ""]
+    return lines
+
+
 def read_stages(path: Path) -> list[dict]:
     """``launch/demo.sh``'s ``name<TAB>start seconds`` lines."""
     if not path.is_file():
@@ -242,7 +271,7 @@ def training_counters(run: Path) -> dict[str, dict]:
     """Each training stage's steps and skipped work, from the last line of its ``metrics.jsonl``
     (the counters it logs: ``SKIP_COUNTERS``)."""
     out = {}
-    for name in ("autoencoder", "teacher", "student", "lora_concept"):
+    for name in ("autoencoder", "teacher", "student", "lora_concept", "cond", "pix2pix", "pix2pix_l2"):
         path = run / name / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
         if lines:
@@ -258,6 +287,11 @@ def training_line(counters: dict[str, dict]) -> str:
         skipped = ", ".join(f"{c[key]} {what}" for key, what in SKIP_COUNTERS if key in c)
         parts.append(f"{name} {c['steps']} steps" + (f" ({skipped})" if skipped else ""))
     return "Trained: " + "; ".join(parts) + "."
+
+
+def _number(value: float) -> str:
+    """Three decimals, or two significant digits below 0.01 (consistency errors)."""
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
 
 
 def _row(name: str, m: dict, evaluations: int) -> str:
@@ -296,7 +330,7 @@ def markdown(report: dict, run: Path) -> str:
                   + ", ".join(f"{v:.3f} ({'all' if k == 'all' else f'{k}-object'})" for k, v in ceiling.items())
                   + ": no model in this latent space can score above it."]
     lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
-    lines += [f"| {g['goal']} | {g['value']:.3f} | {g['target']:.3g} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
+    lines += [f"| {g['goal']} | {_number(g['value'])} | {g['target']:.3g} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
     lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]
     if report.get("sweep"):
         lines += ["", "## Guidance × steps", "", f"Adherence against coverage and recall as guidance goes 1 → 6 "
@@ -307,6 +341,8 @@ def markdown(report: dict, run: Path) -> str:
         lines += lora_section(report["lora"], t, rel)
     if "edits" in report:
         lines += edit_section(report["edits"], rel)
+    if "inverse" in report:
+        lines += inverse_section(report["inverse"], rel)
     lines += ["## Training curves", ""] + [f"![{name}]({rel(path)})" for name, path in report["loss_curves"].items()]
     if report.get("validation_curves"):
         lines += ["", "Validation loss on held-out latents (images, for the autoencoder) never trained on, at fixed t "

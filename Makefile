@@ -12,7 +12,7 @@ env:
 demo: env
 	@PYTHON_BIN=$(PY) bash launch/demo.sh
 
-# The same chain at toy size (runs/demo-quick, under 2 minutes); tests/test_demo.py runs it in CI.
+# The same chain at toy size (runs/demo-quick, about 4 minutes); tests/test_demo.py runs it in CI.
 demo-quick: env
 	@PYTHON_BIN=$(PY) bash launch/demo.sh --quick
 

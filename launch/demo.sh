@@ -8,8 +8,8 @@
 # Every stage writes into $OUT and can be rerun alone; finished stages are skipped (each one
 # resumes or recognises its complete output).
 #
-#   bash launch/demo.sh           the demo (runs/demo, 18-21 min on 2 cores)
-#   bash launch/demo.sh --quick   the same chain at toy size (runs/demo-quick, under 2 min)
+#   bash launch/demo.sh           the demo (runs/demo, about 26 min on 2 cores)
+#   bash launch/demo.sh --quick   the same chain at toy size (runs/demo-quick, about 4 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON_BIN:-python}

@@ -308,3 +308,13 @@ def test_the_exported_diffusers_pipeline_samples_what_generate_samples(one_proce
         theirs(prompts, num_inference_steps=2)
     with pytest.raises(ValueError, match="negative prompt"):
         theirs(prompts, num_inference_steps=2, image=images, negative_prompt="x")
+
+
+def test_distilling_a_conditioned_teacher_is_one_line_before_any_work(one_process_cond_run, paired_latents, tmp_path, capsys):
+    from pipeline import distill
+
+    teacher = one_process_cond_run / NAME / "model"
+    code = distill.main([f"teacher={teacher}", f"data.latents={paired_latents}", f"output_dir={tmp_path}", "deepspeed.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "image-conditioned" in err and "teacher" in err, err
+    assert list(tmp_path.iterdir()) == []  # no run folder: nothing was started

@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.diffusion.flow import resolve_shift, shift_time
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.samplers import consistency_fn
@@ -92,6 +93,10 @@ class Distiller(Trainer):
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.teacher = load_teacher(cfg.teacher)
+        mode = self.teacher.config.get("image_condition")
+        if mode is not None:  # before any work: the loss has no source image to give it
+            raise ConfigError(f"teacher: {cfg.teacher} is image-conditioned (image_condition={mode}); consistency distillation "
+                              "takes a text-to-image teacher")
         super().__init__(cfg)
         self.teacher.to(self.accelerator.device)
         self.uniform_grid = torch.linspace(0.0, 1.0, cfg.distill.intervals + 1, device=self.accelerator.device)

@@ -67,14 +67,18 @@ def image_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def latent_shards(tmp_path_factory, image_shards: Path, tiny_vae_dir: Path, tiny_text_encoders_dir: Path) -> Path:
     """``image_shards`` encoded by ``data_tools.encode`` with the tiny VAE, T5 and CLIP."""
+    return encoded(image_shards, tmp_path_factory.mktemp("latents"), tiny_vae_dir, tiny_text_encoders_dir)
+
+
+def encoded(shards: Path, root: Path, vae: Path, text_encoders: Path) -> Path:
+    """``root/latents``: ``shards`` through ``data_tools.encode`` with the tiny VAE, T5 and CLIP."""
     import yaml
 
     from data_tools import encode
 
-    root = tmp_path_factory.mktemp("latents")
-    text = yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())
-    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(tiny_vae_dir)}, "text": text, "batch_size": 12}))
-    args = ["--input", str(image_shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
+    text = yaml.safe_load((text_encoders / "encoders.yaml").read_text())
+    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(vae)}, "text": text, "batch_size": 12}))
+    args = ["--input", str(shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
     assert encode.main(args) == 0
     return root / "latents"
 
@@ -95,16 +99,7 @@ def paired_image_shards(tmp_path_factory, image_shards: Path) -> Path:
 def paired_latents(tmp_path_factory, paired_image_shards: Path, tiny_vae_dir: Path, tiny_text_encoders_dir: Path) -> Path:
     """``paired_image_shards`` encoded by ``data_tools.encode`` (tiny VAE, T5, CLIP): each sample
     also holds ``KEY.src_latent.npy``; dataset.json names the degradations under ``image_condition``."""
-    import yaml
-
-    from data_tools import encode
-
-    root = tmp_path_factory.mktemp("paired_latents")
-    text = yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())
-    (root / "encode.yaml").write_text(yaml.safe_dump({"vae": {"path": str(tiny_vae_dir)}, "text": text, "batch_size": 12}))
-    args = ["--input", str(paired_image_shards), "--output", str(root / "latents"), "--config", str(root / "encode.yaml")]
-    assert encode.main(args) == 0
-    return root / "latents"
+    return encoded(paired_image_shards, tmp_path_factory.mktemp("paired_latents"), tiny_vae_dir, tiny_text_encoders_dir)
 
 
 @pytest.fixture(scope="session")

@@ -57,12 +57,11 @@ from pipeline.data.images import decode_pair_sample, pair_loader, tensor_to_imag
 from pipeline.data.quality import psnr
 from pipeline.data.remote import SourceNotFound, dataset_meta
 from pipeline.data.shards import iter_samples
-from pipeline.data.stream import LoaderConfig
 from pipeline.figures.sheets import strips_sheet
 from pipeline.models.autoencoder import PatchDiscriminator
 from pipeline.models.translator import Translator, TranslatorConfig, build_translator
 from pipeline.training.adversarial import AdversarialUpdates
-from pipeline.training.autoencoder import training_shards
+from pipeline.training.autoencoder import AEDataConfig, training_shards
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.core import TrainerCore
 from pipeline.training.distributed import create_accelerator, deepspeed_launch, dist_env
@@ -78,11 +77,10 @@ SHEET_ROWS = 16
 
 
 @dataclass(kw_only=True)
-class P2PDataConfig:
+class P2PDataConfig(AEDataConfig):
+    """The autoencoder's data section (resolution, held-out pairs of the last shard, loader) on paired shards."""
+
     shards: Source = Path("runs/demo/cond_shards")  # a paired image-shard folder (data_tools.pairs), or its URL
-    resolution: int = 32
-    held_out: int = 256  # first pairs of the last shard (the whole shard is never trained on)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 @dataclass(kw_only=True)

@@ -20,9 +20,15 @@ from pipeline.training.distill import PROG, DistillConfig, Distiller, plan
 def main(argv: list[str] | None = None) -> int:
     options, argv = dry_run.split_flags(argv)  # --dry-run [--world-size N]: print the plan and exit
     cfg = parse_cli(DistillConfig, argv, PROG, description=__doc__.split("\n\n")[1].replace("\n", " "))
+    if cfg.distill.mode == "ct":  # teacher-free: its own recipe (nothing loads a teacher)
+        from pipeline.training.consistency_training import ConsistencyTrainer, plan_ct
+
+        trainer, planner = ConsistencyTrainer, plan_ct
+    else:
+        trainer, planner = Distiller, plan
     if options is not None:
-        return dry_run.run_stage(cfg, options, plan, PROG)
-    return run_training(Distiller, cfg, PROG)
+        return dry_run.run_stage(cfg, options, planner, PROG)
+    return run_training(trainer, cfg, PROG)
 
 
 if __name__ == "__main__":

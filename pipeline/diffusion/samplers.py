@@ -131,6 +131,22 @@ def _student_cond(cond: dict, guidance: float, batch: int, device) -> dict:
     return {**cond, "guidance": torch.full((batch,), float(guidance), device=device)}
 
 
+def takes_guidance(model: Model) -> bool:
+    """Whether a consistency model takes the guidance scale as an input (a distilled student, built
+    with ``guidance_embed``); one without it (a teacher-free consistency-trained model, or any DiT)
+    is guided by classifier-free guidance on its velocity: two evaluations per step."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "guidance_embed", False) or (isinstance(config, dict) and config.get("guidance_embed")))
+
+
+def consistency_velocity(model: Model, guidance: float) -> Model:
+    """The velocity a consistency sampler reads: the guidance scale as an input where the model
+    takes one (:func:`takes_guidance`), classifier-free guided otherwise."""
+    if takes_guidance(model):
+        return lambda x, t, cond: model(x, t, _student_cond(cond, guidance, x.shape[0], x.device))
+    return lambda x, t, cond: guided_velocity(model, x, t, cond, guidance)
+
+
 def sampler_generators(seed: Seeds, shape: Sequence[int]) -> Generators:
     """Where a sampler's fresh noise comes from. One seed (a training grid): one generator for the
     batch, seeded ``seed + 1``. One seed per image: image k's own generator, continuing the stream
@@ -157,8 +173,7 @@ def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: i
         return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator, image_guidance=image_guidance)
     if image_guidance is not None and image_guidance != 1.0:
         raise ValueError(f"image_guidance={image_guidance}: a consistency student takes no image guidance")
-    cond = _student_cond(cond, guidance, noise.shape[0], noise.device)
-    return consistency(model, noise, cond, steps, shift, generator, edit)
+    return consistency(consistency_velocity(model, guidance), noise, cond, steps, shift, generator, edit)
 
 
 def guided(model: Model, sampler: str, guidance: float) -> Model:
@@ -167,7 +182,7 @@ def guided(model: Model, sampler: str, guidance: float) -> Model:
     _check_sampler(sampler)
     if sampler == "euler":
         return lambda x, t, cond: guided_velocity(model, x, t, cond, guidance)
-    return lambda x, t, cond: model(x, t, _student_cond(cond, guidance, x.shape[0], x.device))
+    return consistency_velocity(model, guidance)
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.samplers import consistency_fn
 from pipeline.models.dit import DiT
 from pipeline.models.student import load_teacher, student_from
+from pipeline.training.consistency import CTSection, distance
 from pipeline.training.dit import Trainer, condition, to_device, training_plan
 from pipeline.training.dit_config import SamplingConfig, TrainConfig
 from pipeline.training.ema import EMA
@@ -52,6 +53,7 @@ PROG = "pipeline.distill"
 
 @dataclass(kw_only=True)
 class DistillSection:
+    mode: Literal["cd", "ct"] = "cd"  # cd: distil the teacher; ct: consistency training, no teacher (ct section)
     intervals: int = 32  # N: the discretisation of [0, 1] the teacher steps on
     shift: float | Literal["auto"] = 1.0  # resolution shift of that grid; auto: SD3's, per batch from its tokens
     solver: Literal["euler", "heun"] = "euler"
@@ -59,7 +61,7 @@ class DistillSection:
     guidance_max: float = 6.0
     target_decay: float = 0.95  # EMA of the student used as the target network (paper: 0.95;
     # slower, 0.98-0.99, gave better 4-step samples on the demo: configs/distill_demo.yaml)
-    loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    loss: Literal["l2", "l1", "pseudo_huber"] = "pseudo_huber"
     huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
 
     def __post_init__(self) -> None:
@@ -71,18 +73,18 @@ class DistillSection:
 
 @dataclass(kw_only=True)
 class DistillConfig(TrainConfig):
-    teacher: Path = Path("runs/demo/teacher/model")  # an exported model folder (pipeline.train)
+    teacher: Path | None = None  # an exported model folder (pipeline.train); distill.mode=cd needs it, ct reads none
     distill: DistillSection = field(default_factory=DistillSection)
+    ct: CTSection = field(default_factory=CTSection)  # distill.mode=ct: the teacher-free recipe's own settings
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=4, guidance=4.0))
 
-
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None) -> torch.Tensor:
-    """Per-sample L2 (mean squared) or pseudo-Huber ``sqrt(||a − b||² + c²) − c`` (B,)."""
-    diff = (a.float() - b.float()).flatten(1)
-    if kind == "l2":
-        return (diff**2).mean(1)
-    c = 0.00054 * diff.shape[1] ** 0.5 if c is None else c
-    return torch.sqrt((diff**2).sum(1) + c**2) - c
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.distill.mode == "cd" and self.teacher is None:
+            raise ValueError("teacher: distill.mode=cd distils a teacher: give its model folder (teacher=runs/NAME/model)")
+        if self.distill.mode == "ct" and self.teacher is not None:
+            raise ValueError(f"teacher={self.teacher}: distill.mode=ct trains without a teacher (start from a checkpoint "
+                             "with model.init instead)")
 
 
 class Distiller(Trainer):

@@ -5,18 +5,24 @@
 - ``consistency``: the multistep consistency sampler (Song et al. 2023, "Consistency Models",
   Algorithm 1) for a student whose ``f(x, t) = x − t·v(x, t)``: ``x0 = f(ε, 1)``, then for each
   ``t_k``: ``x = (1 − t_k)·x0 + t_k·ε_k``, ``x0 = f(x, t_k)`` — exactly ``steps`` model calls.
+  Its knobs: explicit re-noise times (:func:`consistency_grid`) and TCD's γ (Zheng et al. 2024,
+  "Trajectory Consistency Distillation": :func:`_tcd_renoise`).
+- ``heun``, ``sde``, ``ancestral``, ``pc``: a teacher's higher-order and stochastic samplers on the
+  same grid (``pipeline.diffusion.stochastic``, which holds every sampler's knobs,
+  ``SamplerOptions``, and the evaluation count, ``evaluations``).
 - Guidance: ``pipeline.diffusion.guidance``; an image-conditioned teacher (``cond["image"]``)
   takes ``image_guidance`` too (InstructPix2Pix's dual guidance).
-- Editing: both samplers take an ``Edit`` (``pipeline.diffusion.editing``): they start at
+- Editing: every sampler takes an ``Edit`` (``pipeline.diffusion.editing``): they start at
   ``shift_time(strength)`` from the noised image (diffusers' SD3 image-to-image start, see
   :func:`time_grid`), walk only the grid's times below it, and keep the image's unmasked region
   on its forward path after every step (SDEdit, RePaint).
-- Noise: every draw after the starting noise (a student's fresh noise, RePaint's jumps,
+- Noise: every draw after the starting noise (the stochastic samplers', a student's, RePaint's jumps,
   FlowEdit's) goes through ``pipeline.diffusion.noise.randn_rows``; given one seed per image,
   image k draws from its own generator only, so it does not depend on its batch.
 
-:func:`sample` picks the sampler a model folder names ("euler" for a teacher, "consistency" for a
-distilled student), so the inference pipeline and the training-time grids sample alike.
+:func:`sample` runs the sampler it is given; a model folder names its own ("euler" for a teacher,
+"consistency" for a distilled or consistency-trained model), another one must fit the model
+(:func:`resolve_sampler`), so the inference pipeline and the training-time grids sample alike.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from pipeline.diffusion import stochastic
 from pipeline.diffusion.editing import Edit, check_strength, flow_edit, renoise
 from pipeline.diffusion.flow import Model, shift_time
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.noise import Generators, continued_generators, randn_rows
+from pipeline.diffusion.stochastic import SamplerOptions
 
 Seeds = int | Sequence[int]  # one seed for the batch (training grids), or one per image
 
@@ -65,24 +73,55 @@ def consistency_fn(model: Model, x: torch.Tensor, t: torch.Tensor, cond: dict) -
     return x - t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype) * model(x, t, cond)
 
 
+def consistency_grid(steps: int, shift: float = 1.0, device=None, strength: float = 1.0,
+                     times: Sequence[float] | None = None) -> torch.Tensor:
+    """The consistency sampler's times: :func:`time_grid`, or with explicit re-noise ``times`` (our
+    ``t``, unshifted; ``pipeline.diffusion.stochastic.times_from_sigmas`` maps EDM σ's) the grid's
+    start, the ``times`` below it and 0."""
+    grid = time_grid(steps, shift, device, strength)
+    if times is None:
+        return grid
+    below = [t for t in times if t < grid[0].item()]
+    return torch.cat([grid[:1], torch.tensor(below, device=device, dtype=grid.dtype), grid[-1:]])
+
+
+def _tcd_renoise(x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, gamma: float,
+                 generator: Generators) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, "Trajectory Consistency
+    Distillation", §4.4): from ``x`` at ``t`` and its ``x0̂``, ``ε̂ = (x − (1 − t)·x0̂)/t``; the
+    deterministic move to ``s = (1 − γ)·t'``, ``x_s = (1 − s)·x0̂ + s·ε̂``, then the forward process
+    from ``s`` up to ``t'`` with fresh noise (``a = (1 − t')/(1 − s)``, ``σ² = t'² − a²·s²``).
+    γ = 1: ``(1 − t')·x0̂ + t'·ε_fresh`` (Consistency Models' step, bit for bit); γ = 0: the
+    deterministic DDIM move, no draw. Returns ``x`` at ``t'`` and the fresh noise (None when none)."""
+    s = (1 - gamma) * t_next
+    x_s = (1 - s) * x0 + s * ((x - (1 - t) * x0) / t)
+    if gamma == 0:
+        return x_s, None
+    a = (1 - t_next) / (1 - s)
+    sigma = (t_next**2 - (a * s) ** 2).clamp(min=0.0).sqrt()
+    fresh = randn_rows(x0.shape, generator, x0.dtype, x0.device)
+    return a * x_s + sigma * fresh, fresh
+
+
 @torch.no_grad()
 def consistency(
     model: Model, noise: torch.Tensor, cond: dict, steps: int = 4, shift: float = 1.0, generator: Generators = None,
-    edit: Edit | None = None,
+    edit: Edit | None = None, times: Sequence[float] | None = None, gamma: float = 1.0,
 ) -> torch.Tensor:
     """Multistep consistency sampling from ``t = 1`` (``steps`` model evaluations), or from
     ``edit.strength`` (:func:`time_grid`); an edit's kept region is noised with each step's fresh
     noise and is exactly the image at the end. Fresh noise: ``randn_rows`` from ``generator``
-    (one per image: row k from its own)."""
-    grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)  # t_0 > t_1 > … > 0
+    (one per image: row k from its own). ``times``: explicit re-noise times after the first step
+    (:func:`consistency_grid`; ``steps`` is then ``len(times) + 1``); ``gamma``: TCD's γ
+    (:func:`_tcd_renoise`; 1: the plain multistep sampler)."""
+    grid = consistency_grid(steps, shift, noise.device, edit.strength if edit else 1.0, times)  # t_0 > t_1 > … > 0
     ones = torch.ones(noise.shape[0], device=noise.device)
     x = noise if edit is None else edit.start(noise, grid[0])
     x0 = consistency_fn(model, x, grid[0] * ones, cond)
-    for t_k in grid[1:-1]:
-        fresh = randn_rows(noise.shape, generator, noise.dtype, noise.device)
-        x = (1 - t_k) * x0 + t_k * fresh
+    for t, t_k in zip(grid[:-2], grid[1:-1]):
+        x, fresh = _tcd_renoise(x0, x, t, t_k, gamma, generator)
         if edit is not None:
-            x = edit.keep(x, t_k, fresh)
+            x = edit.keep(x, t_k, noise if fresh is None else fresh)
         x0 = consistency_fn(model, x, t_k * ones, cond)
     return x0 if edit is None else edit.keep(x0, 0.0, noise)
 
@@ -118,12 +157,28 @@ def euler(
     return x
 
 
-SAMPLERS = ("euler", "consistency")
+TEACHER_SAMPLERS = ("euler", "heun", "sde", "ancestral", "pc")  # over a flow model's velocity
+SAMPLERS = (*TEACHER_SAMPLERS, "consistency")
 
 
 def _check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
+
+
+def resolve_sampler(native: str, chosen: str | None = None) -> str:
+    """The sampler to run for a model whose folder names ``native``: ``chosen`` (None: ``native``)
+    when it fits — any of :data:`TEACHER_SAMPLERS` for a flow teacher, only ``consistency`` for a
+    consistency model (its ``v`` gives ``x0 = x − t·v``, not a flow to integrate); one ``ValueError``
+    line otherwise."""
+    _check_sampler(native)
+    chosen = native if chosen is None else chosen
+    _check_sampler(chosen)
+    if (native == "consistency") != (chosen == "consistency"):
+        kind = "a consistency model samples with 'consistency' only" if native == "consistency" else \
+            f"a flow teacher samples with {', '.join(TEACHER_SAMPLERS)}, not 'consistency' (a distilled student's)"
+        raise ValueError(f"sampler '{chosen}' does not fit this model: {kind}")
+    return chosen
 
 
 def _student_cond(cond: dict, guidance: float, batch: int, device) -> dict:
@@ -159,28 +214,46 @@ def sampler_generators(seed: Seeds, shape: Sequence[int]) -> Generators:
 
 @torch.no_grad()
 def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
-           seed: Seeds = 0, edit: Edit | None = None, image_guidance: float | None = None) -> torch.Tensor:
-    """Latents from ``noise`` with the named sampler: Euler with classifier-free guidance (a
-    teacher), or consistency steps with the guidance scale given to the model as an input (a
-    student: one evaluation per step). Fresh noise (a student's steps, RePaint's jumps) comes
-    from :func:`sampler_generators` (``seed``: one for the batch, or one per image). ``edit``:
-    start from an image and keep its unmasked part. ``image_guidance``: an image-conditioned
-    teacher's source-image scale (``pipeline.diffusion.guidance``; None or 1: plain guidance with
-    the source kept); a student takes none."""
+           seed: Seeds = 0, edit: Edit | None = None, image_guidance: float | None = None,
+           options: SamplerOptions | None = None) -> torch.Tensor:
+    """Latents from ``noise`` with the named sampler: a teacher's (Euler, or
+    ``pipeline.diffusion.stochastic``'s Heun, SDE, ancestral, predictor–corrector) with
+    classifier-free guidance, or consistency steps (a student takes the guidance scale as an input:
+    one evaluation per step; a model without that input is guided on its velocity). ``options``:
+    the samplers' knobs (:class:`~pipeline.diffusion.stochastic.SamplerOptions`). Fresh noise (the
+    stochastic samplers', a student's steps, RePaint's jumps) comes from :func:`sampler_generators`
+    (``seed``: one for the batch, or one per image). ``edit``: start from an image and keep its
+    unmasked part. ``image_guidance``: an image-conditioned teacher's source-image scale
+    (``pipeline.diffusion.guidance``; None or 1: plain guidance with the source kept); a student
+    takes none."""
     _check_sampler(sampler)
+    options = options or SamplerOptions()
     generator = sampler_generators(seed, noise.shape[1:])
     if sampler == "euler":
         return euler(model, noise, cond, steps, guidance, shift, edit=edit, generator=generator, image_guidance=image_guidance)
+    if sampler in TEACHER_SAMPLERS:
+        grid = time_grid(steps, shift, noise.device, edit.strength if edit else 1.0)
+        velocity = stochastic.velocity_of(model, cond, guidance, image_guidance)
+        if sampler == "heun":
+            return stochastic.heun(velocity, noise, grid, edit)
+        if sampler == "sde":
+            return stochastic.sde(velocity, noise, grid, options.noise_scale, generator, edit)
+        if sampler == "ancestral":
+            return stochastic.ancestral(velocity, noise, grid, options.noise_scale, generator, edit)
+        return stochastic.pc(velocity, noise, grid, options.snr, options.corrector_steps, generator, edit)
     if image_guidance is not None and image_guidance != 1.0:
         raise ValueError(f"image_guidance={image_guidance}: a consistency student takes no image guidance")
-    return consistency(consistency_velocity(model, guidance), noise, cond, steps, shift, generator, edit)
+    if options.times is not None and steps != len(options.times) + 1:
+        raise ValueError(f"{len(options.times)} re-noise times make {len(options.times) + 1} consistency steps, not {steps}")
+    return consistency(consistency_velocity(model, guidance), noise, cond, steps, shift, generator, edit, options.times,
+                       options.gamma)
 
 
 def guided(model: Model, sampler: str, guidance: float) -> Model:
     """The velocity a sampler follows: classifier-free guided for a teacher, the guidance scale as
     an input for a student (whose ``v`` gives its ``x0`` prediction, ``x − t·v``)."""
     _check_sampler(sampler)
-    if sampler == "euler":
+    if sampler in TEACHER_SAMPLERS:
         return lambda x, t, cond: guided_velocity(model, x, t, cond, guidance)
     return consistency_velocity(model, guidance)
 
@@ -193,6 +266,8 @@ def text_edit(model: Model, sampler: str, latents: torch.Tensor, source_cond: di
     grid (:func:`time_grid`): the source prompt's velocity at ``source_guidance``, the target's at
     ``guidance``; its noise from :func:`sampler_generators` (one seed per image: image k's own)."""
     check_strength(strength)
+    if sampler not in ("euler", "consistency"):
+        raise ValueError(f"FlowEdit integrates its own Euler steps: sampler '{sampler}' is for image-to-image and inpainting")
     source_v, target_v = guided(model, sampler, source_guidance), guided(model, sampler, guidance)
     grid = time_grid(steps, shift, latents.device, strength)
     return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents, grid,

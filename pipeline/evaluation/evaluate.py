@@ -14,7 +14,8 @@ progress bar, then scores them:
 - diversity (``pipeline.evaluation.diversity``) in each feature space given — Inception-2048
   (``--inception``) and DINOv2 (``--dinov2 FOLDER``, a transformers ``Dinov2Model`` folder): the
   Vendi score of the generated set, and against the reference images precision / recall (k = 3),
-  density / coverage (k = 5), and with DINOv2 its Fréchet distance (FD_DINOv2). Features are
+  density / coverage (k = 5), and the Fréchet distance of each space (FD_DINOv2 in DINOv2's;
+  in pixels, a weight-free FD to compare samplers by offline). Features are
   extracted once per image set (the reference set once for every cell). ``--pixels`` adds a
   weight-free space, 16×16 RGB pixels, meaningful on the flat-coloured synthetic set (the demo's);
 - one-to-many (``--one-to-many K``, ``pipeline.evaluation.one_to_many``): K seeds for each of
@@ -29,6 +30,11 @@ values make a guidance × steps sweep: ``--output`` names ``{guidance}`` too, an
 (default ``sweep/`` beside the cells) gets ``sweep.json``, ``sweep.md`` and ``sweep.png``, the
 fidelity–diversity curves (``pipeline.evaluation.sweep``); teacher and student runs that share it
 come side by side. A scale outside a student's exported ``guidance_range`` is warned about.
+
+``--sampler NAME`` and its knobs (``--noise-scale``, ``--snr``, ``--corrector-steps``, ``--gamma``,
+``--renoise-times``/``--renoise-sigmas``; ``pipeline.inference.pipeline.add_sampler_args``) sample
+with another sampler that fits the model; ``summary.json`` records the sampler, its options and the
+model evaluations per image (``nfe``), and ``--output`` may name ``{sampler}``.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ from pipeline.evaluation.features import FeatureExtractor, extract, load_extract
 from pipeline.evaluation.metrics import MetricError
 from pipeline.evaluation.one_to_many import Generate, evaluate_one_to_many, one_to_many_table, underspecified_prompts
 from pipeline.evaluation.synthetic import UNNAMEABLE, parse_attributes
-from pipeline.inference.pipeline import TextToImage
+from pipeline.diffusion.stochastic import KNOBS, SamplerOptions
+from pipeline.inference.pipeline import TextToImage, add_sampler_args, sampler_from_args
 from pipeline.figures.sheets import write_sheet
 from pipeline.timing import clock
 
@@ -129,15 +136,16 @@ def read_reference(shards: str | Path, count: int | None) -> tuple[list[Image.Im
 # ------------------------------------------------------------------------------------- generation
 def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0,
                     seed: int = 0, batch_size: int = 16, desc: str = "generate",
-                    size: tuple[int, int] | None = None) -> tuple[list[Image.Image], dict]:
+                    size: tuple[int, int] | None = None, sampler: str | None = None,
+                    options: SamplerOptions | None = None) -> tuple[list[Image.Image], dict]:
     """One image per prompt (image k from seed + k alone — its starting noise and a student's fresh
     noise — whatever ``batch_size``; ``size`` (width, height), default the model's), and wall
     seconds per image: in all (``seconds_per_image``) and for each part — text encoding,
-    the sampler, VAE decoding.
+    the sampler, VAE decoding. ``sampler``/``options``: ``TextToImage.sample``'s (None: the folder's).
 
     A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
     shape = pipe.latent_shape_for(size)
-    pipe.latents(prompts[:1], 1, guidance, shift, seed, pipe.noise(1, seed, shape))
+    pipe.latents(prompts[:1], 1, guidance, shift, seed, pipe.noise(1, seed, shape), sampler=sampler)  # default knobs: 1 step
     images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
@@ -146,7 +154,7 @@ def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance:
         t0 = clock()
         cond = pipe.text.encode(batch)
         t1 = clock()
-        latents = pipe.sample(cond, noise, steps, guidance, shift, seeds)  # every draw of image k from seed + k
+        latents = pipe.sample(cond, noise, steps, guidance, shift, seeds, sampler=sampler, options=options)  # every draw from seed + k
         t2 = clock()
         images += pipe.images(latents)
         t3 = clock()
@@ -212,7 +220,8 @@ def score(images: list[Image.Image], prompts: list[str], args: argparse.Namespac
 def diversity_scores(extractors: dict[str, FeatureExtractor], real: dict[str, torch.Tensor],
                      fake: dict[str, torch.Tensor], device: str = "cpu") -> tuple[dict, str | None]:
     """Per feature space: the Vendi score, and with reference features (more than k of each set)
-    precision / recall / density / coverage, and FD_DINOv2 in DINOv2's space; a reason for what is left out."""
+    precision / recall / density / coverage and the Fréchet distance (``fd``; FD_DINOv2 in DINOv2's
+    space); a reason for what is left out."""
     from pipeline.evaluation.metrics import frechet_distance
 
     if not extractors:
@@ -229,7 +238,7 @@ def diversity_scores(extractors: dict[str, FeatureExtractor], real: dict[str, to
         on_device = None if reference is None else reference.to(device)  # the k-NN blocks run where the model ran
         blocks[name] = {"features": name, "source": extractor.source, "dim": extractor.dim,
                         **diversity(on_device, fake[name].to(device))}
-        if name == "dinov2" and reference is not None:
+        if reference is not None:
             blocks[name]["fd"] = frechet_distance(reference, fake[name])
     return blocks, reason
 
@@ -259,6 +268,9 @@ def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, 
         "model": str(args.model), "steps": steps, "guidance": guidance, "shift": args.shift,
         "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
     }
+    if getattr(args, "sampler_name", None) is not None:
+        summary |= {"sampler": args.sampler_name, "sampler_options": sampler_record(args.sampler_name, args.sampler_options),
+                    "nfe": args.nfe(steps, guidance)}
     if scores.get("adherence"):
         summary["adherence_all"] = scores["adherence"]["all_correct"]
         summary["adherence_by_objects"] = scores["adherence_by_objects"]
@@ -283,8 +295,15 @@ def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, 
     return summary
 
 
+def sampler_record(sampler: str, options: SamplerOptions) -> dict:
+    """The knobs ``sampler`` reads, with their values (``pipeline.diffusion.stochastic.KNOBS``)."""
+    return {knob: (list(value) if isinstance(value, tuple) else value)
+            for knob in KNOBS[sampler] if (value := getattr(options, knob)) is not None}
+
+
 def pipeline_generator(pipe: TextToImage, steps: int, guidance: float, shift: float | str = 1.0,
-                       batch_size: int = 16, size: tuple[int, int] | None = None) -> Generate:
+                       batch_size: int = 16, size: tuple[int, int] | None = None, sampler: str | None = None,
+                       options: SamplerOptions | None = None) -> Generate:
     """A ``Generate`` over a loaded ``TextToImage``, through ``evaluate.generate_images`` (image m
     from seed + m alone, whatever the batch), so the one-to-many images are drawn as every
     evaluation draws them. The seeds must be consecutive, as ``evaluate_one_to_many`` gives them."""
@@ -292,7 +311,7 @@ def pipeline_generator(pipe: TextToImage, steps: int, guidance: float, shift: fl
         if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
             raise ValueError("generate_images draws image m from seed + m: the seeds must be consecutive")
         return generate_images(pipe, prompts, steps, guidance, shift, seed=seeds[0], batch_size=batch_size,
-                               desc="one-to-many", size=size)[0]
+                               desc="one-to-many", size=size, sampler=sampler, options=options)[0]
 
     return generate
 
@@ -305,7 +324,8 @@ def one_to_many_or_reason(pipe: TextToImage, steps: int, guidance: float, args: 
     if size is not None and size[0] != size[1]:
         return None, "the synthetic-set analyser reads square images (--width/--height differ)"
     prompts = underspecified_prompts(args.one_to_many_prompts, args.one_to_many_seed, tuple(args.one_to_many_attributes))
-    generate = pipeline_generator(pipe, steps, guidance, args.shift, args.batch_size, size)
+    generate = pipeline_generator(pipe, steps, guidance, args.shift, args.batch_size, size, getattr(args, "sampler_name", None),
+                                  getattr(args, "sampler_options", None))
     return evaluate_one_to_many(generate, prompts, args.one_to_many, seed=args.seed), None
 
 
@@ -324,7 +344,9 @@ def per_prompt_rows(prompts: list[str], scores: dict, seed: int) -> list[dict]:
 
 def markdown(summary: dict, scores: dict) -> str:
     lines = [f"# Evaluation of `{summary['model']}`", "",
-             f"{summary['count']} prompts, {summary['steps']} steps, guidance {summary['guidance']}, "
+             f"{summary['count']} prompts, {summary['steps']} steps"
+             + (f" of {summary['sampler']} ({summary['nfe']} evaluations per image)" if "sampler" in summary else "")
+             + f", guidance {summary['guidance']}, "
              f"seeds {summary['seed']}…{summary['seed'] + summary['count'] - 1}; "
              f"{summary['seconds_per_image']:.4f} s per image (sampler {summary['sampler_seconds_per_image']:.4f}, "
              f"text {summary['text_seconds_per_image']:.4f}, decode {summary['decode_seconds_per_image']:.4f}).", "", "| metric | value |", "|---|---:|"]
@@ -357,7 +379,7 @@ def diversity_table(blocks: dict) -> str:
     keys = ("precision", "recall", "density", "coverage", "vendi", "vendi_reference", "fd")
     lines = ["k-NN manifolds: precision / recall with k = 3 (Kynkäänniemi et al. 2019), density / coverage with "
              "k = 5 (Naeem et al. 2020); Vendi score with the cosine kernel (Friedman & Dieng 2023), of the generated "
-             "and of the reference set; FD: Fréchet distance in DINOv2's space (Stein et al. 2023).", "",
+             "and of the reference set; FD: Fréchet distance in each space (in DINOv2's: FD_DINOv2, Stein et al. 2023).", "",
              "| features | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, block in blocks.items():
         lines.append(f"| {name} ({block['dim']}-d) | " + " | ".join(f"{block[k]:.4f}" if k in block else "–" for k in keys) + " |")
@@ -386,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="image shards (a folder, its URL or a URL pattern): their captions are the prompts (unless "
                    "--prompts is given) and their images the FID/KID reference")
     p.add_argument("--count", type=int, help="use the first COUNT prompts (default: all)")
-    p.add_argument("--steps", type=int, nargs="+", default=[50], help="sampling steps; several: one evaluation each")
+    p.add_argument("--steps", type=int, nargs="+", help="sampling steps; several: one evaluation each (default 50; with "
+                   "--renoise-times/--renoise-sigmas: their count + 1)")
     p.add_argument("--guidance", type=float, nargs="+", default=[4.0],
                    help="guidance scale g (v_null + g·(v_cond − v_null); 1 = none); several: a guidance × steps sweep")
     p.add_argument("--shift", type=shift_arg, default=1.0, help="time-grid shift: a number, or auto (SD3's, from the image's tokens)")
@@ -394,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", type=Path, required=True,
-                   help="output folder; with several --steps it names {steps}, with several --guidance {guidance}")
+                   help="output folder; with several --steps it names {steps}, with several --guidance {guidance}; "
+                        "it may name {sampler}")
     p.add_argument("--sweep", type=Path, help="folder for sweep.json/.md/.png (default with several --guidance: "
                    "sweep/ beside the cells' folders; runs that share it are drawn side by side)")
     p.add_argument("--inception", type=Path, help="FID Inception-v3 weights (pt_inception-2015-12-05 .pth or .safetensors)")
@@ -413,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-to-many-seed", type=int, default=12345, help="synth seed of those prompts")
     p.add_argument("--one-to-many-attributes", type=attribute_list, default=UNNAMEABLE, metavar="A,B,...",
                    help=f"attributes they leave out (default {','.join(UNNAMEABLE)})")
+    add_sampler_args(p)
     add_encoder_args(p)
     return p
 
@@ -435,6 +460,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--one-to-many must be >= 2 seeds per prompt (got {args.one_to_many})")
     if args.one_to_many_prompts < 1:
         p.error(f"--one-to-many-prompts must be >= 1 (got {args.one_to_many_prompts})")
+    if args.steps is None:
+        args.steps = [50]
     if min(args.steps) < 1:
         p.error(f"--steps must be >= 1 (got {min(args.steps)})")
     if len(args.steps) > 1 and "{steps}" not in str(args.output):
@@ -490,7 +517,24 @@ def ceiling_or_none(pipe: TextToImage, prompts: list[str], args: argparse.Namesp
 
 
 def cell_folder(args: argparse.Namespace, steps: int, guidance: float) -> Path:
-    return Path(str(args.output).replace("{steps}", str(steps)).replace("{guidance}", f"{guidance:g}"))
+    out = str(args.output).replace("{steps}", str(steps)).replace("{guidance}", f"{guidance:g}")
+    return Path(out.replace("{sampler}", str(getattr(args, "sampler_name", None) or "")))
+
+
+def choose_sampler(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sets ``args.sampler_name`` and ``args.sampler_options`` (``sampler_from_args``: one line on a
+    bad sampler or knob) and, with re-noise times, ``args.steps`` to their count + 1."""
+    try:
+        native = read_model_info(args.model).get("sampler", "euler")
+    except FileNotFoundError:  # main reports the missing folder
+        args.sampler_name, args.sampler_options = None, SamplerOptions()
+        return
+    args.sampler_name, args.sampler_options = sampler_from_args(p, args, native)
+    times = args.sampler_options.times
+    if times is not None:
+        if args.steps not in (None, [len(times) + 1]):
+            p.error(f"{len(times)} re-noise times make {len(times) + 1} steps; --steps says {' '.join(map(str, args.steps))}")
+        args.steps = [len(times) + 1]
 
 
 def sweep_folder(args: argparse.Namespace) -> Path | None:
@@ -507,7 +551,8 @@ def evaluate_cell(pipe: TextToImage, prompts: list[str], steps: int, guidance: f
                   device: str) -> tuple[Path, dict]:
     """Generate, score and write one evaluation at (``steps``, ``guidance``); returns its folder and summary."""
     size = image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample)
-    images, timing = generate_images(pipe, prompts, steps, guidance, args.shift, args.seed, args.batch_size, size=size)
+    images, timing = generate_images(pipe, prompts, steps, guidance, args.shift, args.seed, args.batch_size, size=size,
+                                     sampler=getattr(args, "sampler_name", None), options=getattr(args, "sampler_options", None))
     scores = score(images, prompts, args, device)
     scores["one_to_many"], reason = one_to_many_or_reason(pipe, steps, guidance, args, size)
     if reason:
@@ -537,11 +582,13 @@ def warn_guidance_range(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    choose_sampler(p, args)
     check_args(p, args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         prompts = load_inputs(args)
         pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
+        args.nfe = lambda steps, guidance: pipe.evaluations(steps, guidance, args.sampler_name, args.sampler_options)
         pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
         args.model_info = read_model_info(args.model)
         warn_guidance_range(args)

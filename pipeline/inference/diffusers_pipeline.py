@@ -15,10 +15,12 @@ flow schedulers step with (``prediction_type="flow_prediction"``), so any of the
 Guidance is diffusers' ``v_u + g·(v_c − v_u)``, the unconditional half being the model's learned null
 condition, or the negative prompt where one is given.
 
-A distilled student (``sampler == "consistency"``) takes the guidance scale as an input and samples
-with the multistep consistency sampler (``pipeline.diffusion.samplers.consistency``) on the
-scheduler's σ grid; its fresh noise at each step comes from ``generator`` (one per image: image k's
-own stream, as the starting noise).
+A consistency model (``sampler == "consistency"``) samples with the multistep consistency sampler
+(``pipeline.diffusion.samplers.consistency``) on the scheduler's σ grid: a distilled student takes
+the guidance scale as an input, a model without that input (teacher-free consistency training) is
+classifier-free guided on its velocity (``pipeline.diffusion.samplers.consistency_velocity``, as
+``TextToImage`` samples it); its fresh noise at each step comes from ``generator`` (one per image:
+image k's own stream, as the starting noise).
 
 An image-conditioned model (``image_condition`` in the transformer's config: InstructPix2Pix /
 FLUX.1 Kontext) takes ``image=`` (one source per prompt, resized to the output size, bicubic, and
@@ -49,7 +51,7 @@ from pipeline.data.images import image_to_tensor, to_rgb
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolution_shift
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.noise import Generators, randn_rows
-from pipeline.diffusion.samplers import consistency_fn
+from pipeline.diffusion.samplers import consistency_fn, consistency_velocity
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
@@ -140,8 +142,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         image_guidance = self._source(cond, image, image_guidance_scale, latents, negative)
         self._set_timesteps(steps, latents)
         if self.config.sampler == "consistency":
-            latents = self._consistency(latents, {**cond, "guidance": torch.full((len(prompts),), guidance, device=latents.device)},
-                                        generator)
+            latents = self._consistency(latents, cond, guidance, generator)
         else:
             latents = self._scheduler_steps(latents, cond, negative, guidance, image_guidance)
         images = latents if output_type == "latent" else self._decode(latents, output_type)
@@ -154,7 +155,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if negative_prompt is None:
             return self.encode_prompt(prompts), None
         if self.config.sampler == "consistency":
-            raise ValueError("a consistency student takes the guidance scale as an input: it has no negative prompt")
+            raise ValueError("a consistency model's guidance is the null condition's (or an input): it has no negative prompt")
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
@@ -230,15 +231,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             latents = self.scheduler.step(v, timestep, latents, return_dict=False)[0]
         return latents
 
-    def _consistency(self, noise: torch.Tensor, cond: dict, generator: Generators) -> torch.Tensor:
-        """A student: ``x0 = f(ε, σ_0)``, then ``x = (1 − σ_k)·x0 + σ_k·ε_k; x0 = f(x, σ_k)`` over the
-        scheduler's σ grid, ``f(x, t) = x − t·v`` (``pipeline.diffusion.samplers.consistency``)."""
+    def _consistency(self, noise: torch.Tensor, cond: dict, guidance: float, generator: Generators) -> torch.Tensor:
+        """A consistency model: ``x0 = f(ε, σ_0)``, then ``x = (1 − σ_k)·x0 + σ_k·ε_k; x0 = f(x, σ_k)``
+        over the scheduler's σ grid, ``f(x, t) = x − t·v`` (``pipeline.diffusion.samplers.consistency``),
+        ``v`` guided as ``consistency_velocity`` guides it (the scale as an input, or CFG on ``v``)."""
+        velocity = consistency_velocity(self.transformer, guidance)
         sigmas = self.scheduler.sigmas.to(noise.device, torch.float32)  # σ_0 = 1 > … > σ_{n-1} > 0 (terminal)
         ones = torch.ones(noise.shape[0], device=noise.device)
-        x0 = consistency_fn(self.transformer, noise, sigmas[0] * ones, cond)
+        x0 = consistency_fn(velocity, noise, sigmas[0] * ones, cond)
         for sigma in self.progress_bar(sigmas[1:-1]):
             fresh = randn_rows(noise.shape, generator, noise.dtype, noise.device)
-            x0 = consistency_fn(self.transformer, (1 - sigma) * x0 + sigma * fresh, sigma * ones, cond)
+            x0 = consistency_fn(velocity, (1 - sigma) * x0 + sigma * fresh, sigma * ones, cond)
         return x0
 
     def _decode(self, latents: torch.Tensor, output_type: str):

@@ -18,6 +18,10 @@ Brooks et al. 2023; FLUX.1 Kontext) has one mode: ``--image`` is its source, ``-
 result shows, and it samples from noise at the image's size with dual guidance ``--guidance`` (text)
 and ``--image-guidance`` (the source; default the model's, else 1.5); the other modes' flags
 (``--mask``, ``--strength``, ``--outpaint``, ``--scale``, FlowEdit's prompts) are refused.
+
+``--sampler NAME`` (and its knobs, as in ``pipeline.sample``) edits with another sampler that fits
+the model: a teacher's Heun, SDE, ancestral or predictor–corrector for image-to-image, inpainting,
+outpainting and super-resolution (FlowEdit integrates its own Euler steps).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pipeline.inference.editing import (
     outpaint_canvas,
     upscale,
 )
-from pipeline.inference.pipeline import TextToImage
+from pipeline.inference.pipeline import TextToImage, add_sampler_args, sampler_from_args
 
 PROG = "pipeline.edit"
 DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0, "outpaint": 1.0, "superres": 0.4, "flowedit": 0.7, "conditioned": 1.0}
@@ -239,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="edits of one mode, size and settings run together")
     p.add_argument("--output", type=Path, required=True, help="OUT.png, or a folder for a folder/manifest")
     p.add_argument("--sheet", type=Path, help="input | mask | output sheet (default: beside the output)")
+    add_sampler_args(p)
     add_encoder_args(p)
     return p
 
@@ -250,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size must be >= 1 (got {args.batch_size})")
     try:
         info = read_model_info(args.model)  # what the model is, before any weights are loaded
+        sampler, options = sampler_from_args(p, args, info.get("sampler", "euler"))
+        if args.resample and sampler != "euler":
+            p.error(f"--resample (RePaint jumps) is euler's; sampler '{sampler}' takes none")
         conditioned = info.get("image_condition") is not None
         if args.image_guidance is not None and not conditioned:
             raise EditInputError(f"--image-guidance: {args.model} is a text-to-image model (no image_condition)")
@@ -257,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         if image_guidance is None:
             image_guidance = info.get("sampling", {}).get("image_guidance", DEFAULT_IMAGE_GUIDANCE)
         items = items_from(args, conditioned)
-        sampling = Sampling(steps=args.steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
-                            paste_back=args.paste_back, feather=args.feather)
+        if sampler not in ("euler", "consistency") and any(item.mode == "flowedit" for item in items):
+            p.error(f"FlowEdit integrates its own Euler steps: --sampler {sampler} is for the other edits")
+        steps = args.steps if options.times is None else len(options.times) + 1  # re-noise times fix the steps
+        sampling = Sampling(steps=steps, guidance=args.guidance, shift=args.shift, resample=args.resample,
+                            paste_back=args.paste_back, feather=args.feather, sampler=sampler, options=options)
         inputs = [load_inputs(item) for item in items]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         editor = ImageEditor(TextToImage.from_folder(args.model, device, encoder_paths(args)))

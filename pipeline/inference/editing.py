@@ -39,6 +39,7 @@ from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.diffusion.editing import Edit, latent_mask
 from pipeline.diffusion.editing import check_strength as diffusion_check_strength
 from pipeline.diffusion.samplers import sample, text_edit
+from pipeline.diffusion.stochastic import SamplerOptions
 from pipeline.inference.pipeline import TextToImage
 
 Padding = tuple[int, int, int, int]  # (left, top, right, bottom) pixels
@@ -54,7 +55,9 @@ class Sampling:
     ``guidance``, ``shift``, RePaint ``resample`` jumps per step; for masked edits,
     ``paste_back`` (default on: the input's pixels back outside the mask after decoding, as
     diffusers' ``apply_overlay``) over a ``feather`` of that many pixels (None:
-    :func:`feather_radius` of the image; 0: a hard edge)."""
+    :func:`feather_radius` of the image; 0: a hard edge); ``sampler`` (None: the model folder's; a
+    teacher's Heun, SDE, ancestral or predictor–corrector edit too, FlowEdit keeps its Euler steps)
+    with its knobs ``options``."""
 
     steps: int = 50
     guidance: float = 4.0
@@ -62,6 +65,8 @@ class Sampling:
     resample: int = 0
     paste_back: bool = True
     feather: int | None = None
+    sampler: str | None = None
+    options: SamplerOptions | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -185,8 +190,8 @@ class ImageEditor:
         edit = Edit(latents, check_strength(strength), mask, sampling.resample)
         noise = self.pipe.noise_per_image(seeds, list(latents.shape[1:]))
         cond = self.pipe.text.encode(prompts)
-        out = sample(self.pipe.transformer, self.pipe.sampler, cond, noise, sampling.steps, sampling.guidance,
-                     sampling.shift, seeds, edit)
+        out = sample(self.pipe.transformer, self.pipe.resolve_sampler(sampling.sampler), cond, noise, sampling.steps,
+                     sampling.guidance, sampling.shift, seeds, edit, options=sampling.options)
         decoded = self.pipe.vae.decode(out)  # (B, 3, H, W)
         if sampling.paste_back and pixel_masks is not None:
             original = torch.stack([image_to_tensor(to_rgb(im)) for im in images])
@@ -218,7 +223,8 @@ class ImageEditor:
             raise EditInputError(f"{len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
         sources = self.encode(images)  # (B, C, h, w)
         noise = self.pipe.noise_per_image(seeds, list(sources.shape[1:]))
-        out = self.pipe.latents(prompts, sampling.steps, sampling.guidance, sampling.shift, seeds, noise, sources, image_guidance)
+        out = self.pipe.latents(prompts, sampling.steps, sampling.guidance, sampling.shift, seeds, noise, sources, image_guidance,
+                                sampling.sampler, sampling.options)
         return tensor_to_images(self.pipe.vae.decode(out))
 
     @torch.no_grad()
@@ -232,6 +238,6 @@ class ImageEditor:
             raise EditInputError(f"{len(images)} images, {len(source_prompts)} source and {len(target_prompts)} target prompts")
         latents = self.encode(images)
         source, target = self.pipe.text.encode(source_prompts), self.pipe.text.encode(target_prompts)
-        out = text_edit(self.pipe.transformer, self.pipe.sampler, latents, source, target, sampling.steps,
+        out = text_edit(self.pipe.transformer, self.pipe.resolve_sampler(sampling.sampler), latents, source, target, sampling.steps,
                         check_strength(strength), sampling.guidance, source_guidance, sampling.shift, seeds)
         return tensor_to_images(self.pipe.vae.decode(out))

@@ -4,6 +4,10 @@ against, loaded from an exported model folder (``pipeline.data.model_folder``).
 ``TextToImage.from_folder(DIR)`` reads ``model_index.json`` (its ``info``: encoders, latent shape, sampler);
 ``generate(prompts)`` encodes the prompts, samples latents (Euler with classifier-free guidance
 for a teacher, multistep consistency for a distilled student) and decodes them with the VAE.
+``sampler=`` picks another sampler that fits the model (a teacher's Heun, SDE, ancestral or
+predictor–corrector, ``pipeline.diffusion.samplers``) and ``options=`` their knobs
+(``SamplerOptions``); :func:`add_sampler_args` / :func:`sampler_from_args` give the CLIs the same
+flags.
 
 An image-conditioned model (the folder's ``info["image_condition"]``; Brooks et al. 2023,
 "InstructPix2Pix"; Black Forest Labs 2025, "FLUX.1 Kontext") takes one source image per prompt
@@ -14,6 +18,7 @@ the source, InstructPix2Pix eq. 3).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,8 @@ from pipeline.data.images import image_to_tensor, tensor_to_images, to_rgb
 from pipeline.data.model_folder import MODEL_INDEX, read_model_info
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolve_shift
 from pipeline.diffusion.noise import image_generators, randn_rows
-from pipeline.diffusion.samplers import SAMPLERS, Seeds, sample
+from pipeline.diffusion.samplers import SAMPLERS, Seeds, resolve_sampler, sample, takes_guidance
+from pipeline.diffusion.stochastic import KNOBS, SamplerOptions, check_knobs, evaluations, times_from_sigmas
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.locations import EncoderPaths, locate_encoders
 from pipeline.encoders.vae import FrozenVAE, VAEConfig
@@ -144,27 +150,41 @@ class TextToImage:
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, guidance: float, shift: float | str = 1.0, seed: Seeds = 0,
                 noise: torch.Tensor | None = None, sources: torch.Tensor | None = None,
-                image_guidance: float | None = None) -> torch.Tensor:
+                image_guidance: float | None = None, sampler: str | None = None,
+                options: SamplerOptions | None = None) -> torch.Tensor:
         """Encode the prompts and sample; ``noise`` (B, C, h, w) replaces the noise drawn from
         ``seed``: one seed, the batch's noise in one draw; one seed per prompt, each image's own
         (``noise_per_image``), its later draws too, so image k does not depend on its batch.
         ``sources`` (B, C, h, w): an image-conditioned model's source latents (``encode_sources``),
-        sampled with ``image_guidance``."""
+        sampled with ``image_guidance``. ``sampler``/``options``: as :meth:`sample`."""
         self.check_sources(len(prompts), sources)
         if noise is None:
             noise = self.noise(len(prompts), seed) if isinstance(seed, int) else self.noise_per_image(list(seed))
         cond = self.text.encode(prompts)
         if sources is not None:
             cond["image"] = sources.to(self.vae.device)
-        return self.sample(cond, noise.to(self.vae.device), steps, guidance, shift, seed, image_guidance)
+        return self.sample(cond, noise.to(self.vae.device), steps, guidance, shift, seed, image_guidance, sampler, options)
 
     @torch.no_grad()
     def sample(self, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float | str = 1.0,
-               seed: Seeds = 0, image_guidance: float | None = None) -> torch.Tensor:
-        """The sampler alone (``pipeline.diffusion.samplers.sample``, as the model folder names it);
-        ``seed``: one for the batch, or one per image (``noise_per_image``'s seeds)."""
-        return sample(self.transformer, self.sampler, cond, noise, steps, guidance, self.resolve_shift(shift, noise), seed,
-                      image_guidance=image_guidance)
+               seed: Seeds = 0, image_guidance: float | None = None, sampler: str | None = None,
+               options: SamplerOptions | None = None) -> torch.Tensor:
+        """The sampler alone (``pipeline.diffusion.samplers.sample``): ``sampler`` (None: the one the
+        model folder names; another must fit the model, ``resolve_sampler``) with ``options`` (its
+        knobs); ``seed``: one for the batch, or one per image (``noise_per_image``'s seeds)."""
+        return sample(self.transformer, self.resolve_sampler(sampler), cond, noise, steps, guidance, self.resolve_shift(shift, noise),
+                      seed, image_guidance=image_guidance, options=options)
+
+    def resolve_sampler(self, sampler: str | None = None) -> str:
+        """``sampler`` when it fits this model (None: the folder's own); one ``ValueError`` line otherwise."""
+        return resolve_sampler(self.sampler, sampler)
+
+    def evaluations(self, steps: int, guidance: float, sampler: str | None = None, options: SamplerOptions | None = None) -> int:
+        """Model forward passes per image (NFE, ``pipeline.diffusion.stochastic.evaluations``): guidance
+        other than 1 doubles them, except for a student that takes the scale as an input."""
+        sampler = self.resolve_sampler(sampler)
+        guided = guidance != 1.0 and not (sampler == "consistency" and takes_guidance(self.transformer))
+        return evaluations(sampler, steps, guided, options)
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -172,11 +192,13 @@ class TextToImage:
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float | str = 1.0, seed: int = 0,
                  size: tuple[int, int] | None = None, images: list[Image.Image] | None = None,
-                 image_guidance: float = 1.5) -> tuple[list[Image.Image], float]:
+                 image_guidance: float = 1.5, sampler: str | None = None,
+                 options: SamplerOptions | None = None) -> tuple[list[Image.Image], float]:
         """Images for ``prompts`` (``size`` (width, height) px, default the model's; image k from
         seed + k alone, as ``pipeline.evaluate`` draws it) and the wall seconds per image. An
         image-conditioned model needs ``images``, one source per prompt (resized to the output size),
-        and samples with ``image_guidance`` (InstructPix2Pix's s_I; 1: text guidance only)."""
+        and samples with ``image_guidance`` (InstructPix2Pix's s_I; 1: text guidance only).
+        ``sampler``/``options``: as :meth:`sample` (None: the folder's sampler, default knobs)."""
         start = clock()
         self.check_sources(len(prompts), images)
         seeds = list(range(seed, seed + len(prompts)))
@@ -185,5 +207,46 @@ class TextToImage:
         sources = None
         if images is not None:
             sources = self.encode_sources(images, (shape[2] * self.vae.downsample, shape[1] * self.vae.downsample))
-        out = self.latents(prompts, steps, guidance, shift, seeds, noise, sources, image_guidance if sources is not None else None)
+        out = self.latents(prompts, steps, guidance, shift, seeds, noise, sources, image_guidance if sources is not None else None,
+                           sampler, options)
         return self.images(out), (clock() - start) / len(prompts)
+
+
+# ----------------------------------------------------------------------------------- CLI flags
+KNOB_FLAGS = {"noise_scale": "--noise-scale", "snr": "--snr", "corrector_steps": "--corrector-steps", "gamma": "--gamma",
+              "times": "--renoise-times/--renoise-sigmas"}
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """``--sampler`` and the samplers' knobs (``SamplerOptions``), for every CLI that samples."""
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model folder's; a teacher takes "
+                   "euler, heun, sde, ancestral or pc, a consistency model consistency)")
+    p.add_argument("--noise-scale", type=float, help="sde: diffusion scale λ (g² = 2λt; 0 = the ODE); ancestral: η in [0, 1] "
+                   "(default 1)")
+    p.add_argument("--snr", type=float, help="pc: the Langevin corrector's signal-to-noise ratio (default 0.16)")
+    p.add_argument("--corrector-steps", type=int, help="pc: Langevin steps after each predictor step (default 1)")
+    p.add_argument("--gamma", type=float, help="consistency: TCD's γ in [0, 1] (1 = fresh noise each step, the default; 0 = none)")
+    times = p.add_mutually_exclusive_group()
+    times.add_argument("--renoise-times", type=float, nargs="+", metavar="T",
+                       help="consistency: re-noise times after the first step (our t, decreasing in (0, 1)); steps = count + 1")
+    times.add_argument("--renoise-sigmas", type=float, nargs="+", metavar="S",
+                       help="consistency: the same as EDM / Consistency Models σ's (t = σ/(1 + σ)), e.g. 60 30 15 7 3")
+
+
+def sampler_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, native: str) -> tuple[str, SamplerOptions]:
+    """(sampler, options) from :func:`add_sampler_args`' flags for a model whose folder names ``native``;
+    a sampler that does not fit the model, a knob it does not read or a bad value: ``p.error`` (one line)."""
+    given = {knob: getattr(args, knob) for knob in ("noise_scale", "snr", "corrector_steps", "gamma") if getattr(args, knob) is not None}
+    try:
+        sampler = resolve_sampler(native, args.sampler)
+        if args.renoise_times is not None or args.renoise_sigmas is not None:
+            given["times"] = tuple(args.renoise_times) if args.renoise_times is not None else times_from_sigmas(args.renoise_sigmas)
+        try:
+            check_knobs(sampler, list(given))
+        except ValueError:
+            ignored = [KNOB_FLAGS[knob] for knob in given if knob not in KNOBS[sampler]]
+            raise ValueError(f"sampler '{sampler}' does not use {', '.join(ignored)}") from None
+        return sampler, SamplerOptions(**given)
+    except ValueError as err:
+        p.error(str(err))
+        raise  # unreachable: p.error exits

@@ -140,17 +140,14 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
     the DDP / ZeRO-2 / ZeRO-3 × fp32 / bf16 × accumulation 1 / 2 cells (each run and resumed),
     distillation under ZeRO-3 in bf16, the autoencoder under DDP in bf16 with accumulation, an
     overflowing optimizer step under DDP fp16 (``jobs.loss_scaler``) and ZeRO-2 bf16, the image-conditioned
-    DDP / ZeRO-2 cells on ``paired_latents``, and every config in ``configs/``, shrunk. Returns the
+    DDP / ZeRO-2 cells on ``paired_latents``, adversarial distillation (LADD) under DDP / ZeRO-2 / ZeRO-3,
+    teacher-free consistency training under DDP and ZeRO-3, and every config in ``configs/``, shrunk. Returns the
     folder of their runs and ``NAME.rank{r}.json`` results; ``launch.log`` holds the output."""
     import json
-    import os
-    import subprocess
-    import sys
 
     import yaml
 
     from tests import jobs
-    from tests.helpers import ROOT, free_port
 
     out = tmp_path_factory.mktemp("jobs")
     specs = [spec for mode in ("ddp", "zero2", "zero3") for precision in ("no", "bf16") for accum in jobs.ACCUMULATION
@@ -162,22 +159,15 @@ def launched_jobs(tmp_path_factory, latent_shards, image_shards, tiny_vae_dir, t
     specs += jobs.pixart_jobs(latent_shards, out)
     specs += [spec for cell in jobs.LORA_CELLS for spec in jobs.lora_jobs(*cell, latent_shards, teacher_dir, out)]
     specs += [spec for cell in jobs.COND_CELLS if cell[0] != "one" for spec in jobs.cond_jobs(*cell, paired_latents, teacher_dir, out)]
+    specs += [spec for cell in jobs.LADD_CELLS if cell[0] != "one" for spec in jobs.ladd_jobs(*cell, teacher_dir, latent_shards, out)]
+    specs += [spec for cell in jobs.CT_CELLS for spec in jobs.ct_jobs(*cell, teacher_dir, latent_shards, out)]
     inputs = {"latents": latent_shards, "paired_latents": paired_latents, "paired_images": paired_image_shards, "images": image_shards,
               "teacher": teacher_dir, "vae": tiny_vae_dir,
               "text": yaml.safe_load((tiny_text_encoders_dir / "encoders.yaml").read_text())}
     specs += [jobs.shipped_config_job(path, inputs, out / "configs") for path in jobs.SHIPPED_CONFIGS]
     with serving(unsized_copy(latent_shards, out / "served")) as server:  # for the http-sizes job
         specs.append(jobs.http_sizes_job(server.url + "latents/", inputs["text"], tiny_vae_dir, out))
-        (out / "jobs.json").write_text(json.dumps(specs, default=str))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu2.yaml"),
-               "--main_process_port", str(free_port()), "-m", "tests.jobs", str(out / "jobs.json"), str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        try:
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=720, env=env)
-            log = f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
-        except subprocess.TimeoutExpired as err:
-            log = f"timed out after {err.timeout} s\n{err.stdout}\n{err.stderr}"
-    (out / "launch.log").write_text(log)
+        jobs.launch(specs, out, timeout=900)
     (out / "http_requests.json").write_text(json.dumps(server.requests))
     return out
 

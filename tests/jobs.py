@@ -85,9 +85,11 @@ def _build(stage: str, config: str | None, overrides: list[str]):
 
         return Trainer(load_config(TrainConfig, config, overrides))
     if stage == "distill":
-        from pipeline.training.distill import DistillConfig, Distiller
+        from pipeline.distill import recipe
+        from pipeline.training.distill import DistillConfig
 
-        return Distiller(load_config(DistillConfig, config, overrides))
+        cfg = load_config(DistillConfig, config, overrides)
+        return recipe(cfg)[0](cfg)
     if stage == "autoencoder":
         from pipeline.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
 
@@ -209,6 +211,8 @@ def run_job(spec: dict, rank: int = 0) -> dict:
             if spec.get("overflow_at"):
                 probe_overflow(trainer, spec["overflow_at"], rank, result)
             trainer.fit()
+            if getattr(trainer, "ladd", None) is not None:  # LADD's replicated heads: the same on every rank?
+                result["heads_checksum"] = {n: float(p.detach().double().sum()) for n, p in trainer.ladd.heads.named_parameters()}
             if spec.get("overflow_at"):
                 result["windows"].append(window_state(trainer))  # the end
             trainer.accelerator.wait_for_everyone()
@@ -387,11 +391,13 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
     """A job that trains ``configs/NAME.yaml`` shrunk: tiny model, small batch, 2 optimizer steps,
     local data and encoders; its precision, parallelism, accumulation, schedule and timesteps kept."""
     name, where = path.stem, [f"output_dir={out}", f"run={path.stem}"]
-    if name.startswith(("dit_", "distill_", "pixart_")):
+    if name.startswith(("dit_", "distill_", "pixart_", "ct_")):
         held_out = ["validation.count=8", "validation.batch_size=8"]  # when the config validates: 8 of the 48 latents
         shrunk = [f"data.latents={inputs['latents']}", *where, *SHRUNK_LOADER, *SHRUNK_RUN, "sampling.steps=2", *held_out]
         if name.startswith("distill_"):
-            return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}"], str(path))
+            return job(name, "distill", [*shrunk, f"teacher={inputs['teacher']}", "distill.student_init=null"], str(path))  # no demo student here
+        if name.startswith("ct_"):  # teacher-free consistency training (distill.mode=ct): the tiny teacher is its model.init
+            return job(name, "distill", [*shrunk, f"model.init={inputs['teacher']}"], str(path))
         if "_lora_" in name:  # a fine-tune: the tiny teacher is its model.init
             return job(name, "train", [*shrunk, f"model.init={inputs['teacher']}"], str(path))
         if "_cond_" in name:  # image-conditioned: the tiny teacher widened, on the paired latents
@@ -416,7 +422,8 @@ def shipped_config_job(path: Path, inputs: dict, out: Path) -> dict:
     raise AssertionError(f"{path.name}: no stage known for this config name; teach tests/jobs.py to shrink it")
 
 
-SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_CONFIGS = sorted(ROOT_CONFIGS.glob("*.yaml"))
 
 
 def distill_jobs(teacher: Path, latents: Path, out: Path, mode: str = "zero3", precision: str = "bf16", accum: int = 2) -> list[dict]:
@@ -428,6 +435,59 @@ def distill_jobs(teacher: Path, latents: Path, out: Path, mode: str = "zero3", p
               f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.steps=2"]
     return [job(name, "distill", [*common, f"run={name}"]),
             job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]
+
+
+LADD_CELLS = (("one", "no", 1), ("ddp", "bf16", 2), ("zero2", "no", 1), ("zero3", "bf16", 2))  # the first runs in pytest
+LADD_START = 1  # the generator term from this optimizer step; the heads from step 0 (d_warmup 1)
+
+
+def ladd_jobs(mode: str, precision: str, accum: int, teacher: Path, latents: Path, out: Path) -> list[dict]:
+    """Consistency distillation with LADD's adversarial term (``ladd-MODE-PRECISION-accumN``): the
+    heads train from step 0 with 2 updates per student step, the generator term from step 1; a
+    4-step run and its copy resumed from step 2 (heads and their optimizer from the checkpoint)."""
+    name = "ladd-" + cell_name(mode, precision, accum)
+    adversarial = ["distill.adversarial.weight=0.5", f"distill.adversarial.start_step={LADD_START}", "distill.adversarial.d_warmup=1",
+                   "distill.adversarial.d_steps=2", "distill.adversarial.lr=1e-3", "distill.adversarial.grad_clip=1.0",
+                   "distill.adversarial.min_t=0.3", "distill.adversarial.s_mean=-1"]
+    common = [f"teacher={teacher}", f"data.latents={latents}", f"output_dir={out}", *MODES[mode], f"mixed_precision={precision}",
+              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.intervals=8", *adversarial,
+              f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1", "sampling.prompts=[]"]
+    return [job(name, "distill", [*common, f"run={name}"]),
+            job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]
+
+
+CT_CELLS = (("ddp", "no", 1, "ema"), ("zero3", "bf16", 2, "stopgrad"))  # mode, precision, accumulation, ct.target
+
+
+def ct_jobs(mode: str, precision: str, accum: int, target: str, teacher: Path, latents: Path, out: Path) -> list[dict]:
+    """Teacher-free consistency training (``distill.mode=ct``, ECT from the tiny teacher's weights by
+    ``model.init``; no teacher loaded) with a ``target`` network (``ema``: checkpointed; ``stopgrad``:
+    a second, gradient-free forward of the prepared model): a 4-step run and its resumed copy."""
+    name = f"ct-{cell_name(mode, precision, accum)}-{target}"
+    common = [f"model.init={teacher}", f"data.latents={latents}", f"output_dir={out}", *MODES[mode], f"mixed_precision={precision}",
+              f"optim.grad_accum={accum}", "data.loader.batch_size=4", *CELL_LR, "distill.mode=ct", f"ct.target={target}",
+              "ct.stage_steps=2", f"steps={CELL_STEPS}", f"checkpoint.every={CELL_RESUME_AT}", "checkpoint.keep=5", "logging.every=1",
+              "sampling.steps=2", "sampling.guidance=1.5"]
+    return [job(name, "distill", [*common, f"run={name}"]),
+            job(f"{name}-resumed", "distill", [*common, f"run={name}-resumed"], resume_from={"run": str(out / name), "step": CELL_RESUME_AT})]
+
+
+def launch(specs: list[dict], out: Path, timeout: int = 720) -> None:
+    """Run ``specs`` in one 2-process gloo launch (``launch/accelerate/cpu2.yaml``); its output in ``out/launch.log``."""
+    import subprocess
+
+    from tests.helpers import ROOT, free_port
+
+    (out / "jobs.json").write_text(json.dumps(specs, default=str))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu2.yaml"),
+           "--main_process_port", str(free_port()), "-m", "tests.jobs", str(out / "jobs.json"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        log = f"exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
+    except subprocess.TimeoutExpired as err:
+        log = f"timed out after {err.timeout} s\n{err.stdout}\n{err.stderr}"
+    (out / "launch.log").write_text(log)
 
 
 def results(out: Path, name: str, world: int = 2) -> list[dict]:

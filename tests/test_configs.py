@@ -16,7 +16,7 @@ def config_class(path: Path):
         from pipeline.training.dit_config import TrainConfig
 
         return TrainConfig, []
-    if path.name.startswith("distill_"):
+    if path.name.startswith(("distill_", "ct_")):
         from pipeline.training.distill import DistillConfig
 
         return DistillConfig, []

@@ -23,6 +23,16 @@ target network is an fp32 EMA copy of the student taken before ``prepare``, upda
 whole (under ZeRO-3: gathered block by block) parameters as the export EMA; the frozen teacher is
 fp32 and replicated on every rank. Both run under autocast in the run's compute dtype.
 
+Adversarial term (``distill.adversarial``, off at ``weight`` 0; ``pipeline.training.ladd``, LADD):
+the student's ``x̂0`` of the consistency loss, re-noised, is judged by heads on the frozen teacher's
+block features against the batch's re-noised latents; from ``start_step`` the loss is the
+consistency loss plus ``weight``·the hinge generator loss (one backward), and at each window's
+boundary the heads take ``d_steps`` updates of their own (plain autograd, own AdamW, gradients
+all-reduced over the ranks). The logged line adds ``g_loss``, ``d_loss``, ``d_real``, ``d_fake``.
+
+Fine-tuning (``distill.student_init``): an exported student's weights replace the fresh copy of the
+teacher (the target network and the export EMA start from them).
+
 The run ends with the student exported; comparing it with the teacher is the evaluation layer's
 (``python -m pipeline.compare``, ``pipeline.evaluate``).
 """
@@ -45,6 +55,7 @@ from pipeline.training.consistency import CTSection, distance
 from pipeline.training.dit import Trainer, condition, to_device, training_plan
 from pipeline.training.dit_config import SamplingConfig, TrainConfig
 from pipeline.training.ema import EMA
+from pipeline.training.ladd import AdversarialSection, Discriminator, Heads, resolve_blocks
 from pipeline.training.preflight import ModelSpec, TrainingPlan
 from pipeline.training.validation import Unit
 
@@ -63,6 +74,8 @@ class DistillSection:
     # slower, 0.98-0.99, gave better 4-step samples on the demo: configs/distill_demo.yaml)
     loss: Literal["l2", "l1", "pseudo_huber"] = "pseudo_huber"
     huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
+    adversarial: AdversarialSection = field(default_factory=AdversarialSection)  # LADD's term (pipeline.training.ladd)
+    student_init: Path | None = None  # an exported student folder to continue from (fine-tune); None: the teacher's copy
 
     def __post_init__(self) -> None:
         if self.intervals < 1 or not 0 <= self.target_decay < 1:
@@ -85,6 +98,8 @@ class DistillConfig(TrainConfig):
         if self.distill.mode == "ct" and self.teacher is not None:
             raise ValueError(f"teacher={self.teacher}: distill.mode=ct trains without a teacher (start from a checkpoint "
                              "with model.init instead)")
+        if self.distill.mode == "ct" and self.distill.adversarial.enabled:
+            raise ValueError("distill.adversarial.weight: the adversarial term reads the teacher's features: distill.mode=cd only")
 
 
 class Distiller(Trainer):
@@ -99,8 +114,12 @@ class Distiller(Trainer):
         if mode is not None:  # before any work: the loss has no source image to give it
             raise ConfigError(f"teacher: {cfg.teacher} is image-conditioned (image_condition={mode}); consistency distillation "
                               "takes a text-to-image teacher")
+        resolve_blocks(cfg.distill.adversarial, self.teacher.config["depth"])  # a bad block index: one line, before any work
         super().__init__(cfg)
         self.teacher.to(self.accelerator.device)
+        a = cfg.distill.adversarial
+        self.ladd = Discriminator(a, self.teacher, self.autocast, self.accelerator.device) if a.enabled else None
+        self.adversarial_running: list[dict[str, torch.Tensor]] = []  # since the last logged line
         self.uniform_grid = torch.linspace(0.0, 1.0, cfg.distill.intervals + 1, device=self.accelerator.device)
 
     def time_grid(self, x0: torch.Tensor) -> torch.Tensor:
@@ -112,7 +131,11 @@ class Distiller(Trainer):
         self.target = EMA(model, self.cfg.distill.target_decay).to(self.accelerator.device)  # the fresh student: the teacher + zero guidance
 
     def build_model(self) -> torch.nn.Module:
-        return student_from(self.teacher)
+        student = student_from(self.teacher)
+        if self.cfg.distill.student_init is not None:
+            start = DiT.from_pretrained(Path(self.cfg.distill.student_init) / "transformer")
+            student.load_state_dict(start.state_dict())  # strict: a student of this teacher's architecture
+        return student
 
     def teacher_step(self, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict, g: torch.Tensor) -> torch.Tensor:
         """One guided ODE step of the frozen teacher from ``t_hi`` down to ``t_lo``."""
@@ -124,6 +147,12 @@ class Distiller(Trainer):
         return x + dt * 0.5 * (v + guided_velocity(self.teacher, x_euler, t_lo, cond, g))
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        per_sample, t_hi, _ = self.consistency_terms(self.model, *self.draws(batch))
+        return per_sample, t_hi
+
+    def draws(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch's latents x0 (B, C, h, w), text cond (none dropped), noise, intervals n (B,)
+        and guidance g (B,), drawn in this order from the training streams."""
         d, device = self.cfg.distill, self.accelerator.device
         x0 = to_device(batch["latent"], device)  # (B, C, h, w)
         rows = x0.shape[0]
@@ -131,12 +160,18 @@ class Distiller(Trainer):
         n = torch.randint(0, d.intervals, (rows,), device=device)
         noise = torch.randn_like(x0)
         g = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(rows, device=device)
-        return self.consistency_loss(self.model, x0, cond, noise, n, g)
+        return x0, cond, noise, n, g
 
     def consistency_loss(self, student: torch.nn.Module, x0: torch.Tensor, cond: dict, noise: torch.Tensor, n: torch.Tensor,
                          g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``d(f_student(x_{t_{n+1}}), f_target(x̂_{t_n}))`` per sample (B,) and ``t_{n+1}`` (B,): interval
         ``n`` (B,) of this batch's grid, noise (B, C, h, w), guidance ``g`` (B,)."""
+        return self.consistency_terms(student, x0, cond, noise, n, g)[:2]
+
+    def consistency_terms(self, student: torch.nn.Module, x0: torch.Tensor, cond: dict, noise: torch.Tensor, n: torch.Tensor,
+                          g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`consistency_loss`'s values and the student's prediction ``f_student(x_{t_{n+1}})``
+        (B, C, h, w), with its graph (the adversarial term's negatives)."""
         d = self.cfg.distill
         grid = self.time_grid(x0)
         t_lo, t_hi = grid[n], grid[n + 1]
@@ -145,7 +180,47 @@ class Distiller(Trainer):
             x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
             target = consistency_fn(self.target.module, x_lo, t_lo, {**cond, "guidance": g})
         prediction = consistency_fn(student, x_hi, t_hi, {**cond, "guidance": g})
-        return distance(prediction, target, d.loss, d.huber_c), t_hi
+        return distance(prediction, target, d.loss, d.huber_c), t_hi, prediction
+
+    def micro_step(self, batch: dict) -> torch.Tensor | None:
+        """The DiT's micro-step (consistency loss alone) or, with the adversarial term on, the
+        consistency loss plus ``weight``·G from ``start_step`` in one backward, the window's fakes
+        and reals kept from the heads' start, and at the boundary the student's optimizer step
+        followed by the heads' ``d_steps`` updates. Logs the consistency loss."""
+        if self.ladd is None:
+            return super().micro_step(batch)
+        a = self.cfg.distill.adversarial
+        with self.accumulation(self.model):
+            x0, cond, *rest = self.draws(batch)
+            per_sample, t, prediction = self.consistency_terms(self.model, x0, cond, *rest)  # (B,), (B,), (B, C, h, w)
+            loss = consistency = per_sample.mean()
+            stats, weights = {}, (t >= a.min_t).float()  # (B,): the rows that are negatives
+            if self.step >= a.start_step:
+                g_loss = self.ladd.generator_loss(prediction, cond, weights)
+                loss = loss + a.weight * g_loss
+                stats = {"g_loss": g_loss.detach()}
+            if not self.finite_everywhere(loss):
+                return None
+            self.accelerator.backward(loss)
+            if self.step >= a.d_start:
+                self.ladd.remember(prediction, x0, cond, weights)
+            if self.accelerator.sync_gradients:
+                self.optimizer_step()
+                if self.step >= a.d_start:
+                    stats.update(self.ladd.update())
+        self.adversarial_running.append(stats)
+        self.record(t, per_sample, batch["latent"].shape[0])
+        return consistency.detach()
+
+    def metrics(self, running: list) -> dict:
+        """The DiT's line, plus the adversarial term's means since the last one (those that ran)."""
+        line = super().metrics(running)
+        for key in ("g_loss", "d_loss", "d_real", "d_fake"):
+            values = [s[key] for s in self.adversarial_running if key in s]
+            if values:
+                line[key] = torch.stack(values).mean().item()
+        self.adversarial_running.clear()
+        return line
 
     def validation_values(self, units: list[Unit]) -> torch.Tensor:
         """The consistency loss of held-out units, (B, 1): fixed noise, the interval whose upper end
@@ -164,10 +239,14 @@ class Distiller(Trainer):
     def save_extra(self, folder: Path) -> None:
         super().save_extra(folder)
         self.target.save(folder / "target.safetensors")
+        if self.ladd is not None:
+            self.ladd.save(folder)
 
     def load_extra(self, folder: Path) -> None:
         super().load_extra(folder)
         self.target.load(folder / "target.safetensors")
+        if self.ladd is not None:
+            self.ladd.load(folder)
 
     def export_info(self) -> dict:
         s, d = self.cfg.sampling, self.cfg.distill
@@ -194,4 +273,10 @@ def plan(cfg: DistillConfig, prog: str = PROG) -> TrainingPlan:
                   gradient_checkpointing=cfg.model.gradient_checkpointing),
         ModelSpec("teacher", teacher, trained=False, frozen_bytes=4),
     )
+    a = cfg.distill.adversarial
+    if a.enabled:  # the discriminator's heads: trained, fp32, replicated (their AdamW outside DeepSpeed)
+        blocks = resolve_blocks(a, config["depth"])
+        with torch.device("meta"):
+            heads = Heads(config["hidden_size"], len(blocks), a.head_width, config.get("clip_dim", 0) if a.text else 0)
+        specs = (*specs, ModelSpec("LADD heads", heads, trained=True))
     return training_plan(cfg, prog, specs)

@@ -374,11 +374,15 @@ class Trainer(TrainerCore):
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 self.optimizer_step()
-        sums, counts = loss_by_t(t, per_sample, T_BUCKETS)
+        self.record(t, per_sample, batch["latent"].shape[0])
+        return loss.detach()
+
+    def record(self, t: torch.Tensor, per_sample: torch.Tensor, rows: int) -> None:
+        """A micro-batch's losses into the loss-by-t buckets, its rows into the throughput meter."""
+        sums, counts = loss_by_t(t, per_sample.detach(), T_BUCKETS)
         self.t_sums += sums.cpu()
         self.t_counts += counts.cpu()
-        self.meter.add(batch["latent"].shape[0])
-        return loss.detach()
+        self.meter.add(rows)
 
     def optimizer_step(self) -> None:
         """Clip, step, then advance the LR schedule once, unless the step was skipped on overflow

@@ -78,10 +78,14 @@ def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
     assert by_goal["student_4_beats_teacher_4"]["value"] == pytest.approx(0.02)
     assert by_goal["student_4_beats_teacher_4"]["target"] == BEAT_MARGIN and not by_goal["student_4_beats_teacher_4"]["met"]
     assert by_goal["student_4_vs_teacher"]["value"] == pytest.approx(0.94) and not by_goal["student_4_vs_teacher"]["met"]
-    assert not by_goal["student_1_vs_teacher"]["met"] and not by_goal["teacher_adherence_all"]["met"]  # 0.84 < 0.90, 0.5 < 0.75
+    assert not by_goal["student_1_vs_teacher"]["met"] and not by_goal["teacher_adherence_all"]["met"]  # 0.84 < 1.00, 0.5 < 0.75
     assert by_goal["teacher_adherence_1_object"]["met"] and not by_goal["teacher_adherence_2_objects"]["met"]
-    report["students"][0]["adherence_vs_teacher"] = 0.9
+    report["students"][0]["adherence_vs_teacher"] = 0.99
+    assert not {g["goal"]: g for g in goals(report)}["student_1_vs_teacher"]["met"]
+    report["students"][0]["adherence_vs_teacher"] = 1.0
     assert {g["goal"]: g for g in goals(report)}["student_1_vs_teacher"]["met"]
+    report["students"][1]["adherence_vs_teacher"] = 1.029
+    assert not {g["goal"]: g for g in goals(report)}["student_4_vs_teacher"]["met"]
     report["lora"] = {"after": {"adherence_all": 0.81}, "old_vs_teacher": -0.025}
     by_goal = {g["goal"]: g for g in goals(report)}
     assert by_goal["lora_concept_adherence"]["met"] and by_goal["lora_concept_adherence"]["value"] == pytest.approx(0.81)

@@ -29,8 +29,8 @@ GOALS = {
     "teacher_adherence_all": 0.75,  # 50 steps, 512 unseen prompts
     "teacher_adherence_1_object": 0.90,
     "teacher_adherence_2_objects": 0.50,
-    "student_4_vs_teacher": 1.0,  # adherence ratios to the 50-step teacher
-    "student_1_vs_teacher": 0.90,
+    "student_4_vs_teacher": 1.03,  # adherence ratios to the 50-step teacher (issue 29: beyond the teacher at 4 steps,
+    "student_1_vs_teacher": 1.00,  # at least tied at 1)
     "student_4_sampler_speedup": 20.0,  # the sampling loop; end-to-end s/image is reported beside it
     "student_coverage_vs_teacher": 0.95,  # pixel-space coverage and recall, ratios to the 50-step teacher's
     "student_recall_vs_teacher": 0.95,

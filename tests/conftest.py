@@ -29,6 +29,19 @@ TINY_VAE_CONFIG = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """After each test, forget the accelerate state a run in this process left (its precision, its
+    DeepSpeed plugin): the next test's ``Accelerator`` takes its own settings, whichever test ran
+    before it on this worker (the process group stays, as ``tests.jobs`` does between jobs)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers ``AutoencoderKL`` folder (4 latent channels, /4, scale 0.5, shift 0.1)."""

@@ -135,8 +135,8 @@ def test_the_generator_gradient_reaches_the_student_and_not_the_teacher(teacher_
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in d.heads.parameters())  # frozen during G
     assert all(p.requires_grad for p in d.heads.parameters())  # and trainable again after
-    grads = [p.grad.abs().sum() for p in student.parameters() if p.grad is not None]
-    assert grads and sum(grads) > 0
+    reached = [name for name, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(reached) > 0.5 * len(list(student.parameters())), reached  # through the teacher's blocks into most of the student
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.diffusers:
-        if args.sampler is not None or any(getattr(args, k) is not None for k in KNOBS):
+        if args.sampler is not None or any(getattr(args, k) is not None for k in SAMPLER_FLAGS):
             p.error("--diffusers samples with the folder's scheduler: --sampler and its knobs are for our own sampler")
         args.steps = 50 if args.steps is None else args.steps
         return sample_with_diffusers(args, device)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-KNOBS = ("sampler", "noise_scale", "snr", "corrector_steps", "gamma", "renoise_times", "renoise_sigmas")
+SAMPLER_FLAGS = ("sampler", "noise_scale", "snr", "corrector_steps", "gamma", "renoise_times", "renoise_sigmas")
 
 
 def resolve_steps(p: argparse.ArgumentParser, steps: int | None, options) -> int:

@@ -260,3 +260,26 @@ def test_adversarial_cell_trains_resumes_exactly_and_keeps_the_heads_identical(c
     saved = load_file(str(ladd_runs / name / f"checkpoints/step-{jobs.CELL_STEPS:06d}/ladd_heads.safetensors"))
     assert {k: float(v.astype(np.float64).sum()) for k, v in saved.items()} == pytest.approx(sums[0], rel=1e-9)
     assert all("g_loss" in m and "d_loss" in m for m in lines(ladd_runs / name)[jobs.LADD_START:])
+
+
+def test_consistency_weight_zero_leaves_the_adversarial_term_alone(teacher_dir, latent_shards, tmp_path, capsys):
+    """distill.consistency_weight 0 (LADD alone): before start_step the student gets no gradient at
+    all (its weights stay the teacher's copy bit for bit, AdamW without weight decay), after it they
+    move; the weight without the adversarial term is a one-line config error."""
+    from safetensors.torch import load_file as load_torch
+
+    out = run(teacher_dir, latent_shards, tmp_path / "a", *ADV, "steps=3", "checkpoint.every=1", "distill.consistency_weight=0",
+              "distill.adversarial.start_step=2", "distill.adversarial.d_warmup=2")
+    weights = [load_torch(str(out / f"checkpoints/step-{k:06d}/accelerate/model.safetensors")) for k in (1, 2, 3)]
+    teacher = load_teacher(teacher_dir).state_dict()  # the student is its copy plus a guidance embedder (seeded by the run)
+    assert all(torch.equal(weights[1][k], teacher[k]) for k in teacher)  # steps 1-2: 0 · consistency, no G yet
+    assert all(torch.equal(weights[1][k], weights[0][k]) for k in weights[0])
+    assert any(not torch.equal(weights[2][k], weights[1][k]) for k in weights[2])  # step 3: the G term alone moves it
+    jobs._reset_accelerate()
+    capsys.readouterr()  # the run's progress bars
+    with pytest.raises(SystemExit) as stop:
+        distill.main([f"teacher={teacher_dir}", f"data.latents={latent_shards}", f"output_dir={tmp_path / 'b'}", *ARGS,
+                      "distill.consistency_weight=0.5"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill.consistency_weight=0.5" in err[0]

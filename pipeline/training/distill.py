@@ -75,6 +75,7 @@ class DistillSection:
     loss: Literal["l2", "l1", "pseudo_huber"] = "pseudo_huber"
     huber_c: float | None = None  # None: 0.00054·sqrt(d) (iCT)
     adversarial: AdversarialSection = field(default_factory=AdversarialSection)  # LADD's term (pipeline.training.ladd)
+    consistency_weight: float = 1.0  # the consistency loss's weight beside the adversarial term; 0: LADD alone (as its paper)
     student_init: Path | None = None  # an exported student folder to continue from (fine-tune); None: the teacher's copy
 
     def __post_init__(self) -> None:
@@ -98,6 +99,9 @@ class DistillConfig(TrainConfig):
         if self.distill.mode == "ct" and self.teacher is not None:
             raise ValueError(f"teacher={self.teacher}: distill.mode=ct trains without a teacher (start from a checkpoint "
                              "with model.init instead)")
+        if self.distill.consistency_weight < 0 or (self.distill.consistency_weight != 1 and not self.distill.adversarial.enabled):
+            raise ValueError(f"distill.consistency_weight={self.distill.consistency_weight}: weighs the consistency loss against the "
+                             "adversarial term (distill.adversarial.weight > 0); must be >= 0")
         if self.distill.mode == "ct" and self.distill.adversarial.enabled:
             raise ValueError("distill.adversarial.weight: the adversarial term reads the teacher's features: distill.mode=cd only")
 
@@ -193,7 +197,8 @@ class Distiller(Trainer):
         with self.accumulation(self.model):
             x0, cond, *rest = self.draws(batch)
             per_sample, t, prediction = self.consistency_terms(self.model, x0, cond, *rest)  # (B,), (B,), (B, C, h, w)
-            loss = consistency = per_sample.mean()
+            consistency = per_sample.mean()
+            loss = self.cfg.distill.consistency_weight * consistency
             stats, weights = {}, (t >= a.min_t).float()  # (B,): the rows that are negatives
             if self.step >= a.start_step:
                 g_loss = self.ladd.generator_loss(prediction, cond, weights)

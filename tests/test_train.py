@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from pipeline import train
@@ -56,6 +57,20 @@ def test_training_lowers_the_loss_and_exports_a_sampler(latent_shards, tmp_path)
     result = subprocess.run([*cmd, "--steps", "3", "--output", str(grid)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert grid.exists() and "2 images" in result.stdout
+
+
+def test_adaln_single_trains_and_its_export_loads_as_adaln_single(latent_shards, tmp_path, capsys):
+    """``model.adaln=single`` (PixArt-α's shared modulation) reaches the model, trains, and the
+    exported folder rebuilds it; a PixArt run refuses the DiT-only key in one line."""
+    from pipeline.models.dit import DiT
+
+    assert train.main(args(latent_shards, tmp_path, "steps=4", "checkpoint.every=4", "model.adaln=single", "sampling.every=0")) == 0
+    model = DiT.from_pretrained(tmp_path / "t/model/transformer")
+    assert model.config.adaln == "single" and model.adaln_single is not None
+    assert all(not hasattr(block, "adaLN_modulation") for block in model.blocks)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(latent_shards, tmp_path / "p", "model.architecture=pixart", "model.name=PixArt-tiny", "model.adaln=single"))
+    assert stop.value.code == 2 and "adaln is a DiT option" in capsys.readouterr().err
 
 
 def run_cli(cli_args: list[str]) -> subprocess.Popen:

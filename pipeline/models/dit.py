@@ -5,7 +5,10 @@ References:
   blocks, zero-initialised modulation and final layer, the size registry
   (facebookresearch/DiT ``models.py``, which this file follows in layout).
 - Chen et al. 2023, "PixArt-α": cross-attention from image tokens to T5 tokens after the
-  self-attention, with a plain pre-LayerNorm and no adaLN.
+  self-attention, with a plain pre-LayerNorm and no adaLN; adaLN-single (§2.3, ``adaln="single"``):
+  one modulation MLP c -> 6D shared by every block (PixArt's ``t_block``) plus a learned (6, D)
+  table per block (its ``scale_shift_table``), and the final layer's shift / scale from c plus its
+  own (2, D) table.
 - Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3): per-head QK RMS-norm; the model
   predicts the rectified-flow velocity ``v = ε − x0`` (DESIGN.md §3 "Time"); the MMDiT block
   (§2, Fig. 2; also Flux's double-stream blocks), ``text_attention="joint"``: text and image
@@ -75,6 +78,7 @@ from pipeline.models.dit_layers import (
 COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance", "image", "drop_image"})
 TEXT_ATTENTION = ("cross", "joint")  # how the image tokens read the text: PixArt-α or SD3 MMDiT
 IMAGE_CONDITION = ("concat", "sequence")  # how a source latent enters: InstructPix2Pix / Flux Control, or FLUX.1 Kontext
+ADALN = ("block", "single")  # the blocks' modulation: DiT's adaLN-Zero MLP per block, or PixArt-α's adaLN-single
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +107,11 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     the same embedding and appends its tokens, positioned on the grid below the image, to the noisy
     ones through every block, and keeps the first N tokens' prediction (FLUX.1 Kontext). The
     output has ``in_channels`` either way.
+    ``adaln`` is ``"block"`` (DiT: each block and the final layer map c to their modulation with
+    a SiLU + Linear of their own) or ``"single"`` (PixArt-α's adaLN-single: one SiLU + Linear
+    c -> 6D, ``adaln_single``, computed once per forward, plus a learned (6, D) table per block;
+    the final layer adds its (2, D) table to c; with ``text_attention="cross"`` only): about
+    (depth − 1)·6·D² + 2·D² fewer parameters, a fifth of DiT-B/2's.
     """
 
     _supports_gradient_checkpointing = True
@@ -128,6 +137,7 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         text_refiner_depth: int = 0,
         text_attention: str = "cross",
         image_condition: str | None = None,
+        adaln: str = "block",
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -146,12 +156,18 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if image_condition is not None and image_condition not in IMAGE_CONDITION:
             raise ValueError(f"image_condition must be None or one of {', '.join(map(repr, IMAGE_CONDITION))}, got {image_condition!r}")
         self.image_condition = image_condition
+        if adaln not in ADALN:
+            raise ValueError(f"adaln must be one of {', '.join(map(repr, ADALN))}, got {adaln!r}")
+        if adaln == "single" and self.joint:
+            raise ValueError('adaln="single" needs text_attention="cross" (a joint block modulates two streams of its own)')
+        single = adaln == "single"
         embedded = 2 * in_channels if image_condition == "concat" else in_channels  # [noisy ‖ source] channels
         self.x_embedder = nn.Conv2d(embedded, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = ScalarEmbedder(hidden_size)
         self.guidance_embedder = ScalarEmbedder(hidden_size) if guidance_embed else None
         self.clip_embedder = self._pooled_mlp(clip_dim, hidden_size) if clip_dim else None
         self.null_clip = nn.Parameter(torch.zeros(clip_dim)) if clip_dim else None  # (clip_dim,)
+        self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if single else None
         self.t5_proj = TokenProjection(text_dim, hidden_size) if text_dim else None
         self.clip_token_proj = TokenProjection(clip_token_dim, hidden_size) if clip_token_dim else None
         self.null_text = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.has_text else None  # (1, 1, D)
@@ -163,10 +179,10 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, last=i == depth - 1)
             if self.joint
-            else DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm)
+            else DiTBlock(hidden_size, num_heads, mlp_ratio, cross=self.has_text, qk_norm=qk_norm, single=single)
             for i in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, single=single)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -185,8 +201,10 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         the source has no effect until trained: InstructPix2Pix's initialisation), zero biases;
         normal(0.02) for the timestep / guidance / pooled-CLIP MLPs and the null condition; zero
         for every adaLN modulation output layer (both streams of a joint block), the
-        cross-attention output projections and the final Linear. A fresh block (either kind) is
-        then the identity on every stream it returns.
+        cross-attention output projections and the final Linear. With ``adaln="single"`` the
+        shared modulation Linear and every table are zero too (PixArt-α draws them at random,
+        normal(0.02) and randn/√D: here adaLN-Zero holds, as for ``"block"``). A fresh block (any
+        kind) is then the identity on every stream it returns.
         """
 
         def basic_init(module: nn.Module) -> None:
@@ -211,14 +229,21 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for null in (self.null_text, self.null_clip):
             if null is not None:
                 nn.init.normal_(null, std=0.02)
-        zero_init = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        zero_init = [self.final_layer.linear]
+        if self.adaln_single is not None:
+            zero_init.append(self.adaln_single[-1])
+            for table in [self.final_layer.scale_shift_table, *(block.scale_shift_table for block in self.blocks)]:
+                nn.init.zeros_(table)
+        else:
+            zero_init.append(self.final_layer.adaLN_modulation[-1])
         for layer in self.text_refiner:
             zero_init += [layer.attn.proj, layer.mlp.fc2]
         for block in self.blocks:
             if isinstance(block, JointBlock):
                 zero_init += [block.image.adaLN_modulation[-1], block.text.adaLN_modulation[-1]]
                 continue
-            zero_init.append(block.adaLN_modulation[-1])
+            if not block.single:
+                zero_init.append(block.adaLN_modulation[-1])
             if block.cross_attn is not None:
                 zero_init.append(block.cross_attn.proj)
         for layer in zero_init:
@@ -238,12 +263,13 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if self.image_condition == "sequence":
             h = torch.cat([h, self._patches(source, gh, gw, row_offset=gh)], dim=1)  # (B, 2N, D): [noisy; source]
         c = self._conditioning(t.expand(B) if t.ndim == 0 else t, cond)  # (B, D)
+        block_c = c if self.adaln_single is None else self.adaln_single(c)  # (B, D), or the shared (B, 6D)
         context, mask = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                out = self._gradient_checkpointing_func(block, h, c, context, mask)
+                out = self._gradient_checkpointing_func(block, h, block_c, context, mask)
             else:
-                out = block(h, c, context, mask)
+                out = block(h, block_c, context, mask)
             # DiTBlock -> h (B, N, D); JointBlock -> (h, context): the text stream moves on too.
             h, context = out if self.joint else (out, context)
         if self.image_condition == "sequence":
@@ -431,10 +457,12 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
       the scores and values over all (L + N)² query-key pairs (instead of the image-only N²); in
       the last block the text stream has only its k / v projections and a shift / scale
       modulation, and only the N image tokens query the L + N keys.
-    Then the final layer. With ``image_condition``: ``"concat"`` doubles the patch embedding's
-    input channels; ``"sequence"`` embeds the source too and runs the blocks over 2N image tokens
-    (N of them from the source; the final layer over the N noisy ones). Not counted: norms, activations, softmax and the timestep / CLIP /
-    guidance MLPs (per sample, tiny). Training (forward + backward) ≈ 3 × this; with activation
+    Then the final layer. With ``adaln="single"`` the adaLN modulation is counted once (one
+    shared c -> 6D) instead of per block, and the final layer has none. With ``image_condition``:
+    ``"concat"`` doubles the patch embedding's input channels; ``"sequence"`` embeds the source too
+    and runs the blocks over 2N image tokens (N of them from the source; the final layer over the N
+    noisy ones). Not counted: norms, activations, softmax and the timestep / CLIP / guidance MLPs
+    (per sample, tiny). Training (forward + backward) ≈ 3 × this; with activation
     checkpointing ≈ 4 ×.
     """
     cfg = _full_config(config)
@@ -461,7 +489,11 @@ def flops_per_sample(config: Mapping[str, Any] | DiT, tokens_text: int) -> float
         macs += L * text_width * D  # text projection
     if L:  # the text refiner: qkv + out projections, scores + values, MLP over the L text tokens
         macs += cfg["text_refiner_depth"] * (4 * L * D * D + 2 * L * L * D + 2 * L * D * hidden_mlp)
-    macs += 2 * D * D + out * D * p * p * C  # final adaLN, final Linear
+    if cfg["adaln"] == "single":  # one shared modulation instead of one per block and the final layer's
+        macs += 6 * D * D - depth * 6 * D * D
+    else:
+        macs += 2 * D * D  # final adaLN
+    macs += out * D * p * p * C  # final Linear
     return 2.0 * macs
 
 

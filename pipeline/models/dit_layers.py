@@ -1,10 +1,11 @@
 """The DiT's parts (``pipeline.models.dit`` assembles them): timestep / guidance embedders, the 1D
 and 2D sin-cos position tables, text-token projections, the text refiner, attention, the adaLN-Zero
 block with cross-attention (``DiTBlock``), the two-stream joint-attention block (``JointBlock``)
-and the final layer.
+and the final layer (these two with DiT's per-block adaLN or PixArt-α's adaLN-single tables).
 
 References: Peebles & Xie 2023 (DiT: adaLN-Zero blocks, ``timestep_embedding``, the position
-table); Chen et al. 2023 (PixArt-α: cross-attention to T5 tokens with a pre-LayerNorm, no adaLN);
+table); Chen et al. 2023 (PixArt-α: cross-attention to T5 tokens with a pre-LayerNorm, no adaLN;
+adaLN-single, §2.3: one shared modulation MLP and a learned (6, D) table per block);
 Esser et al. 2024 (SD3: per-head QK RMS-norm; the MMDiT block, §2 and Fig. 2: text and image
 tokens keep their own weights and meet in one attention over both); Zhuo et al. 2024
 (Lumina-Next) and Xie et al. 2024 (Sana): a few transformer layers that refine the frozen text
@@ -184,9 +185,14 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero self-attention, PixArt-style cross-attention (pre-LayerNorm, no adaLN), adaLN-Zero MLP."""
+    """adaLN-Zero self-attention, PixArt-style cross-attention (pre-LayerNorm, no adaLN), adaLN-Zero MLP.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross: bool, qk_norm: bool) -> None:
+    ``single`` (PixArt-α's adaLN-single, §2.3): the block holds no modulation MLP, only a learned
+    table (6, D) (PixArt's ``scale_shift_table``), added to the shared modulation (B, 6D) that the
+    model computes once per forward and passes in place of c.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross: bool, qk_norm: bool, single: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm, cross=False)
@@ -194,12 +200,22 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(hidden_size, num_heads, qk_norm, cross=True) if cross else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.single = single
+        if single:
+            self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))  # (6, D)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
+        """c (B, D), or the shared modulation (B, 6D) with ``single`` -> 6 × (B, 1, D): shift,
+        scale, gate for the attention, then for the MLP."""
+        if self.single:
+            return (c.view(c.shape[0], 6, -1) + self.scale_shift_table).chunk(6, dim=1)  # (B, 6, D) -> 6 × (B, 1, D)
+        return self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, 6D) -> 6 × (B, 1, D)
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, D), c (B, D), context (B, S, D), mask (B, 1, 1, S) bool -> (B, N, D)."""
-        modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)  # 6 × (B, 1, D)
+        """x (B, N, D), c (B, D) or (B, 6D) (``single``), context (B, S, D), mask (B, 1, 1, S) bool -> (B, N, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)  # 6 × (B, 1, D)
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
@@ -317,14 +333,24 @@ class RefinerBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then Linear to p·p·C per token."""
+    """adaLN (shift, scale) then Linear to p·p·C per token. The shift and scale come from c through
+    a SiLU + Linear (DiT), or with ``single`` from c plus a learned table (2, D) (PixArt-α's final
+    layer: no projection of its own)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, single: bool = False) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.single = single
+        if single:
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))  # (2, D)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # 2 × (B, 1, D)
+        """x (B, N, D), c (B, D) -> (B, N, p·p·C)."""
+        if self.single:
+            shift, scale = (c[:, None] + self.scale_shift_table).chunk(2, dim=1)  # (B, 2, D) -> 2 × (B, 1, D)
+        else:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # 2 × (B, 1, D)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p·p·C)

@@ -125,7 +125,7 @@ def fresh_dit(cfg: TrainConfig, meta: dict) -> torch.nn.Module:
     }
     m = cfg.model
     options = {"qk_norm": m.qk_norm, "text_refiner_depth": m.text_refiner_depth, "text_attention": m.text_attention,
-               "image_condition": m.image_condition}
+               "image_condition": m.image_condition, "adaln": m.adaln}
     return build_dit(m.name, in_channels=channels, sample_size=height, **options, **widths, **m.overrides)
 
 

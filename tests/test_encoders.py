@@ -202,6 +202,16 @@ def test_clip_pooled_and_tokens(clip):
     assert clip.model.visual is None and frozen(clip)
 
 
+def test_clip_stops_at_the_longest_caption_as_open_clip_would_over_the_whole_context(clip):
+    """The tower runs over the batch's longest caption only (causal mask): open_clip's full-context
+    ``encode_text`` gives the same pooled vector."""
+    ids = clip.tokenizer([SHORT, LONG])  # (2, C)
+    assert int(clip._lengths(ids).max()) < ids.shape[1]  # there is padding to skip
+    pooled, tokens = clip._forward(ids)
+    assert tokens.shape[1] == int(clip._lengths(ids).max())
+    torch.testing.assert_close(pooled, clip.model.encode_text(ids), rtol=0, atol=1e-5)
+
+
 def test_clip_is_deterministic_across_loads_and_tokens_are_optional(clip_dir, clip):
     plain = FrozenCLIP(ClipEncoderConfig(path=str(clip_dir)))
     out = plain.encode([SHORT, LONG])

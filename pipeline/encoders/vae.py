@@ -4,6 +4,10 @@ DESIGN.md §3 "Latents": stored latents are ``z = (vae_latent - shift_factor) * 
 Both factors come from the VAE's own config (SD: scale 0.18215, no shift; Flux: 0.3611 and
 0.1159) unless the config here overrides them, and ``describe()`` records them so that
 decoding never guesses.
+
+``FrozenTinyDecoder``: a preview decoder (TAESD-style ``AutoencoderTiny``,
+``pipeline.models.tiny_decoder``) trained to imitate this VAE's decoder on the same normalised
+latents; a fraction of its cost, approximate output.
 """
 
 from __future__ import annotations
@@ -126,3 +130,40 @@ class FrozenVAE(torch.nn.Module):
             "downsample": self.downsample,
             "dtype": self.cfg.dtype,
         }
+
+
+class FrozenTinyDecoder(torch.nn.Module):
+    """A preview decoder saved by ``pipeline.train_tiny_decoder`` (a diffusers ``AutoencoderTiny``
+    folder): normalised latents -> images, as :meth:`FrozenVAE.decode`, approximately; never trains."""
+
+    def __init__(self, path: str, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        from diffusers import AutoencoderTiny
+
+        check_local_source(path, "tiny decoder", ("config.json",))
+        try:
+            tiny = AutoencoderTiny.from_pretrained(path)
+        except Exception as err:  # OSError, ValueError from diffusers
+            raise EncoderLoadError(f"cannot load an AutoencoderTiny from '{path}': {err}") from err
+        # channels-last: ~2x faster on CPU (9.5 vs 18.7 ms for 64 demo latents, 2 threads)
+        self.tiny = tiny.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        self.path = path
+        self.latent_channels = int(tiny.config.latent_channels)
+        self.downsample = 2 ** (len(tiny.config.decoder_block_out_channels) - 1)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTinyDecoder:
+        """Stay in eval mode whatever a parent module asks."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.tiny.parameters()).device
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32 in [-1, 1]."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be (B, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
+        z = latents.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+        return self.tiny.decode(z).sample.float().clamp(-1.0, 1.0).contiguous()  # (B, 3, H, W)

@@ -143,23 +143,27 @@ def generate_images(pipe: TextToImage, prompts: list[str], steps: int, guidance:
     seconds per image: in all (``seconds_per_image``) and for each part — text encoding,
     the sampler, VAE decoding. ``sampler``/``options``: ``TextToImage.sample``'s (None: the folder's).
 
-    A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state."""
+    A one-prompt, one-step call runs first, untimed (warm-up), so times are steady-state. Each
+    batch is encoded and decoded in one call each (decoding with the pipeline's preview decoder
+    when it has one), all under ``torch.inference_mode``."""
     shape = pipe.latent_shape_for(size)
-    pipe.latents(prompts[:1], 1, guidance, shift, seed, pipe.noise(1, seed, shape), sampler=sampler)  # default knobs: 1 step
     images, parts = [], {"text": 0.0, "sampler": 0.0, "decode": 0.0}
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = prompts[start:start + batch_size]
-        seeds = list(range(seed + start, seed + start + len(batch)))
-        noise = pipe.noise_per_image(seeds, shape)
-        t0 = clock()
-        cond = pipe.text.encode(batch)
-        t1 = clock()
-        latents = pipe.sample(cond, noise, steps, guidance, shift, seeds, sampler=sampler, options=options)  # every draw from seed + k
-        t2 = clock()
-        images += pipe.images(latents)
-        t3 = clock()
-        for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
-            parts[part] += seconds
+    with torch.inference_mode():
+        pipe.latents(prompts[:1], 1, guidance, shift, seed, pipe.noise(1, seed, shape), sampler=sampler)  # default knobs: 1 step
+        pipe.decode(pipe.noise(1, seed, shape))
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+            batch = prompts[start:start + batch_size]
+            seeds = list(range(seed + start, seed + start + len(batch)))
+            noise = pipe.noise_per_image(seeds, shape)
+            t0 = clock()
+            cond = pipe.text.encode(batch)
+            t1 = clock()
+            latents = pipe.sample(cond, noise, steps, guidance, shift, seeds, sampler=sampler, options=options)  # every draw from seed + k
+            t2 = clock()
+            images += pipe.images(latents)
+            t3 = clock()
+            for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[part] += seconds
     timing = {f"{part}_seconds_per_image": seconds / len(prompts) for part, seconds in parts.items()}
     timing["seconds_per_image"] = sum(parts.values()) / len(prompts)
     return images, timing
@@ -416,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_args(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed + k")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--preview-decoder", action="store_true", help="decode with the model folder's tiny_vae/ (pipeline.train_tiny_decoder: "
+                   "approximate images, a fraction of the decoding time) instead of the full VAE")
     p.add_argument("--output", type=Path, required=True,
                    help="output folder; with several --steps it names {steps}, with several --guidance {guidance}; "
                         "it may name {sampler}")
@@ -587,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         prompts = load_inputs(args)
-        pipe = TextToImage.from_folder(args.model, device, encoder_paths(args))
+        pipe = TextToImage.from_folder(args.model, device, encoder_paths(args), "tiny" if args.preview_decoder else "vae")
         args.nfe = lambda steps, guidance: pipe.evaluations(steps, guidance, args.sampler_name, args.sampler_options)
         pipe.latent_shape_for(image_size(args, pipe.latent_shape[-1] * pipe.vae.downsample))  # a bad size: one line, before any work
         args.model_info = read_model_info(args.model)

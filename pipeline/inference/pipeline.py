@@ -14,6 +14,12 @@ An image-conditioned model (the folder's ``info["image_condition"]``; Brooks et 
 (``generate(..., images=...)``): resized to the output size (bicubic), VAE-encoded as the training
 sources were, and sampled with dual guidance (``guidance`` for the text, ``image_guidance`` for
 the source, InstructPix2Pix eq. 3).
+
+Previews: ``decoder="tiny"`` (``from_folder``; ``pipeline.evaluate --preview-decoder``) decodes with the
+folder's ``tiny_vae/`` (Bohan 2023, "TAESD": an ``AutoencoderTiny`` trained by
+``pipeline.train_tiny_decoder`` to imitate the VAE's decoder) instead of the full VAE: approximate
+images at a fraction of the decoding cost, for grids and few-step sampling. The VAE stays the
+default, and encodes sources either way.
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ from pipeline.diffusion.samplers import SAMPLERS, Seeds, resolve_sampler, sample
 from pipeline.diffusion.stochastic import KNOBS, SamplerOptions, check_knobs, evaluations, times_from_sigmas
 from pipeline.encoders import TextEncoders, TextEncodersConfig
 from pipeline.encoders.locations import EncoderPaths, locate_encoders
-from pipeline.encoders.vae import FrozenVAE, VAEConfig
+from pipeline.encoders.vae import FrozenTinyDecoder, FrozenVAE, VAEConfig
 from pipeline.timing import clock
+
+TINY_DECODER = "tiny_vae"  # a model folder's preview decoder (pipeline.train_tiny_decoder's output)
+DECODERS = ("vae", "tiny")
 
 
 @dataclass
@@ -76,23 +85,34 @@ class TextToImage:
     def __init__(
         self, transformer: torch.nn.Module, vae: FrozenVAE, text: TextEncoders | None, latent_shape: list[int], sampler: str = "euler",
         shift_base_tokens: int = SHIFT_BASE_TOKENS, image_condition: dict | None = None,
+        preview: FrozenTinyDecoder | None = None,
     ) -> None:
         """``text`` may be None when conditions are encoded elsewhere (``sample`` takes them);
-        ``image_condition``: the model folder's record (``{"mode", "degradations"}``)."""
+        ``image_condition``: the model folder's record (``{"mode", "degradations"}``); ``preview``:
+        a tiny decoder that :meth:`images` uses instead of the VAE's (None: the VAE decodes)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}' ({', '.join(SAMPLERS)})")
+        if preview is not None and (preview.latent_channels, preview.downsample) != (vae.latent_channels, vae.downsample):
+            raise ValueError(f"the preview decoder takes {preview.latent_channels} channels at /{preview.downsample}, "
+                             f"the VAE {vae.latent_channels} at /{vae.downsample}")
         self.transformer, self.vae, self.text, self.sampler = transformer.eval(), vae, text, sampler
+        self.preview = preview
         self.latent_shape = list(latent_shape)  # [C, h, w]
         self.shift_base_tokens = shift_base_tokens  # for shift "auto" (SD3's resolution shift)
         mode = getattr(transformer, "image_condition", None)
         self._image_condition = image_condition or ({"mode": mode, "degradations": []} if mode else None)
 
     @classmethod
-    def from_folder(cls, folder: Path, device: str | torch.device = "cpu", encoders: EncoderPaths | None = None) -> TextToImage:
+    def from_folder(cls, folder: Path, device: str | torch.device = "cpu", encoders: EncoderPaths | None = None,
+                    decoder: str = "vae") -> TextToImage:
+        """``decoder``: ``"vae"`` (the full VAE) or ``"tiny"`` (the folder's ``tiny_vae/`` preview decoder)."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         loaded = load_pipeline(folder, device, encoders)
+        preview = FrozenTinyDecoder(str(Path(folder) / TINY_DECODER), device) if decoder == "tiny" else None
         base = loaded.info.get("timesteps", {}).get("shift_base_tokens", SHIFT_BASE_TOKENS)
         return cls(loaded.transformer, loaded.vae, loaded.text, loaded.info["latent_shape"], loaded.info.get("sampler", "euler"), base,
-                   loaded.info.get("image_condition"))
+                   loaded.info.get("image_condition"), preview)
 
     @property
     def image_condition(self) -> dict | None:
@@ -187,8 +207,14 @@ class TextToImage:
         return evaluations(sampler, steps, guided, options)
 
     @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], in one batch: the
+        preview decoder's when the pipeline has one, the VAE's otherwise."""
+        return (self.preview if self.preview is not None else self.vae).decode(latents)
+
+    @torch.no_grad()
     def images(self, latents: torch.Tensor) -> list[Image.Image]:
-        return tensor_to_images(self.vae.decode(latents))
+        return tensor_to_images(self.decode(latents))
 
     def generate(self, prompts: list[str], steps: int = 50, guidance: float = 4.0, shift: float | str = 1.0, seed: int = 0,
                  size: tuple[int, int] | None = None, images: list[Image.Image] | None = None,

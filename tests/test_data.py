@@ -184,3 +184,50 @@ def test_an_empty_shard_in_a_folder_and_over_http(tmp_path):
     with serving(tmp_path) as server:
         loader = latent_loader(server.url + "latents/", LoaderConfig(batch_size=3), rank=0, world_size=2)
         assert keys(itertools.islice(loader, 6)) == local and loader.report()["shards_empty"] == 1
+
+
+@pytest.mark.parametrize("array", [np.arange(24, dtype=np.float16).reshape(2, 3, 4), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+                                   np.array(3.5, dtype=np.float32), np.zeros((0, 8), dtype=np.float16), np.arange(5, dtype=">i4"),
+                                   np.array([(1, 2.0)], dtype=[("a", "<i2"), ("b", "<f8")])])
+def test_npy_views_the_member_bytes_and_decodes_as_np_load(array):
+    """``npy`` reads the header (cached) and views the bytes: the same array ``np.load`` gives, no copy."""
+    from pipeline.data.stream import npy
+
+    for version in ((1, 0), (2, 0)):
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, array, version=version)
+        data = bytearray(buffer.getvalue())
+        decoded = npy(data)
+        assert decoded.dtype == array.dtype and decoded.shape == array.shape and np.array_equal(decoded, array)
+        if array.size:
+            assert np.shares_memory(decoded, np.frombuffer(data, dtype=np.uint8))  # a view: written once, into the batch
+        from_bytes = npy(bytes(data))  # immutable bytes: a writable copy (tensors made from it may be written in place)
+        assert np.array_equal(from_bytes, array) and from_bytes.flags.writeable
+
+
+def test_npy_of_an_object_array_is_refused():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object))
+    from pipeline.data.stream import npy
+
+    with pytest.raises(ValueError):
+        npy(bytearray(buffer.getvalue()))
+
+
+def test_worker_batch_memory_is_reused_only_once_the_trainer_drops_it(tmp_path):
+    """A worker reuses a batch's shared memory after the main process freed it, never while a batch is held."""
+    from pipeline.data.stream import _inode
+
+    shards = write_latent_shards(tmp_path, 4, 24)
+    loader = iter(latent_loader(shards, LoaderConfig(batch_size=4, num_workers=2, prefetch_factor=2)))
+    held, inodes = [], []
+    for i in range(20):
+        batch = next(loader)
+        inodes.append(_inode(batch["t5"].untyped_storage()))
+        if i % 4 == 0:  # kept while later batches are built
+            held.append((i, batch, {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}))
+        del batch
+    for i, batch, copy in held:
+        assert all(torch.equal(batch[k], v) for k, v in copy.items())
+        assert inodes[i] not in inodes[i + 1 :]  # held memory was not lent again
+    assert len(set(inodes)) < len(inodes)  # released memory came back to the workers

@@ -10,18 +10,18 @@ Batches keep the stored dtype (fp16 as ``data_tools.encode`` writes by default):
 to decode, pad and hand from a data worker to the trainer, which casts on the device (the model
 casts its inputs; the loss's latents are made float32 there). In a data worker the batch is
 built straight in shared memory, as torch's ``default_collate`` does, so handing it over copies
-nothing.
+nothing, and that memory is reused once the trainer drops the batch (``pipeline.data.stream.BatchMemory``).
+Decoding views the tar members' bytes (``pipeline.data.stream.npy``): each sample is copied once,
+into its place in the batch.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import get_worker_info
 
-from pipeline.data.stream import LoaderConfig, ShardLoader, npy
+from pipeline.data.stream import LoaderConfig, ShardLoader, batch_tensor, npy
 from pipeline.data.paths import map_paths, resolved_from
 from pipeline.data.remote import SourceNotFound, dataset_json_of, is_url, list_shards, read_json
 
@@ -40,20 +40,11 @@ def decode_latent_sample(raw: dict) -> dict | None:
     return sample
 
 
-def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch: in shared memory inside a data worker (handing it to
-    the main process then moves no bytes), ordinary memory otherwise."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
 def pad_sequences(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[(L_i, D)] -> padded (B, L_max, D) with zeros, mask (B, L_max) True on real tokens."""
     longest = max(s.shape[0] for s in sequences)
     padded = batch_tensor((len(sequences), longest, sequences[0].shape[1]), sequences[0].dtype)
-    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    mask = batch_tensor((len(sequences), longest), torch.bool).zero_()
     for i, s in enumerate(sequences):
         padded[i, : s.shape[0]] = s
         padded[i, s.shape[0] :] = 0

@@ -52,6 +52,7 @@ __all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "
 PROG = "pipeline.data.remote"
 BACKOFF_S = 0.5  # the first retry waits this long, each next one twice as long
 _CHUNK = 1 << 20  # read buffer (bytes)
+_SMALL_READS = 64 << 10  # an HTTP stream's buffer: only small reads (tar headers, padding) go through it
 _BRACES = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
 _LIST_SEP = re.compile(r"::(?![^\[\]]*\])")  # WebDataset's "a.tar::b.tar" ("::" inside [IPv6] excluded)
 _RETRIED_STATUS = {408, 425, 429}  # and every 5xx; other 4xx answers are final
@@ -83,7 +84,10 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
         _skip(stream, start, text)
         return stream
     if urlsplit(text).scheme.lower() in ("http", "https"):
-        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _CHUNK)
+        # a large read (a tar member, ``pipeline.data.tars``) goes straight from the socket into its
+        # buffer; a 1 MB buffer here made each tar header pull the next member's first MB through
+        # it, a second copy of nearly every byte
+        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _SMALL_READS)
     stream = _open_local(text) if not is_url(text) or text.startswith("file://") else _open_fsspec(text, retries, backoff)
     if start:
         stream.seek(start)

@@ -2,11 +2,13 @@
 
 - ``shard_vs_bare``: images/s of ``python -m data_tools.shard`` (1 worker, start-up included) over
   a bare in-process loop doing the same PIL decode + resize + encode with nothing else (no checks,
-  no captions, no tar).
-  Goal >= 0.8.
-- ``shard_2_vs_1_workers``: images/s with ``--workers 2`` over ``--workers 1``. Goal >= 1.6.
+  no captions, no tar). Goal >= 0.9.
+- ``shard_2_vs_1_workers``: images/s with ``--workers 2`` over ``--workers 1``. Goal >= 1.8.
 
 Rounds alternate the variants and each ratio uses the median time, because these machines are noisy.
+The ratio keeps the issue's baseline, the loop in this process, which is the harder one to meet:
+after :func:`make_inputs` its heap is warm (see :func:`bare_once`). ``bare_fresh`` (the same loop in
+a fresh interpreter, as a command starts) is recorded beside it with ``ratio_vs_bare_fresh``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def bare_loop(folder: Path) -> int:
     return count
 
 
+def bare_once(folder: Path) -> None:
+    """:func:`bare_loop` in a fresh interpreter, as the command runs. In this process, after
+    :func:`make_inputs`' numpy arrays raised glibc's mmap and trim thresholds, the loop's image buffers
+    come back without page faults: 421 minor faults in the loop against 345,806 in a fresh process
+    (3.4 s against 4.3 s for 600 images), a speed no command starting from nothing has."""
+    code = f"from pathlib import Path; from benchmarks.shard_throughput import bare_loop; bare_loop(Path({str(folder)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def shard_once(folder: Path, out: Path, workers: int) -> None:
     """The command as a user runs it (a fresh process: start-up and imports count)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -77,15 +88,17 @@ def run(quick: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = Path(tmp) / "in", Path(tmp) / "out"
         make_inputs(folder, count)
-        times: dict[str, list[float]] = {"bare": [], "shard_w1": [], "shard_w2": []}
+        times: dict[str, list[float]] = {"bare": [], "bare_fresh": [], "shard_w1": [], "shard_w2": []}
         for _ in range(rounds):
             times["bare"].append(timed(bare_loop, folder))
+            times["bare_fresh"].append(timed(bare_once, folder))
             times["shard_w1"].append(timed(shard_once, folder, out, 1))
             times["shard_w2"].append(timed(shard_once, folder, out, 2))
     median = {k: statistics.median(v) for k, v in times.items()}
     per_s = {k: round(count / v, 1) for k, v in median.items()}
     common = {"images": count, "rounds": rounds, "resolution": RESOLUTION, "images_per_s": per_s, "seconds": times}
     return [
-        {"name": "shard_vs_bare", "ratio": round(median["bare"] / median["shard_w1"], 3), "goal": 0.8, "better": "higher", **common},
-        {"name": "shard_2_vs_1_workers", "ratio": round(median["shard_w1"] / median["shard_w2"], 3), "goal": 1.6, "better": "higher", **common},
+        {"name": "shard_vs_bare", "ratio": round(median["bare"] / median["shard_w1"], 3), "goal": 0.9, "better": "higher",
+         "ratio_vs_bare_fresh": round(median["bare_fresh"] / median["shard_w1"], 3), **common},
+        {"name": "shard_2_vs_1_workers", "ratio": round(median["shard_w1"] / median["shard_w2"], 3), "goal": 1.8, "better": "higher", **common},
     ]

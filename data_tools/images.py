@@ -16,7 +16,7 @@ from typing import Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.data.images import ResizeMode, resize, to_rgb
+from pipeline.data.pixels import ResizeMode, resize, to_rgb
 
 OutputFormat = Literal["jpg", "png", "webp"]
 

@@ -14,7 +14,8 @@ The same cut splits the work across machines (``--rank R --world-size N``, or a 
 every worker computes the same plan, and the worker that finds every shard complete when it is
 done writes ``dataset.json`` (``--merge`` does that step alone; ``data_tools/split.py``).
 
-``--dedup`` keeps the first copy of each image (by the sha256 of its bytes) in input order, in two
+``--dedup`` keeps the first copy of each image (by the sha256 of its bytes, recorded in ``KEY.json``;
+without ``--dedup`` nothing is hashed) in input order, in two
 steps so that no worker needs another's shards: while writing, a repeat within the same shard is
 skipped; once every shard is complete, the step that writes ``dataset.json`` removes from each
 shard the samples whose bytes an earlier shard holds (rewriting those tars, counting them as
@@ -148,8 +149,9 @@ def read_caption(c: Candidate) -> tuple[str, dict | None]:
     return _decode_caption(raw), sidecar
 
 
-def process_candidate(candidate: Candidate, opts: ImageOptions) -> SampleResult:
-    """Read, validate and convert one pair; never raises for bad input."""
+def process_candidate(candidate: Candidate, opts: ImageOptions, dedup: bool = False) -> SampleResult:
+    """Read, validate and convert one pair; never raises for bad input. The image bytes are hashed
+    (``sha256``, also in ``KEY.json``) only for ``dedup``, the one step that needs it."""
     try:
         caption, sidecar = read_caption(candidate)
         try:
@@ -161,7 +163,7 @@ def process_candidate(candidate: Candidate, opts: ImageOptions) -> SampleResult:
         image = prepare_image(data, opts)
     except Skipped as e:
         return SampleResult(reason=e.reason)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest() if dedup else None
     meta = {
         "source": _printable(candidate.source),
         "caption": caption,
@@ -169,7 +171,7 @@ def process_candidate(candidate: Candidate, opts: ImageOptions) -> SampleResult:
         "height": image.height,
         "original_width": image.original_width,
         "original_height": image.original_height,
-        "sha256": sha,
+        **({"sha256": sha} if dedup else {}),
         "status": "success",
     }
     if sidecar is not None:
@@ -293,9 +295,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 @contextmanager
-def processed(tasks: list[Candidate], opts: ImageOptions, workers: int) -> Iterator[Iterator[SampleResult]]:
+def processed(tasks: list[Candidate], opts: ImageOptions, workers: int, dedup: bool = False) -> Iterator[Iterator[SampleResult]]:
     """Results of ``tasks`` in order, from ``workers`` processes (this one when workers == 1)."""
-    work = partial(process_candidate, opts=opts)
+    work = partial(process_candidate, opts=opts, dedup=dedup)
     if workers == 1:
         yield map(work, tasks)
         return
@@ -315,14 +317,29 @@ def worker_map(workers: int) -> Iterator[Callable[[Callable, list], list]]:
         yield lambda function, tasks: pool.map(function, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
 
 
+def write_shard(task: tuple[int, list[Candidate]], cfg: ShardConfig) -> int:
+    """One whole shard in this process, read to written (a pool worker's task); returns its inputs."""
+    index, part = task
+    started, opts = time.time(), cfg.image_options()
+    ShardWriter(cfg).write(index, [process_candidate(c, opts, cfg.dedup) for c in part], started)
+    return len(part)
+
+
 def write_shards(cfg: ShardConfig, plan: list[Candidate], todo: list[int]) -> int:
-    """Process the candidates of shards ``todo`` and write those shards; returns images handled."""
+    """Process the candidates of shards ``todo`` and write those shards; returns images handled.
+    With at least two shards a worker, each worker writes whole shards (as img2dataset does: the
+    results never cross a pipe and this process only waits); with fewer, workers share images."""
     sps = cfg.samples_per_shard
     slices = [(i, plan[i * sps : (i + 1) * sps]) for i in todo]
     tasks = [c for _, part in slices for c in part]
+    if cfg.workers > 1 and len(slices) >= 2 * cfg.workers:
+        with _pool_context().Pool(cfg.workers) as pool, tqdm(total=len(tasks), unit="img", desc=PROG, mininterval=0.5) as bar:
+            for count in pool.imap_unordered(partial(write_shard, cfg=cfg), slices):
+                bar.update(count)
+        return len(tasks)
     writer = ShardWriter(cfg)
     # the pool starts before the progress bar, whose monitor thread would rule out fork
-    with processed(tasks, cfg.image_options(), cfg.workers) as results, tqdm(
+    with processed(tasks, cfg.image_options(), cfg.workers, cfg.dedup) as results, tqdm(
         total=len(tasks), unit="img", desc=PROG, mininterval=0.5
     ) as bar:
         for index, part in slices:
@@ -495,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
     p.add_argument("--keep-order", dest="seed", action="store_const", const=None, help="keep the input order (no shuffle)")
-    p.add_argument("--dedup", action="store_true", help="skip images whose bytes were already written (sha256)")
+    p.add_argument("--dedup", action="store_true", help="skip images whose bytes were already written (sha256, recorded in KEY.json)")
     p.add_argument("--image-column", default=None, help="manifest column with image paths (default: image, path, file_name, ...)")
     p.add_argument("--caption-column", default=None, help="manifest column with captions (default: caption, text, prompt)")
     p.add_argument("--max-shards", type=int, default=None, help="write at most this many shards now (rerun to continue)")

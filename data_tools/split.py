@@ -5,7 +5,7 @@ of ``N`` writes shard ``i`` when ``i % N == R``, so every shard has exactly one 
 folder ends the same for any ``N`` (a SLURM job array, or plain processes; no process group,
 no worker ever waits for another). The worker that finds every planned shard complete when it
 is done writes ``dataset.json``; ``--merge`` does that step alone. Where the worker's rank comes
-from: :func:`pipeline.training.distributed.work_split`.
+from: :func:`pipeline.training.job_env.work_split`.
 
 What a worker may touch besides its own shards: nothing another worker writes at the same time.
 So it cleans up only its own shards' temporaries, and files every worker writes (the plan,
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.data.shards import _TMP_MARK, remove_partials, stats_path, write_json_atomic
-from pipeline.training.distributed import ArrayRange, array_task, work_split
+from pipeline.training.job_env import ArrayRange, array_task, work_split
 
 WORKER_PLAN = "worker_plan.json"
 DONE_DIR = ".ranks-done"  # completion files of the ranks of one launch, removed once all are in

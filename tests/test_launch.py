@@ -201,7 +201,7 @@ def test_only_pipeline_distributed_reads_the_launcher_environment():
         str(path.relative_to(ROOT))
         for folder in ("pipeline", "data_tools", "benchmarks")
         for path in (ROOT / folder).rglob("*.py")
-        if path.name != "distributed.py" and pattern.search(path.read_text())
+        if path.name not in ("distributed.py", "job_env.py") and pattern.search(path.read_text())  # job_env: the same, without torch
     ]
     assert offenders == []
 

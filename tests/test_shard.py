@@ -232,6 +232,11 @@ def test_dedup_counts_duplicates_across_shards(tmp_path):
     assert shard.main([*args, "--output", str(tmp_path / "b"), "--dedup"]) == 0
     summary = json.loads((tmp_path / "b/dataset.json").read_text())
     assert (summary["samples"], summary["skipped"]) == (6, {"duplicate": 1})
+    hashed = {run: {"sha256" in json.loads(s["json"]) for s in read_shards(tmp_path / run)} for run in "ab"}
+    assert hashed == {"a": {False}, "b": {True}}  # the image bytes are hashed only for --dedup
+    assert shard.main([*args, "--output", str(tmp_path / "c"), "--dedup", "--workers", "2"]) == 0  # whole shards per worker
+    assert tar_bytes(tmp_path / "c") == tar_bytes(tmp_path / "b")
+    assert json.loads((tmp_path / "c/dataset.json").read_text())["skipped"] == {"duplicate": 1}
 
 
 def test_other_options_into_the_same_output_is_refused(tmp_path):
@@ -256,3 +261,22 @@ def test_missing_input_is_one_line(tmp_path):
     result = run_cli("--input", tmp_path / "nope", "--output", tmp_path / "out")
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_start_up_imports_no_torch():
+    """The command's start-up counts in its speed (benchmarks/shard_throughput.py): importing torch
+    (through webdataset, the loader or the training helpers) costs more than sharding 300 images."""
+    code = "import sys, data_tools.shard; print(sorted(m for m in ('torch', 'webdataset', 'numpy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_tar_keys_split_as_webdataset_splits_them():
+    """pipeline.data.tars keeps webdataset's key/extension split without importing webdataset (torch)."""
+    from webdataset.tariterators import base_plus_ext as theirs
+
+    from pipeline.data.tars import base_plus_ext
+
+    names = ["000001.jpg", "part1/000001.seg.png", "./x.json", "noext", "dir.v2/file.txt", ".hidden", "a/.b.c", "k.tar.gz"]
+    assert [base_plus_ext(n) for n in names] == [theirs(n) for n in names]

@@ -1,8 +1,8 @@
 """Image shards (written by ``data_tools.shard``, or img2dataset's) -> batches of tensors.
 
 Images become float (3, H, W) in [-1, 1] (DESIGN.md §3); one of another size is brought to
-``resolution`` with the same centre-crop resize the shard tool uses (both use this module's
-:func:`to_rgb` and :func:`resize`). :func:`tensor_to_images` is the way back.
+``resolution`` with the same centre-crop resize the shard tool uses (both use
+:func:`pipeline.data.pixels.to_rgb` and :func:`~pipeline.data.pixels.resize`). :func:`tensor_to_images` is the way back.
 """
 
 from __future__ import annotations
@@ -11,55 +11,18 @@ import io
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.data.latents import shard_list
+from pipeline.data.pixels import ResizeMode, resize, to_rgb  # noqa: F401  (re-exported: the loader's and the shard tool's one resize)
 from pipeline.data.stream import LoaderConfig, ShardLoader
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-ResizeMode = Literal["center_crop", "keep_ratio", "none"]
 Fit = Callable[[Image.Image], tuple[Image.Image, Any]]  # image -> (resized image, what it was fitted to)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return _high_depth_to_rgb(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit int / float) grayscale -> 8-bit RGB by scaling, not clipping."""
-    pixels = np.asarray(image, dtype=np.float64)  # (H, W)
-    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
-        pixels = pixels / 257.0  # 65535 -> 255
-    gray = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
-
-
-def resize(image: Image.Image, resolution: int, mode: ResizeMode) -> Image.Image:
-    """``center_crop``: short side to S, centre S×S crop; ``keep_ratio``: short side to S."""
-    if mode == "none":
-        return image
-    w, h = image.size
-    if mode == "keep_ratio":
-        scale = resolution / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
-    box = (left, top, left + side, top + side)  # the centre square, in source pixels
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
 def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:

@@ -22,15 +22,26 @@ def test_gpu_check_runs_its_cpu_safe_parts(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(s["model"], s["checkpointing"], s["compile"]) for s in report["steps"]}
-    assert rows == {("ours", False, False), ("ours", True, False), ("pixart", False, False), ("dit", False, False)}
+    assert rows == {("ours", False, False), ("ours", True, False), ("ours_single", False, False), ("pixart", False, False), ("dit", False, False)}
     assert all(s["images_per_s"] > 0 and s["batch"] == 4 for s in report["steps"])
-    ours = [s for s in report["steps"] if s["model"] == "ours"]
+    ours = [s for s in report["steps"] if s["model"].startswith("ours")]
     assert all(s["tflops"] > 0 for s in ours)  # FLOPs are counted for our model
+    params = {s["model"]: s["params"] for s in report["steps"] if not s["checkpointing"]}
+    assert params["ours_single"] < params["ours"]  # adaLN-single: one shared modulation MLP
     train = report["train"]["bf16"]
     assert train["ok"] and train["steps"] == 3 and train["errors"] == []  # trained 2, resumed to 3, exported
-    assert report["sampling"]["student_4_seconds_per_image"] < report["sampling"]["teacher_50_seconds_per_image"]
+    sampling = report["sampling"]
+    assert sampling["student_4_seconds_per_image"] < sampling["teacher_50_seconds_per_image"]
+    assert sampling["text_seconds_per_image"] > 0 and sampling["decode_seconds_per_image"] > 0
+    assert 1 < sampling["end_to_end_speedup"] < sampling["speedup"]  # the frozen parts cost both sides the same
+    loader = report["loader"]
+    assert set(loader["supply"]) == {"1"} and loader["supply"]["1"]["samples_per_s"] > 0
+    need = loader["need"]["DiT-B/2"]  # the best of our measured B/2 variants
+    assert need["from"] == "measured" and need["images_per_s"] == max(s["images_per_s"] for s in ours)
+    assert loader["ratios"]["DiT-B/2"]["1"] == pytest.approx(loader["supply"]["1"]["samples_per_s"] / need["images_per_s"])
     table = out.with_suffix(".md").read_text()
-    assert "| DiT-B/2 ≥ 1.15× PixArt (eager) |" in table and "pipeline.train, DeepSpeed ZeRO-2" in table
+    assert "| DiT-B/2 ours_single ≥ 1.15× PixArt (eager) |" in table and "pipeline.train, DeepSpeed ZeRO-2" in table
+    assert "| loader supply vs need |" in table
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line():

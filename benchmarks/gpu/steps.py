@@ -4,7 +4,8 @@ Each model trains as ``pipeline.train`` trains it on one GPU without DeepSpeed: 
 bf16 autocast (on a GPU; fp32 on the CPU), the rectified-flow loss in fp32, backward, AdamW. Our
 DiT gets the conditions the shipped GPU configs give it: 32×32×4 latents (256 px through an f8
 VAE, 256 image tokens at patch 2), T5-XXL-shaped text (120 tokens of width 4096, a key mask) and
-a pooled CLIP-L vector (768). The peers, at the same width, depth, heads and image tokens:
+a pooled CLIP-L vector (768); ``ours_single`` is the same model with ``adaln="single"`` (PixArt-α's
+shared modulation, about PixArt's parameter count). The peers, at the same width, depth, heads and image tokens:
 
 - ``PixArtTransformer2DModel`` (PixArt-α: cross-attention to the same 120 × 4096 tokens,
   adaLN-single);
@@ -43,10 +44,10 @@ GPU_SHAPE = Shape((4, 32, 32), 120, 4096, 768)
 CPU_SHAPE = Shape((4, 8, 8), 16, 64, 32)
 
 
-def ours(name: str, shape: Shape, depth: int | None = None) -> nn.Module:
+def ours(name: str, shape: Shape, depth: int | None = None, adaln: str = "block") -> nn.Module:
     extra = {"depth": depth} if depth else {}
     return build_dit(name, in_channels=shape.latent[0], sample_size=shape.latent[1], text_dim=shape.text_dim,
-                     clip_dim=shape.clip_dim, qk_norm=True, **extra)
+                     clip_dim=shape.clip_dim, qk_norm=True, adaln=adaln, **extra)
 
 
 def peer(kind: str, name: str, shape: Shape, depth: int | None = None) -> nn.Module:
@@ -80,7 +81,7 @@ def batch_for(kind: str, batch: int, shape: Shape, device: str) -> dict:
 
 def predictor(kind: str, model: nn.Module, data: dict):
     """``model(x_t, t, cond)`` for the loss, each model called as it is meant to be."""
-    if kind == "ours":
+    if kind.startswith("ours"):
         cond = {"t5": data["text"], "t5_mask": data["mask"], "clip": data["clip"]}
         return lambda x, t, _: model(x, t, cond)
     if kind == "pixart":
@@ -94,7 +95,8 @@ def measure(kind: str, name: str, shape: Shape, batch: int, device: str, checkpo
             steps: int, warmup: int, depth: int | None = None) -> dict:
     """One variant: warm-up steps (compilation included), then ``steps`` timed training steps."""
     torch.manual_seed(0)
-    model = (ours(name, shape, depth) if kind == "ours" else peer(kind, name, shape, depth)).to(device).train()
+    mine = kind.startswith("ours")
+    model = (ours(name, shape, depth, ADALN[kind]) if mine else peer(kind, name, shape, depth)).to(device).train()
     if checkpointing:
         model.enable_gradient_checkpointing()
     if compiled:
@@ -126,7 +128,7 @@ def measure(kind: str, name: str, shape: Shape, batch: int, device: str, checkpo
         step()
     seconds = clock() - start
     per_s = steps * batch / seconds
-    flops = flops_per_sample(model, tokens_text=shape.text_tokens) if kind == "ours" else None
+    flops = flops_per_sample(model, tokens_text=shape.text_tokens) if mine else None
     result = {"model": kind, "size": name, "checkpointing": checkpointing, "compile": compiled, "batch": batch,
               "params": count_parameters(model), "images_per_s": per_s, "ms_per_step": 1000 * seconds / steps,
               "first_step_s": first, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -146,12 +148,15 @@ def plan(cpu: bool) -> list[tuple[str, str, bool, bool]]:
     of both sizes first (seconds each), then the compiled ones, ours first (each compiles for
     tens of seconds), so a tight budget drops the least needed. CPU: eager only, one size."""
     sizes = ("DiT-B/2",) if cpu else ("DiT-B/2", "DiT-XL/2")
-    eager = [(size, kind, ckpt, False) for size in sizes for kind, ckpt in (("ours", False), ("ours", True), ("pixart", False), ("dit", False))]
-    compiled = [(size, kind, ckpt, True) for kind, ckpt in (("ours", False), ("pixart", False), ("ours", True), ("dit", False)) for size in sizes]
+    eager = [(size, kind, ckpt, False) for size in sizes
+             for kind, ckpt in (("ours", False), ("ours", True), ("ours_single", False), ("pixart", False), ("dit", False))]
+    compiled = [(size, kind, ckpt, True) for kind, ckpt in (("ours", False), ("pixart", False), ("ours_single", False), ("ours", True),
+                                                            ("dit", False)) for size in sizes]
     return eager + ([] if cpu else compiled)
 
 
 BATCH = {"DiT-B/2": 128, "DiT-XL/2": 64}
+ADALN = {"ours": "block", "ours_single": "single"}  # our model kinds: per-block adaLN, PixArt-α's adaLN-single
 
 
 def run(device: str, cpu: bool, peak_tflops: float | None, deadline: float) -> list[dict]:

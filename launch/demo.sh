@@ -17,6 +17,7 @@ RES=32
 if [ "${1:-}" = "--quick" ]; then
     OUT=${DEMO_OUT:-runs/demo-quick}
     COUNT=400 EVAL_COUNT=8 EDIT_COUNT=2 PER_SHARD=100 CONCEPT_COUNT=200 CONCEPT_EVAL=8 O2M_PROMPTS=4 SWEEP_COUNT=8 INVERSE_COUNT=2
+    SWEEP_GUIDANCE=(1 4)  # the two cells the report reads (the curves need no more to be drawn)
     # Non-square scenes through aspect-ratio buckets of about 32² px (24x48, 32x32, 48x24):
     # shards keep each image's size, encode crops to the nearest bucket, batches hold one bucket.
     ASPECT=0.5,1,2 SHARD_SIZE=(--resize none) BUCKETS=(buckets=32)
@@ -29,7 +30,7 @@ if [ "${1:-}" = "--quick" ]; then
 else
     OUT=${DEMO_OUT:-runs/demo}
     COUNT=${DEMO_COUNT:-6000} EVAL_COUNT=512 EDIT_COUNT=128 PER_SHARD=500 CONCEPT_COUNT=1500 CONCEPT_EVAL=256 O2M_PROMPTS=32 SWEEP_COUNT=64
-    INVERSE_COUNT=128
+    INVERSE_COUNT=128 SWEEP_GUIDANCE=(1 2 4 6)
     ASPECT=1 SHARD_SIZE=(--resolution "$RES") BUCKETS=()
     AE=() TEACHER=() STUDENT=() LORA=() COND=() P2P=()
 fi
@@ -152,7 +153,7 @@ stage "evaluate students"
 stage "sweep"
 # The fidelity-diversity curves: guidance 1-6 on the first $SWEEP_COUNT prompts, teacher and students in one sweep/.
 # With one-to-many at 8 seeds for 16 prompts: adherence against within-prompt diversity.
-SWEEP=(--reference "$OUT/eval_shards" --count "$SWEEP_COUNT" --guidance 1 2 4 6 --batch-size 64 --pixels --sweep "$OUT/sweep"
+SWEEP=(--reference "$OUT/eval_shards" --count "$SWEEP_COUNT" --guidance "${SWEEP_GUIDANCE[@]}" --batch-size 64 --pixels --sweep "$OUT/sweep"
        --one-to-many 8 --one-to-many-prompts "$((O2M_PROMPTS / 2))")
 "$PY" -m pipeline.evaluate --model "$OUT/teacher/model" --steps 50 --output "$OUT/sweep/teacher_g{guidance}_{steps}" "${SWEEP[@]}"
 "$PY" -m pipeline.evaluate --model "$OUT/student/model" --steps 1 2 4 --output "$OUT/sweep/student_g{guidance}_{steps}" "${SWEEP[@]}"

@@ -333,7 +333,7 @@ def markdown(report: dict, run: Path) -> str:
     lines += [f"| {g['goal']} | {_number(g['value'])} | {g['target']:.3g} | {'yes' if g['met'] else '**no**'} |" for g in report["goals"]]
     lines += ["", f"`student_N_beats_teacher_N`: student minus teacher adherence at N steps (target: {BEAT_MARGIN} points)."]
     if report.get("sweep"):
-        lines += ["", "## Guidance × steps", "", f"Adherence against coverage and recall as guidance goes 1 → 6 "
+        lines += ["", "## Guidance × steps", "", f"Adherence against coverage and recall across guidance "
                   f"(`sweep/sweep.md` has the numbers): ![sweep]({rel(report['sweep'])})"]
     lines += ["", "## Samples", "", f"Teacher, {t['steps']} steps: ![teacher]({rel(t['grid'])})", ""]
     lines += [f"Student, {s['steps']} step(s): ![student {s['steps']}]({rel(s['grid'])})\n" for s in report["students"]]

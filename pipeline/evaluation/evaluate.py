@@ -271,6 +271,7 @@ def summarise(scores: dict, args: argparse.Namespace, count: int, timing: dict, 
     summary = {
         "model": str(args.model), "steps": steps, "guidance": guidance, "shift": args.shift,
         "seed": args.seed, "count": count, **timing, "skipped": scores["skipped"],
+        "decoder": "tiny" if getattr(args, "preview_decoder", False) else "vae",  # previews score previews
     }
     if getattr(args, "sampler_name", None) is not None:
         summary |= {"sampler": args.sampler_name, "sampler_options": sampler_record(args.sampler_name, args.sampler_options),

@@ -22,7 +22,7 @@ if [ "${1:-}" = "--quick" ]; then
     # shards keep each image's size, encode crops to the nearest bucket, batches hold one bucket.
     ASPECT=0.5,1,2 SHARD_SIZE=(--resize none) BUCKETS=(buckets=32)
     AE=(steps=150 eval_every=150 factor_samples=200 data.held_out=64 checkpoint.every=150)
-    TEACHER=(steps=60 sampling.every=0 checkpoint.every=60 data.loader.batch_size=32 optim.warmup_steps=10)
+    TEACHER=(steps=40 sampling.every=0 checkpoint.every=40 data.loader.batch_size=32 optim.warmup_steps=10)
     STUDENT=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5)
     LORA=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5)
     COND=(steps=20 checkpoint.every=20 data.loader.batch_size=32 optim.warmup_steps=5 sampling.sources=4 sampling.steps=8)

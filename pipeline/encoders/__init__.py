@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .clip import ClipEncoderConfig, FrozenCLIP
-from .common import EncoderLoadError, check_local_source, check_texts, resolve_dtype
+from .common import EncoderLoadError, FrozenModule, check_local_source, check_texts, resolve_dtype
 from .t5 import FrozenT5, T5EncoderConfig
 from .vae import FrozenVAE, VAEConfig
 
@@ -39,7 +39,7 @@ class TextEncodersConfig:
             raise ValueError("at least one text encoder (t5 or clip) must be configured")
 
 
-class TextEncoders(torch.nn.Module):
+class TextEncoders(FrozenModule):
     """The configured frozen text encoders behind one ``encode(texts)``."""
 
     def __init__(self, cfg: TextEncodersConfig, device: str | torch.device = "cpu") -> None:
@@ -48,10 +48,6 @@ class TextEncoders(torch.nn.Module):
         self.t5 = FrozenT5(cfg.t5, device) if cfg.t5 is not None else None
         self.clip = FrozenCLIP(cfg.clip, device) if cfg.clip is not None else None
         self.eval()
-
-    def train(self, mode: bool = True) -> TextEncoders:
-        """Stay in eval mode whatever a parent module asks."""
-        return super().train(False)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from .common import EncoderLoadError, check_local_source, check_texts, resolve_dtype
+from .common import EncoderLoadError, FrozenModule, check_local_source, check_texts, resolve_dtype
 
 
 @dataclass(kw_only=True)
@@ -83,7 +83,7 @@ def load_open_clip(cfg: ClipEncoderConfig, device: str | torch.device = "cpu", i
     return model.eval().requires_grad_(False), tokenizer, preprocess
 
 
-class FrozenCLIP(torch.nn.Module):
+class FrozenCLIP(FrozenModule):
     """open_clip text tower: pooled (and per-token) caption embeddings; never trains."""
 
     def __init__(self, cfg: ClipEncoderConfig, device: str | torch.device = "cpu") -> None:
@@ -102,9 +102,6 @@ class FrozenCLIP(torch.nn.Module):
         self.context_length = int(tower.context_length)
         self.eval()
 
-    def train(self, mode: bool = True) -> FrozenCLIP:
-        """Stay in eval mode whatever a parent module asks."""
-        return super().train(False)
 
     def _tower(self) -> torch.nn.Module:
         """The module that holds the text weights: ``model.text`` or the CLIP model itself."""
@@ -112,9 +109,6 @@ class FrozenCLIP(torch.nn.Module):
 
         return self.model.text if isinstance(getattr(self.model, "text", None), TextTransformer) else self.model
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, C) -> pooled (B, D) and final-layer tokens after ``ln_final`` (B, L, Dt), L ≤ C

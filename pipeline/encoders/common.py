@@ -1,4 +1,4 @@
-"""What the frozen encoders share: dtype names, the load error, input checks."""
+"""What the frozen encoders share: the frozen-module base, dtype names, the load error, input checks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ def resolve_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     except (KeyError, TypeError):
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
+
+
+class FrozenModule(torch.nn.Module):
+    """A frozen encoder or decoder: stays in eval mode (no dropout) whatever a parent module asks;
+    ``device`` is where its weights are."""
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
 
 class EncoderLoadError(OSError):

@@ -19,7 +19,7 @@ import torch
 if TYPE_CHECKING:  # transformers is imported where a T5 is loaded (~2 s at every CLI start otherwise)
     from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
-from .common import EncoderLoadError, check_local_source, check_texts, resolve_dtype
+from .common import EncoderLoadError, FrozenModule, check_local_source, check_texts, resolve_dtype
 
 
 @dataclass(kw_only=True)
@@ -80,7 +80,7 @@ def load_t5(cfg: T5EncoderConfig, device: str | torch.device = "cpu",
     return tokenizer, model.to(device).eval().requires_grad_(False)
 
 
-class FrozenT5(torch.nn.Module):
+class FrozenT5(FrozenModule):
     """T5 encoder token embeddings for a batch of captions; never trains."""
 
     def __init__(self, cfg: T5EncoderConfig, device: str | torch.device = "cpu") -> None:
@@ -90,13 +90,7 @@ class FrozenT5(torch.nn.Module):
         self.width = int(self.model.config.d_model)
         self.eval()
 
-    def train(self, mode: bool = True) -> FrozenT5:
-        """Stay in eval mode (no dropout) whatever a parent module asks."""
-        return super().train(False)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 if TYPE_CHECKING:  # diffusers' model zoo is imported where a VAE is loaded (~1.5 s at every CLI start otherwise)
     from diffusers import AutoencoderKL
 
-from .common import EncoderLoadError, check_local_source, resolve_dtype
+from .common import EncoderLoadError, FrozenModule, check_local_source, resolve_dtype
 
 
 @dataclass(kw_only=True)
@@ -61,7 +61,7 @@ def load_autoencoder(cfg: VAEConfig, device: str | torch.device = "cpu") -> Auto
     return vae.to(device).eval().requires_grad_(False)
 
 
-class FrozenVAE(torch.nn.Module):
+class FrozenVAE(FrozenModule):
     """Encode images to normalised latents and decode them back; never trains."""
 
     def __init__(self, cfg: VAEConfig, device: str | torch.device = "cpu") -> None:
@@ -79,13 +79,7 @@ class FrozenVAE(torch.nn.Module):
         self.dtype = resolve_dtype(cfg.dtype)
         self.eval()
 
-    def train(self, mode: bool = True) -> FrozenVAE:
-        """Stay in eval mode whatever a parent module asks."""
-        return super().train(False)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not images.is_floating_point():
@@ -132,7 +126,7 @@ class FrozenVAE(torch.nn.Module):
         }
 
 
-class FrozenTinyDecoder(torch.nn.Module):
+class FrozenTinyDecoder(FrozenModule):
     """A preview decoder saved by ``pipeline.train_tiny_decoder`` (a diffusers ``AutoencoderTiny``
     folder): normalised latents -> images, as :meth:`FrozenVAE.decode`, approximately; never trains."""
 
@@ -152,13 +146,7 @@ class FrozenTinyDecoder(torch.nn.Module):
         self.downsample = 2 ** (len(tiny.config.decoder_block_out_channels) - 1)
         self.eval()
 
-    def train(self, mode: bool = True) -> FrozenTinyDecoder:
-        """Stay in eval mode whatever a parent module asks."""
-        return super().train(False)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.tiny.parameters()).device
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,30 @@ def test_clip_stops_at_the_longest_caption_as_open_clip_would_over_the_whole_con
     torch.testing.assert_close(pooled, clip.model.encode_text(ids), rtol=0, atol=1e-5)
 
 
+TOKENIZER_CASES = [
+    SHORT, LONG, "", "   ", "A  Big\tRED\ncircle", "it's a dog's life, isn't it? they'll've", "IT'S", "x2 = 3.14 + 10^6!!",
+    "rock & roll", "rock &amp; roll", "&lt;b&gt;", "caf\u00e9 na\u00efve", "\u201cquoted\u201d", "\u00c3\u00a9 mojibake",
+    "\uff21\uff22 wide", "\ufb01ne ligature", "line\r\nbreak", "tab\x0bvertical", "bell\x07 and \x1b[31mred", "<start_of_text>",
+    "a <end_of_text> b", "emoji \U0001f600 ok", "--- ___ ...", "lots " * 100, "a" * 300,
+]
+
+
+def test_clip_tokenizer_gives_open_clips_ids(clip):
+    """The fast tokenizer (``pipeline.encoders.clip_tokens``) is what the encoder uses, and its ids
+    are open_clip's, plain ASCII and every case it hands back to open_clip, truncation included."""
+    from pipeline.encoders.clip_tokens import ClipTokenizer
+
+    assert isinstance(clip.tokenizer, ClipTokenizer)
+    reference = open_clip.get_tokenizer(f"local-dir:{clip.cfg.path}")
+    rng = __import__("random").Random(0)
+    alphabet = "abcXYZ019 '.,!?-&;\t\n"
+    cases = TOKENIZER_CASES + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(300)]
+    assert torch.equal(clip.tokenizer(cases), reference(cases))
+    assert torch.equal(clip.tokenizer(cases, context_length=16), reference(cases, context_length=16))
+    assert torch.equal(clip.tokenizer(SHORT), reference(SHORT))
+    assert clip.tokenizer(cases).shape == (len(cases), clip.context_length)
+
+
 def test_clip_is_deterministic_across_loads_and_tokens_are_optional(clip_dir, clip):
     plain = FrozenCLIP(ClipEncoderConfig(path=str(clip_dir)))
     out = plain.encode([SHORT, LONG])

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from .clip_tokens import fast_tokenizer
 from .common import EncoderLoadError, FrozenModule, check_local_source, check_texts, resolve_dtype
 
 
@@ -68,7 +69,7 @@ def load_open_clip(cfg: ClipEncoderConfig, device: str | torch.device = "cpu", i
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, precision=cfg.dtype, device=device, require_pretrained=True, weights_only=True)
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = fast_tokenizer(open_clip.get_tokenizer(name))
     except Exception as err:  # RuntimeError / ValueError / OSError from open_clip
         raise EncoderLoadError(f"cannot load an open_clip model from '{cfg.source}': {err}") from err
     if image_tower and getattr(model, "visual", None) is None:

@@ -34,4 +34,7 @@ def test_loader_benchmark_quick():
     memory = entries["loader_memory_32_vs_16_shard"]
     assert all(positive(memory[f"{k}_{s}"]) for k in ("peak_rss_mb", "peak_pss_mb") for s in (16, 32))
     http = entries["loader_http_vs_local"]
-    assert positive(http["local_samples_per_s"]) and positive(http["http_samples_per_s"])
+    assert len(http["local_rounds"]) == len(http["http_rounds"]) == http["rounds"]
+    assert http["local_samples_per_s"] == sorted(http["local_rounds"])[len(http["local_rounds"]) // 2]  # the median
+    assert abs(http["ratio"] - http["http_samples_per_s"] / http["local_samples_per_s"]) < 2e-3
+    assert http["num_workers"] == min(2, http["cores_loader"]) and "sendfile" in http["server"]

@@ -18,15 +18,17 @@ class ShardServer(ThreadingHTTPServer):
 
     ``cuts``: name -> (bytes, times): the first ``times`` GETs (all when -1) send the full
     Content-Length but only ``bytes`` of the body, then drop the connection. ``unavailable``:
-    names answered with 503; ``forbidden``: names (a pattern) answered with 403. ``ranges``: honour ``Range: bytes=N-`` and ``bytes=N-M`` (206) instead
+    names answered with 503; ``unavailable_after``: name -> n, its GETs after the first n answered
+    with 503; ``forbidden``: names (a pattern) answered with 403. ``ranges``: honour ``Range: bytes=N-`` and ``bytes=N-M`` (206) instead
     of ignoring it. ``sent``: (file name, Range header, body bytes written) of every answer."""
 
     daemon_threads = True
 
     def __init__(self, root: Path, *, ranges: bool = False, cuts: dict | None = None, unavailable: tuple = (),
-                 forbidden: str | None = None) -> None:
+                 forbidden: str | None = None, unavailable_after: dict | None = None) -> None:
         super().__init__(("127.0.0.1", 0), functools.partial(FaultyHandler, directory=str(root)))
         self.ranges, self.cuts, self.unavailable = ranges, dict(cuts or {}), set(unavailable)
+        self.unavailable_after = dict(unavailable_after or {})
         self.forbidden = forbidden  # names matching this pattern are answered 403 (S3 without ListBucket)
         self.requests: list[tuple[str, str | None]] = []  # (file name, Range header) of every GET
         self.sent: list[tuple[str, str | None, int]] = []
@@ -58,7 +60,7 @@ class FaultyHandler(SimpleHTTPRequestHandler):
             return self.send_error(403)
         if not path.is_file():
             return super().do_GET()  # 404, directory listings
-        if path.name in self.server.unavailable:
+        if path.name in self.server.unavailable or nth > self.server.unavailable_after.get(path.name, nth):
             return self.send_error(503)
         data = path.read_bytes()
         asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")

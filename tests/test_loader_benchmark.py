@@ -8,7 +8,8 @@ import torch
 
 from benchmarks import BENCHMARKS, loader_throughput
 
-NAMES = {"loader_4_workers_vs_dit_b2_h100", "loader_4_workers_vs_dit_b2_h100_64x64", "loader_memory_32_vs_16_shard", "loader_http_vs_local"}
+NAMES = {"loader_4_workers_vs_dit_b2_h100", "loader_4_workers_vs_dit_b2_h100_64x64", "loader_memory_32_vs_16_shard", "loader_http_vs_local",
+         "loader_http_capped_4_vs_1_connections"}
 
 
 def positive(x) -> bool:
@@ -38,3 +39,6 @@ def test_loader_benchmark_quick():
     assert http["local_samples_per_s"] == sorted(http["local_rounds"])[len(http["local_rounds"]) // 2]  # the median
     assert abs(http["ratio"] - http["http_samples_per_s"] / http["local_samples_per_s"]) < 2e-3
     assert http["num_workers"] == min(2, http["cores_loader"]) and "sendfile" in http["server"]
+    capped = entries["loader_http_capped_4_vs_1_connections"]
+    assert abs(capped["ratio"] - capped["samples_per_s"]["4"] / capped["samples_per_s"]["1"]) < 2e-3
+    assert capped["samples_per_s"]["1"] < 1.2 * capped["cap_mb_per_connection_s"] * 2**20 / capped["bytes_per_sample"]  # the cap holds

@@ -99,6 +99,51 @@ def test_a_connection_dropped_mid_shard_is_resumed(served, ranges, capsys):
     assert asked == [None, f"bytes={CUT}-", f"bytes={2 * CUT if ranges else CUT}-"]
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["server-honours-range", "server-ignores-range"])
+def test_read_ahead_connections_give_the_same_samples_and_resume_their_pieces(served, ranges, monkeypatch, capsys):
+    """``connections`` > 1 reads a shard as concurrent Range pieces (4 KB here: a dozen per shard),
+    in order, each piece resumed where its connection dropped; a server without Range is read on
+    one connection, as before."""
+    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 4096)
+    local = local_shards(served)
+    name = Path(local[1]).name
+    with serving(served, ranges=ranges, cuts={name: (1000, 2)}) as server:
+        skipped = Counter()
+        urls = shard_list(server.url + "latents/")
+        samples = [s for url in urls for s in remote.iter_shard(url, skipped, connections=3)]
+        asked = [rng for n, rng in server.requests if n == name]
+    assert without_url(samples) == read_local(local) and len(samples) == 48 and not skipped
+    assert "warning" not in capsys.readouterr().err
+    size = Path(local[1]).stat().st_size
+    if ranges:  # the first piece dropped twice, resumed from the byte reached; then every piece once
+        pieces = [f"bytes={a}-{min(a + 4096, size) - 1}" for a in range(0, size, 4096)]
+        assert asked[:3] == [pieces[0], "bytes=1000-4095", "bytes=2000-4095"] and sorted(asked[3:]) == sorted(pieces[1:])
+    else:  # the probe's 200 (the first cut), then one connection from 0, resumed by skipping as before
+        assert asked == ["bytes=0-4095", None, "bytes=1000-"]
+
+
+def test_a_read_ahead_piece_that_cannot_be_read_ends_the_shard_after_the_bytes_before_it(served, monkeypatch, capsys):
+    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 32768)
+    path = Path(local_shards(served)[2])
+    with serving(served, ranges=True, unavailable_after={path.name: 1}) as server:  # 503 after the first piece
+        skipped = Counter()
+        got = list(remote.iter_shard(server.url + "latents/" + path.name, skipped, connections=2, retries=1, backoff=0.0))
+    assert skipped == Counter(unreadable_shard=1) and 0 < len(got) < 12
+    assert without_url(got) == read_local([str(path)])[: len(got)]
+    assert "unreadable shard" in capsys.readouterr().err
+
+
+def test_the_loader_reads_ahead_over_http_with_the_batches_of_the_local_folder(served, monkeypatch):
+    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 8192)
+    cfg = LoaderConfig(batch_size=4, seed=3, http_connections=3)
+    with serving(served, ranges=True) as server:
+        streamed = latent_loader(server.url + "latents/", cfg)
+        assert keys(itertools.islice(streamed, 6)) == keys(itertools.islice(latent_loader(served / "latents", cfg), 6))
+        assert any(rng and rng.startswith("bytes=8192-") for _, rng in server.requests)  # pieces were asked for
+    with pytest.raises(ValueError, match="http_connections must be >= 1"):
+        LoaderConfig(http_connections=0)
+
+
 @pytest.mark.parametrize("fault", ["always-drops", "503"])
 def test_an_unreadable_shard_is_skipped_counted_and_named(served, fault, capsys):
     local = local_shards(served)

@@ -36,15 +36,16 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import braceexpand
 from pipeline.config.source import is_url
-from pipeline.data.tars import SPAN, group_samples, tar_members
+from pipeline.data.tars import SPAN, group_samples, read_exact, tar_members
 
 __all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "is_url", "iter_shard", "list_shards",
            "open_stream", "read_bytes", "read_json", "read_shard", "read_span"]
@@ -53,6 +54,7 @@ PROG = "pipeline.data.remote"
 BACKOFF_S = 0.5  # the first retry waits this long, each next one twice as long
 _CHUNK = 1 << 20  # read buffer (bytes)
 _SMALL_READS = 64 << 10  # an HTTP stream's buffer: only small reads (tar headers, padding) go through it
+_AHEAD_CHUNK = 8 << 20  # the piece each read-ahead connection asks for (``open_stream(connections=...)``)
 _BRACES = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
 _LIST_SEP = re.compile(r"::(?![^\[\]]*\])")  # WebDataset's "a.tar::b.tar" ("::" inside [IPv6] excluded)
 _RETRIED_STATUS = {408, 425, 429}  # and every 5xx; other 4xx answers are final
@@ -71,13 +73,16 @@ class SourceNotFound(SourceError, FileNotFoundError):
 
 
 def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
-                start: int = 0, stop: int | None = None) -> BinaryIO:
+                start: int = 0, stop: int | None = None, connections: int = 1) -> BinaryIO:
     """A readable binary stream of one file-like source (a local path, ``file://``, ``http(s)://``,
     ``pipe:CMD``, or an fsspec URL) from byte ``start``; :class:`SourceError` when it cannot be opened.
 
     HTTP: up to ``retries`` reconnections in a row without progress, waiting ``backoff``·2^k
     seconds; ``timeout`` is per connection attempt and socket read; ``start``/``stop`` ask for just
-    those bytes (``Range: bytes=start-(stop-1)``). Elsewhere ``stop`` is a hint: read no further."""
+    those bytes (``Range: bytes=start-(stop-1)``). Elsewhere ``stop`` is a hint: read no further.
+    ``connections`` > 1: an HTTP file is read ahead as that many concurrent ``Range`` requests
+    (:class:`_ReadAhead`), for servers that cap each connection (object stores); one
+    connection when the server ignores ``Range``."""
     text = str(source)
     if text.startswith("pipe:"):
         stream = io.BufferedReader(_PipeStream(text), _CHUNK)
@@ -87,6 +92,8 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
         # a large read (a tar member, ``pipeline.data.tars``) goes straight from the socket into its
         # buffer; a 1 MB buffer here made each tar header pull the next member's first MB through
         # it, a second copy of nearly every byte
+        if connections > 1:
+            return io.BufferedReader(_ReadAhead.open(text, retries, timeout, backoff, start, stop, connections), _SMALL_READS)
         return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _SMALL_READS)
     stream = _open_local(text) if not is_url(text) or text.startswith("file://") else _open_fsspec(text, retries, backoff)
     if start:
@@ -285,6 +292,75 @@ def _total_length(response: http.client.HTTPResponse) -> int | None:
     return int(size) if size is not None else None
 
 
+class _ReadAhead(io.RawIOBase):
+    """An HTTP file read ahead in ``chunk``-byte pieces by ``connections`` concurrent ``Range``
+    requests, served in order. Each piece is its own :class:`_HTTPStream` (its retries and
+    resumption); a piece that fails for good raises its :class:`SourceError` where the reader
+    reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces (8 MB each)."""
+
+    def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
+        """``first()``: the first piece's bytes (its response already open), up to ``first_stop``;
+        ``fetch(a, b)``: bytes ``[a, b)``."""
+        super().__init__()
+        self.fetch, self.chunk, self.stop = fetch, chunk, stop
+        self.current, self.offset = memoryview(b""), 0
+        self.next_start = first_stop
+        self.pool = ThreadPoolExecutor(connections, thread_name_prefix="read-ahead")
+        self.pending: deque[Future] = deque([self.pool.submit(first)])
+        for _ in range(2 * connections - 1):  # a piece queued behind each one under way: no connection waits on the reader
+            self._submit()
+
+    @classmethod
+    def open(cls, url: str, retries: int, timeout: float, backoff: float, start: int, stop: int | None,
+             connections: int, chunk: int | None = None) -> io.RawIOBase:
+        """The first piece asks with ``Range``: a 206 gives the file's length and the rest is read
+        ahead; a server that ignores ``Range`` (200) is read on that one connection instead."""
+        chunk = chunk or _AHEAD_CHUNK
+        first = _HTTPStream(url, retries, timeout, backoff, start, start + chunk if stop is None else min(stop, start + chunk))
+        total = _total_length(first.response) if first.response.status == 206 else None
+        if total is None:  # the server ignores Range (or names no length): one connection
+            first.close()
+            return _HTTPStream(url, retries, timeout, backoff, start, stop)
+        end = total if stop is None else min(stop, total)
+        first_stop = min(first.length, end)
+
+        def read_first() -> bytearray:
+            with first:
+                return read_exact(first, first_stop - start)
+
+        def fetch(a: int, b: int) -> bytearray:
+            with _HTTPStream(url, retries, timeout, backoff, a, b) as piece:
+                return read_exact(piece, b - a)
+
+        return cls(read_first, fetch, first_stop, end, chunk, connections)
+
+    def _submit(self) -> None:
+        if self.next_start < self.stop:
+            a, b = self.next_start, min(self.stop, self.next_start + self.chunk)
+            self.pending.append(self.pool.submit(self.fetch, a, b))
+            self.next_start = b
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.offset >= len(self.current):
+            if not self.pending:
+                return 0
+            self.current, self.offset = memoryview(self.pending.popleft().result()), 0  # raises its SourceError
+            self._submit()
+        n = min(len(buffer), len(self.current) - self.offset)
+        buffer[:n] = self.current[self.offset : self.offset + n]
+        self.offset += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.pool.shutdown(wait=False, cancel_futures=True)  # pieces under way finish and are dropped
+            self.pending.clear()
+        super().close()
+
+
 class _PipeStream(io.RawIOBase):
     """``pipe:CMD``: the shell command's standard output; a non-zero exit status is an error at its end."""
 
@@ -413,14 +489,14 @@ def _listed_shards(folder: str) -> list[str]:
 
 
 def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
-               spans: bool = False) -> Iterator[dict]:
+               spans: bool = False, connections: int = 1) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, streamed, grouped as
     ``webdataset.WebDataset`` groups them (``pipeline.data.tars``; with ``spans``, each sample's
     byte span as ``"__span__"``); :class:`SourceError` (one line) when the shard cannot be read to
     its end. The samples before the error have been yielded, whole."""
     url = str(source)
     try:
-        with open_stream(url, retries, timeout, backoff) as stream:
+        with open_stream(url, retries, timeout, backoff, connections=connections) as stream:
             yield from group_samples(tar_members(stream), url, spans)
     except SourceError:
         raise
@@ -449,12 +525,12 @@ def read_span(source: str | Path, start: int, end: int, *, retries: int = 3, tim
 
 
 def iter_shard(source: str | Path, skipped: Counter | None = None, *, retries: int = 3, timeout: float = 60.0,
-               backoff: float = BACKOFF_S, spans: bool = False) -> Iterator[dict]:
+               backoff: float = BACKOFF_S, spans: bool = False, connections: int = 1) -> Iterator[dict]:
     """:func:`read_shard` that stops a shard it cannot read: one warning line on stderr, one more
     ``skipped["unreadable_shard"]``, and a normal return (the caller counts what it did not get)."""
     count = 0
     try:
-        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff, spans=spans):
+        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff, spans=spans, connections=connections):
             count += 1
             yield sample
     except SourceError as err:

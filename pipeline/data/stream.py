@@ -87,9 +87,10 @@ class LoaderConfig:
     on_too_few_shards: Literal["error", "resample"] = "error"
     prefetch_factor: int = 4
     shuffle_buffer: int = 1024  # samples a data worker holds to shuffle a group: its memory bound (~1 GB at T5-XXL width)
+    http_connections: int = 1  # > 1: each http(s) shard is read ahead by this many Range requests (object stores cap each connection)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "shards_per_group", "prefetch_factor", "shuffle_buffer"):
+        for key in ("batch_size", "shards_per_group", "prefetch_factor", "shuffle_buffer", "http_connections"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (got {getattr(self, key)})")
         if self.num_workers < 0:
@@ -143,7 +144,7 @@ class StreamSchedule:
         shard's held-out samples are passed over."""
         base = 0
         for shard in group:
-            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True), start=-self.held_out[shard]):
+            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True, connections=self.cfg.http_connections), start=-self.held_out[shard]):
                 if index < 0:  # held out (validation): never trained on
                     continue
                 if index >= self.sizes[shard]:
@@ -316,7 +317,8 @@ class ShardStream(IterableDataset):
             located.setdefault(shard, {})[index + self.schedule.held_out[shard]] = offset  # its index in the shard file
         found: dict[int, tuple[int, dict | None]] = {offset: (-1, None) for offset in offsets}
         for shard, by_index in located.items():
-            for index, raw in enumerate(iter_shard(self.schedule.shards[shard], self.unreadable, spans=True)):
+            for index, raw in enumerate(iter_shard(self.schedule.shards[shard], self.unreadable, spans=True,
+                                                connections=self.schedule.cfg.http_connections)):
                 if index in by_index:
                     found[by_index[index]] = (shard, raw)
                 if index >= max(by_index):

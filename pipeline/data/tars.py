@@ -64,7 +64,7 @@ def tar_members(stream: BinaryIO) -> Iterator[Member]:
             kind, size, regular, own_name = info.type, info.size, info.isreg(), info.name
         else:
             (own_name, size), kind, regular = quick, tarfile.REGTYPE, True
-        data = _read_exact(stream, size)
+        data = read_exact(stream, size)
         _skip(stream, -size % _BLOCK)
         position += _BLOCK + size + (-size % _BLOCK)
         if kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
@@ -147,7 +147,7 @@ def group_samples(members: Iterable[Member], url: str, spans: bool = False) -> I
         yield sample
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytearray:
+def read_exact(stream: BinaryIO, size: int) -> bytearray:
     """``size`` bytes read straight into a new buffer (a stream may give fewer per call)."""
     data = bytearray(size)
     view, done = memoryview(data), 0

@@ -71,6 +71,7 @@ class FaultyHandler(SimpleHTTPRequestHandler):
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
         self.send_header("Content-Length", str(stop - start))
+        self.send_header("Last-Modified", self.date_time_string(int(path.stat().st_mtime)))  # as http.server sends it
         self.end_headers()
         cut, times = self.server.cuts.get(path.name, (None, 0))
         if cut is not None and (times < 0 or nth <= times):

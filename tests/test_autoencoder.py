@@ -205,7 +205,8 @@ def test_discriminator_gradient_with_accumulation_is_the_large_batch_one(image_s
     large = probed_trainer(image_shards, tmp_path / "large", "data.loader.batch_size=8", *clip)
     batch = next(iter(large.loader))
     large.micro_step(batch)
-    scale = max(g.abs().max().item() for g in large.applied["d"])  # fp32 sums in another order: 1e-5 of the largest entry
+    scale = max(g.abs().max().item() for g in large.applied["d"])  # fp32 sums in another order: 1e-4 of the largest entry
+    # (1.004e-5 was seen on one CPU; a wrong accumulation, a half or a doubled step, is off by the entries themselves)
     assert scale > 0
     for poison in (set(), {("g", 0)}):
         small = probed_trainer(image_shards, tmp_path / f"small{len(poison)}", "data.loader.batch_size=4", "optim.grad_accum=2", *clip)
@@ -215,5 +216,5 @@ def test_discriminator_gradient_with_accumulation_is_the_large_batch_one(image_s
         small.micro_step({k: v[4:] for k, v in batch.items()})
         assert ("g" in small.applied) == (not poison) and small.accelerator.scaler.get_scale() == jobs.LOSS_SCALE / (2 if poison else 1)
         for big, got in zip(large.applied["d"], small.applied["d"], strict=True):
-            assert (got - big).abs().max().item() <= 1e-5 * scale, f"poison {poison}"
+            assert (got - big).abs().max().item() <= 1e-4 * scale, f"poison {poison}"
     jobs._reset_accelerate()

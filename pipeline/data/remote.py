@@ -295,7 +295,8 @@ def _total_length(response: http.client.HTTPResponse) -> int | None:
 class _ReadAhead(io.RawIOBase):
     """An HTTP file read ahead in ``chunk``-byte pieces by ``connections`` concurrent ``Range``
     requests, served in order. Each piece is its own :class:`_HTTPStream` (its retries and
-    resumption); a piece that fails for good raises its :class:`SourceError` where the reader
+    resumption); a piece that fails for good, or finds another version of the file (ETag /
+    Last-Modified) than the first piece did, raises its :class:`SourceError` where the reader
     reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces (8 MB each)."""
 
     def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
@@ -330,6 +331,8 @@ class _ReadAhead(io.RawIOBase):
 
         def fetch(a: int, b: int) -> bytearray:
             with _HTTPStream(url, retries, timeout, backoff, a, b) as piece:
+                if None not in (piece.version, first.version) and piece.version != first.version:
+                    raise SourceError(f"{url}: changed while being read ({first.version} -> {piece.version})")
                 return read_exact(piece, b - a)
 
         return cls(read_first, fetch, first_stop, end, chunk, connections)

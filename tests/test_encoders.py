@@ -220,9 +220,10 @@ TOKENIZER_CASES = [
 ]
 
 
-def test_clip_tokenizer_gives_open_clips_ids(clip):
+def test_clip_tokenizer_gives_open_clips_ids(clip, monkeypatch):
     """The fast tokenizer (``pipeline.encoders.clip_tokens``) is what the encoder uses, and its ids
     are open_clip's, plain ASCII and every case it hands back to open_clip, truncation included."""
+    from pipeline.encoders import clip_tokens
     from pipeline.encoders.clip_tokens import ClipTokenizer
 
     assert isinstance(clip.tokenizer, ClipTokenizer)
@@ -234,6 +235,9 @@ def test_clip_tokenizer_gives_open_clips_ids(clip):
     assert torch.equal(clip.tokenizer(cases, context_length=16), reference(cases, context_length=16))
     assert torch.equal(clip.tokenizer(SHORT), reference(SHORT))
     assert clip.tokenizer(cases).shape == (len(cases), clip.context_length)
+    monkeypatch.setattr(clip_tokens, "_MAX_WORDS", 3)  # a bounded word cache, emptied when full: the same ids
+    small = ClipTokenizer(reference)
+    assert torch.equal(small(cases[:40]), reference(cases[:40])) and len(small._words) <= 3
 
 
 def test_clip_is_deterministic_across_loads_and_tokens_are_optional(clip_dir, clip):

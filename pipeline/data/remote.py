@@ -297,7 +297,8 @@ class _ReadAhead(io.RawIOBase):
     requests, served in order. Each piece is its own :class:`_HTTPStream` (its retries and
     resumption); a piece that fails for good, or finds another version of the file (ETag /
     Last-Modified) than the first piece did, raises its :class:`SourceError` where the reader
-    reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces (8 MB each)."""
+    reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces queued (8 MB each)
+    and the one being read."""
 
     def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
         """``first()``: the first piece's bytes (its response already open), up to ``first_stop``;

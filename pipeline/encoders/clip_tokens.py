@@ -17,6 +17,7 @@ import re
 
 import torch
 
+_MAX_WORDS = 100_000  # words whose ids are kept (~10 MB)
 _PLAIN = re.compile(r"[\x20-\x25\x27-\x7e\t\n]*")  # printable ASCII, tab and newline; no "&"
 
 
@@ -49,6 +50,8 @@ class ClipTokenizer:
         for word in self.slow.pat.findall(whitespace_clean(text.strip()).lower()):  # open_clip's pattern
             found = self._words.get(word)
             if found is None:
+                if len(self._words) >= _MAX_WORDS:  # a caption corpus has millions of words: keep the memory bounded
+                    self._words.clear()
                 encoded = "".join(self.slow.byte_encoder[b] for b in word.encode("utf-8"))
                 found = self._words[word] = [self.slow.encoder[piece] for piece in self.slow.bpe(encoded).split(" ")]
             ids += found

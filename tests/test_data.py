@@ -214,6 +214,33 @@ def test_npy_of_an_object_array_is_refused():
         npy(bytearray(buffer.getvalue()))
 
 
+def test_in_process_batch_memory_is_reused_only_once_the_trainer_drops_it(tmp_path, monkeypatch):
+    """Without workers, a batch's large tensors reuse a dropped batch's memory, never a held one's,
+    and give the batches a fresh allocation gives; the pool is emptied when the loader stops."""
+    from pipeline.data.stream import LocalBatchMemory
+
+    monkeypatch.setattr(LocalBatchMemory, "MIN_BYTES", 64)  # the test's batches are small
+    shards = write_latent_shards(tmp_path, 4, 24)
+    batches = itertools.islice(latent_loader(shards, LoaderConfig(batch_size=4)), 20)
+    reference = [(b["key"], b["t5"].clone()) for b in batches]
+    loader = iter(latent_loader(shards, LoaderConfig(batch_size=4)))
+    held, pointers = [], []
+    for i in range(20):
+        batch = next(loader)
+        assert batch["key"] == reference[i][0] and torch.equal(batch["t5"], reference[i][1])
+        pointers.append(batch["t5"].data_ptr())
+        if i % 4 == 0:  # kept while later batches are built
+            held.append((i, batch, batch["t5"].clone()))
+        del batch
+    assert LocalBatchMemory.kept and LocalBatchMemory.loaders == 1
+    for i, batch, copy in held:
+        assert torch.equal(batch["t5"], copy)
+        assert pointers[i] not in pointers[i + 1 :]  # held memory was not lent again
+    assert len(set(pointers)) < len(pointers)  # dropped memory was reused
+    loader.close()
+    assert LocalBatchMemory.loaders == 0 and not LocalBatchMemory.kept
+
+
 def test_worker_batch_memory_is_reused_only_once_the_trainer_drops_it(tmp_path):
     """A worker reuses a batch's shared memory after the main process freed it, never while a batch is held."""
     from pipeline.data.stream import _inode

@@ -37,9 +37,9 @@ Method:
   samples/s a worker. The same folder from a server (subprocess, honours ``Range``) that paces
   each connection to ``CAP_MB_S`` MB/s, 1 worker, about a shard's worth of batches: 4 read-ahead
   connections (``LoaderConfig.http_connections``: concurrent 8 MB ``Range`` pieces) against 1;
-  goal >= 3 (75% of linear: each shard still starts with one piece's latency, 80 ms at the cap,
-  since the next shard is not read ahead). Measured: 2 / 4 / 8 connections gave 1.78 / 3.05 /
-  4.44x.
+  goal >= 3 (75% of linear). Measured: 2 / 4 / 8 connections gave 1.78 / 3.05 / 4.44x when each
+  shard began with one piece's latency (80 ms at the cap); with the next shard read ahead behind
+  the last pieces of the one before (``then``), 4 gave 3.36-3.49x.
 - **What the GPU consumes.** DiT-B/2 (depth 12, width 768, patch 2) at 32x32x4 with the 120
   T5-XXL tokens in cross-attention and the pooled CLIP-L vector:
   ``pipeline.models.dit.flops_per_sample`` = 58.5 GFLOP forward (2 x multiply-accumulates; the

@@ -128,6 +128,35 @@ def test_read_ahead_connections_give_the_same_samples_and_resume_their_pieces(se
         assert asked == ["bytes=0-4095", None, "bytes=1000-"]
 
 
+def test_the_next_shard_is_read_ahead_behind_the_last_pieces_of_this_one(served, monkeypatch):
+    """``then``: once a shard's last piece is asked for, the next shard's first pieces are asked
+    for on the same connections; reading it then takes them (each piece asked once, the same
+    samples as local). An unused read-ahead is dropped for the next one; a missing next shard is
+    the usual unreadable shard when it is read."""
+    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 4096)
+    local = local_shards(served)
+    names = [Path(p).name for p in local]
+    with serving(served, ranges=True) as server:
+        urls = [server.url + "latents/" + name for name in names]
+        skipped = Counter()
+        first = list(remote.iter_shard(urls[0], skipped, connections=2, then=urls[1]))
+        remote._ReadAhead._ahead[(os.getpid(), urls[1], 2)].result()  # opened: its first piece asked for
+        asked_before = [rng for n, rng in server.requests if n == names[1]]
+        second = list(remote.iter_shard(urls[1], skipped, connections=2))
+        asked = [rng for n, rng in server.requests if n == names[1]]
+        assert not remote._ReadAhead.prefetched(urls[1], 2)  # taken
+        size = Path(local[1]).stat().st_size
+        assert asked_before[:1] == ["bytes=0-4095"]  # asked for before shard 1 was opened
+        assert sorted(asked) == sorted(f"bytes={a}-{min(a + 4096, size) - 1}" for a in range(0, size, 4096))  # once each
+        assert without_url(first + second) == read_local(local[:2]) and not skipped
+
+        list(remote.iter_shard(urls[0], skipped, connections=2, then=urls[2]))  # shard 2 read ahead, never read ...
+        list(remote.iter_shard(urls[0], skipped, connections=2, then=server.url + "latents/missing.tar"))  # ... dropped
+        assert not remote._ReadAhead.prefetched(urls[2], 2)
+        assert list(remote.iter_shard(server.url + "latents/missing.tar", skipped, connections=2)) == []
+    assert skipped == Counter(unreadable_shard=1)
+
+
 def test_a_read_ahead_piece_that_cannot_be_read_ends_the_shard_after_the_bytes_before_it(served, monkeypatch, capsys):
     monkeypatch.setattr(remote, "_AHEAD_CHUNK", 32768)
     path = Path(local_shards(served)[2])

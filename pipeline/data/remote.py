@@ -29,6 +29,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,7 +74,7 @@ class SourceNotFound(SourceError, FileNotFoundError):
 
 
 def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
-                start: int = 0, stop: int | None = None, connections: int = 1) -> BinaryIO:
+                start: int = 0, stop: int | None = None, connections: int = 1, then: str | None = None) -> BinaryIO:
     """A readable binary stream of one file-like source (a local path, ``file://``, ``http(s)://``,
     ``pipe:CMD``, or an fsspec URL) from byte ``start``; :class:`SourceError` when it cannot be opened.
 
@@ -82,7 +83,9 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
     those bytes (``Range: bytes=start-(stop-1)``). Elsewhere ``stop`` is a hint: read no further.
     ``connections`` > 1: an HTTP file is read ahead as that many concurrent ``Range`` requests
     (:class:`_ReadAhead`), for servers that cap each connection (object stores); one
-    connection when the server ignores ``Range``."""
+    connection when the server ignores ``Range``. ``then``: the HTTP file read next, opened and
+    read ahead on the same connections once this one's last piece is asked for (a whole-file
+    read of it then starts with its first pieces in memory, not with a request's latency)."""
     text = str(source)
     if text.startswith("pipe:"):
         stream = io.BufferedReader(_PipeStream(text), _CHUNK)
@@ -93,7 +96,11 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
         # buffer; a 1 MB buffer here made each tar header pull the next member's first MB through
         # it, a second copy of nearly every byte
         if connections > 1:
-            return io.BufferedReader(_ReadAhead.open(text, retries, timeout, backoff, start, stop, connections), _SMALL_READS)
+            ahead = _ReadAhead.prefetched(text, connections) if (start, stop) == (0, None) else None
+            raw = ahead.result() if ahead is not None else _ReadAhead.open(text, retries, timeout, backoff, start, stop, connections)
+            if then is not None and isinstance(raw, _ReadAhead):
+                raw.then = lambda: _ReadAhead.prefetch(then, retries, timeout, backoff, connections)
+            return io.BufferedReader(raw, _SMALL_READS)
         return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _SMALL_READS)
     stream = _open_local(text) if not is_url(text) or text.startswith("file://") else _open_fsspec(text, retries, backoff)
     if start:
@@ -298,16 +305,23 @@ class _ReadAhead(io.RawIOBase):
     resumption); a piece that fails for good, or finds another version of the file (ETag /
     Last-Modified) than the first piece did, raises its :class:`SourceError` where the reader
     reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces queued (8 MB each)
-    and the one being read."""
+    and the one being read; twice that while the next file is read ahead (:meth:`prefetch`).
+
+    The connections are a process's pool for that count (:func:`_pieces_pool`), shared by its
+    read-aheads, first come first served: the next file's pieces (``then``, called once this
+    file's last piece is asked for) queue behind this file's, so a stream of shards keeps every
+    connection busy across shard ends, and never uses more than ``connections``."""
+
+    _ahead: dict[tuple[int, str, int], Future] = {}  # (pid, url, connections) -> its opening: at most one
 
     def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
         """``first()``: the first piece's bytes (its response already open), up to ``first_stop``;
         ``fetch(a, b)``: bytes ``[a, b)``."""
         super().__init__()
-        self.fetch, self.chunk, self.stop = fetch, chunk, stop
+        self.fetch, self.chunk, self.stop, self.then = fetch, chunk, stop, None
         self.current, self.offset = memoryview(b""), 0
         self.next_start = first_stop
-        self.pool = ThreadPoolExecutor(connections, thread_name_prefix="read-ahead")
+        self.pool = _pieces_pool(connections)
         self.pending: deque[Future] = deque([self.pool.submit(first)])
         for _ in range(2 * connections - 1):  # a piece queued behind each one under way: no connection waits on the reader
             self._submit()
@@ -338,11 +352,29 @@ class _ReadAhead(io.RawIOBase):
 
         return cls(read_first, fetch, first_stop, end, chunk, connections)
 
+    @classmethod
+    def prefetch(cls, url: str, retries: int, timeout: float, backoff: float, connections: int) -> None:
+        """Open ``url`` (whole) on the pool, its pieces queued behind those already asked for; a
+        whole-file :func:`open_stream` of it takes it (:meth:`prefetched`). One per process: an
+        earlier one not taken is closed."""
+        for key in [k for k in cls._ahead if k[0] == os.getpid()]:
+            cls._ahead.pop(key).add_done_callback(_close_opened)
+        opening = _pieces_pool(connections).submit(cls.open, url, retries, timeout, backoff, 0, None, connections)
+        cls._ahead[(os.getpid(), url, connections)] = opening
+
+    @classmethod
+    def prefetched(cls, url: str, connections: int) -> Future | None:
+        """The opening :meth:`prefetch` started for ``url``, taken (its ``result()`` raises what opening raised)."""
+        return cls._ahead.pop((os.getpid(), url, connections), None)
+
     def _submit(self) -> None:
         if self.next_start < self.stop:
             a, b = self.next_start, min(self.stop, self.next_start + self.chunk)
             self.pending.append(self.pool.submit(self.fetch, a, b))
             self.next_start = b
+        elif self.then is not None:  # every piece asked for: the next file's queue behind them
+            then, self.then = self.then, None
+            then()
 
     def readable(self) -> bool:
         return True
@@ -360,9 +392,28 @@ class _ReadAhead(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self.pool.shutdown(wait=False, cancel_futures=True)  # pieces under way finish and are dropped
+            for piece in self.pending:  # queued pieces are dropped; those under way finish and are dropped
+                piece.cancel()
             self.pending.clear()
         super().close()
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, connections) -> the read-aheads' connections
+
+
+def _pieces_pool(connections: int) -> ThreadPoolExecutor:
+    """This process's ``connections`` threads for read-ahead pieces (a forked data worker makes its own:
+    a parent's threads do not exist in the child)."""
+    key = (os.getpid(), connections)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(connections, thread_name_prefix="read-ahead")
+    return _POOLS[key]
+
+
+def _close_opened(opening: Future) -> None:
+    """A prefetched opening nobody took: close its stream (its queued pieces are dropped)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 class _PipeStream(io.RawIOBase):
@@ -493,14 +544,15 @@ def _listed_shards(folder: str) -> list[str]:
 
 
 def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, backoff: float = BACKOFF_S,
-               spans: bool = False, connections: int = 1) -> Iterator[dict]:
+               spans: bool = False, connections: int = 1, then: str | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes}`` of one shard, streamed, grouped as
     ``webdataset.WebDataset`` groups them (``pipeline.data.tars``; with ``spans``, each sample's
     byte span as ``"__span__"``); :class:`SourceError` (one line) when the shard cannot be read to
-    its end. The samples before the error have been yielded, whole."""
+    its end. The samples before the error have been yielded, whole. ``then``: the shard read next
+    (read ahead behind this one with ``connections`` > 1: :func:`open_stream`)."""
     url = str(source)
     try:
-        with open_stream(url, retries, timeout, backoff, connections=connections) as stream:
+        with open_stream(url, retries, timeout, backoff, connections=connections, then=then) as stream:
             yield from group_samples(tar_members(stream), url, spans)
     except SourceError:
         raise
@@ -529,12 +581,13 @@ def read_span(source: str | Path, start: int, end: int, *, retries: int = 3, tim
 
 
 def iter_shard(source: str | Path, skipped: Counter | None = None, *, retries: int = 3, timeout: float = 60.0,
-               backoff: float = BACKOFF_S, spans: bool = False, connections: int = 1) -> Iterator[dict]:
+               backoff: float = BACKOFF_S, spans: bool = False, connections: int = 1, then: str | None = None) -> Iterator[dict]:
     """:func:`read_shard` that stops a shard it cannot read: one warning line on stderr, one more
     ``skipped["unreadable_shard"]``, and a normal return (the caller counts what it did not get)."""
     count = 0
     try:
-        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff, spans=spans, connections=connections):
+        for sample in read_shard(source, retries=retries, timeout=timeout, backoff=backoff, spans=spans, connections=connections,
+                                 then=then):
             count += 1
             yield sample
     except SourceError as err:

@@ -138,14 +138,17 @@ class StreamSchedule:
             self._orders[key] = buffer_order(size, self.cfg.shuffle_buffer, np.random.default_rng([self.cfg.seed, epoch, gid]))
         return self._orders[key]
 
-    def raw_samples(self, group: list[int], skipped: Counter) -> Iterator[tuple[int, int, dict]]:
+    def raw_samples(self, group: list[int], skipped: Counter, then: int | None = None) -> Iterator[tuple[int, int, dict]]:
         """``(raw index, shard, raw sample with its byte span)`` of a group's shards in file order; a
         shard that ends early (unreadable: counted in ``skipped``) leaves its remaining indices out;
         samples beyond a shard's recorded size are counted (``beyond_recorded_size``), not read; a
-        shard's held-out samples are passed over."""
-        base = 0
-        for shard in group:
-            for index, raw in enumerate(iter_shard(self.shards[shard], skipped, spans=True, connections=self.cfg.http_connections), start=-self.held_out[shard]):
+        shard's held-out samples are passed over. ``then``: the shard after the group (each shard's
+        successor is read ahead behind it over HTTP with ``http_connections`` > 1)."""
+        base, following = 0, [*group[1:], then]
+        for shard, after in zip(group, following):
+            then_url = self.shards[after] if after is not None and self.cfg.http_connections > 1 else None
+            shard_samples = iter_shard(self.shards[shard], skipped, spans=True, connections=self.cfg.http_connections, then=then_url)
+            for index, raw in enumerate(shard_samples, start=-self.held_out[shard]):
                 if index < 0:  # held out (validation): never trained on
                     continue
                 if index >= self.sizes[shard]:
@@ -163,6 +166,12 @@ class StreamSchedule:
                 return shard, raw
             raw -= self.sizes[shard]
         raise AssertionError("offset beyond its group")
+
+    def following(self, epoch: int, stream: int, position: int) -> int | None:
+        """The first shard of the stream's group after its ``position``-th of ``epoch`` (None: none)."""
+        groups = self.groups(epoch, stream)
+        nxt = groups[position + 1] if position + 1 < len(groups) else (self.groups(epoch + 1, stream) or [[]])[0]
+        return nxt[0] if nxt else None
 
     def seek(self, stream: int, offset: int) -> tuple[int, int, int]:
         """Emission ``offset`` of a stream -> (epoch, group position in epoch, offset in group). An
@@ -266,17 +275,18 @@ class ShardStream(IterableDataset):
             groups = self.schedule.groups(epoch, stream)
             for index in range(position, len(groups)):
                 order = self.schedule.order(epoch, stream, index)
-                yield from self._group(groups[index], order, skip, offset - skip)
+                yield from self._group(groups[index], order, skip, offset - skip, self.schedule.following(epoch, stream, index))
                 offset += len(order) - skip
                 skip = 0
             epoch, position = epoch + 1, 0
 
-    def _group(self, group: list[int], order: np.ndarray, skip: int, base: int) -> Iterator[Emitted]:
+    def _group(self, group: list[int], order: np.ndarray, skip: int, base: int, then: int | None = None) -> Iterator[Emitted]:
         """Emit a group's samples ``order[skip:]``, reading its shards once, in file order; a
-        reader holds at most ``shuffle_buffer`` samples. ``base`` is the group's first offset."""
+        reader holds at most ``shuffle_buffer`` samples. ``base`` is the group's first offset;
+        ``then`` the shard read after the group."""
         wanted = np.zeros(len(order), dtype=bool)
         wanted[order[skip:]] = True
-        reader, held, read = self.schedule.raw_samples(group, self.unreadable), {}, -1
+        reader, held, read = self.schedule.raw_samples(group, self.unreadable, then), {}, -1
         for k in range(skip, len(order)):
             want = int(order[k])
             while want not in held and read < want:

@@ -20,18 +20,22 @@ class ShardServer(ThreadingHTTPServer):
     Content-Length but only ``bytes`` of the body, then drop the connection. ``unavailable``:
     names answered with 503; ``unavailable_after``: name -> n, its GETs after the first n answered
     with 503; ``forbidden``: names (a pattern) answered with 403. ``ranges``: honour ``Range: bytes=N-`` and ``bytes=N-M`` (206) instead
-    of ignoring it. ``sent``: (file name, Range header, body bytes written) of every answer."""
+    of ignoring it. ``keep_alive``: answer in HTTP/1.1 and keep connections open (else HTTP/1.0,
+    one request a connection), closing one silently after ``keep_alive`` answers when it is a
+    number (as servers close idle connections). ``sent``: (file name, Range header, body bytes
+    written) of every answer; ``connections``: connections accepted."""
 
     daemon_threads = True
 
     def __init__(self, root: Path, *, ranges: bool = False, cuts: dict | None = None, unavailable: tuple = (),
-                 forbidden: str | None = None, unavailable_after: dict | None = None) -> None:
+                 forbidden: str | None = None, unavailable_after: dict | None = None, keep_alive: bool | int = False) -> None:
         super().__init__(("127.0.0.1", 0), functools.partial(FaultyHandler, directory=str(root)))
         self.ranges, self.cuts, self.unavailable = ranges, dict(cuts or {}), set(unavailable)
         self.unavailable_after = dict(unavailable_after or {})
         self.forbidden = forbidden  # names matching this pattern are answered 403 (S3 without ListBucket)
         self.requests: list[tuple[str, str | None]] = []  # (file name, Range header) of every GET
         self.sent: list[tuple[str, str | None, int]] = []
+        self.keep_alive, self.connections = keep_alive, 0
         self.lock = threading.Lock()
 
     @property
@@ -50,6 +54,13 @@ class FaultyHandler(SimpleHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.protocol_version = "HTTP/1.1" if self.server.keep_alive else "HTTP/1.0"
+        self.answered = 0
+        with self.server.lock:
+            self.server.connections += 1
 
     def do_GET(self) -> None:
         path = Path(self.translate_path(self.path))
@@ -80,6 +91,10 @@ class FaultyHandler(SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         self.send_body(path.name, data[start:stop])
+        self.answered += 1
+        limit = self.server.keep_alive
+        if limit is not True and limit and self.answered >= limit:
+            self.close_connection = True  # silently, as an idle connection times out
 
     def send_body(self, name: str, body: bytes) -> None:
         with self.server.lock:

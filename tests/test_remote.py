@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytest
 from pipeline import train
 from pipeline.config import load_config, save_config
 from pipeline.config.source import URL
-from pipeline.data import remote, sizes
+from pipeline.data import http_source, remote, sizes
 from pipeline.data.latents import latent_loader, latent_meta, shard_list
 from pipeline.data.paths import map_paths, resolved_from
 from pipeline.data.shards import complete_shards, iter_samples
@@ -105,7 +106,7 @@ def test_read_ahead_connections_give_the_same_samples_and_resume_their_pieces(se
     """``connections`` > 1 reads a shard as concurrent Range pieces (4 KB here: a dozen per shard),
     in order, each piece resumed where its connection dropped; a server without Range is read on
     one connection, as before."""
-    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 4096)
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 4096)
     local = local_shards(served)
     name = Path(local[1]).name
     with serving(served, ranges=ranges, cuts={name: (1000, 2)}) as server:
@@ -133,18 +134,18 @@ def test_the_next_shard_is_read_ahead_behind_the_last_pieces_of_this_one(served,
     for on the same connections; reading it then takes them (each piece asked once, the same
     samples as local). An unused read-ahead is dropped for the next one; a missing next shard is
     the usual unreadable shard when it is read."""
-    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 4096)
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 4096)
     local = local_shards(served)
     names = [Path(p).name for p in local]
     with serving(served, ranges=True) as server:
         urls = [server.url + "latents/" + name for name in names]
         skipped = Counter()
         first = list(remote.iter_shard(urls[0], skipped, connections=2, then=urls[1]))
-        remote._ReadAhead._ahead[(os.getpid(), urls[1], 2)].result()  # opened: its first piece asked for
+        http_source._ReadAhead._ahead[(os.getpid(), urls[1], 2)].result()  # opened: its first piece asked for
         asked_before = [rng for n, rng in server.requests if n == names[1]]
         second = list(remote.iter_shard(urls[1], skipped, connections=2))
         asked = [rng for n, rng in server.requests if n == names[1]]
-        assert not remote._ReadAhead.prefetched(urls[1], 2)  # taken
+        assert not http_source._ReadAhead.prefetched(urls[1], 2)  # taken
         size = Path(local[1]).stat().st_size
         assert asked_before[:1] == ["bytes=0-4095"]  # asked for before shard 1 was opened
         assert sorted(asked) == sorted(f"bytes={a}-{min(a + 4096, size) - 1}" for a in range(0, size, 4096))  # once each
@@ -152,13 +153,45 @@ def test_the_next_shard_is_read_ahead_behind_the_last_pieces_of_this_one(served,
 
         list(remote.iter_shard(urls[0], skipped, connections=2, then=urls[2]))  # shard 2 read ahead, never read ...
         list(remote.iter_shard(urls[0], skipped, connections=2, then=server.url + "latents/missing.tar"))  # ... dropped
-        assert not remote._ReadAhead.prefetched(urls[2], 2)
+        assert not http_source._ReadAhead.prefetched(urls[2], 2)
         assert list(remote.iter_shard(server.url + "latents/missing.tar", skipped, connections=2)) == []
     assert skipped == Counter(unreadable_shard=1)
 
 
+@pytest.mark.parametrize("closes_after", [True, 3], ids=["kept-open", "server-closes-after-3"])
+def test_read_ahead_pieces_reuse_kept_connections(served, monkeypatch, closes_after, capsys):
+    """Against an HTTP/1.1 server the pieces ask on kept connections (far fewer connections than
+    pieces); a kept connection the server closed meanwhile is replaced at once: the same samples,
+    nothing skipped, no retry's wait."""
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 4096)
+    monkeypatch.setattr(http_source, "_IDLE", {})
+    local = local_shards(served)
+    with serving(served, ranges=True, keep_alive=closes_after) as server:
+        urls = [server.url + "latents/" + Path(p).name for p in local]
+        skipped = Counter()
+        start = time.monotonic()
+        samples = [s for url in urls for s in remote.iter_shard(url, skipped, connections=2, backoff=5.0)]
+        seconds = time.monotonic() - start
+    pieces = sum(-(-Path(p).stat().st_size // 4096) for p in local)
+    assert without_url(samples) == read_local(local) and not skipped and "warning" not in capsys.readouterr().err
+    asked = Counter(server.requests)
+    assert len(asked) == pieces and set(asked.values()) == {1}, asked  # every piece asked once
+    assert seconds < 5.0  # no backoff slept
+    if closes_after is True:
+        assert server.connections <= 2 * 2 + 1  # two threads, each with a connection or two
+    else:
+        assert pieces / 3 <= server.connections < pieces
+
+
+def test_kept_connections_are_not_used_through_a_proxy(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert http_source._kept_get("http://example.invalid/x.tar", {}, 1.0) is None
+
+
 def test_a_read_ahead_piece_that_cannot_be_read_ends_the_shard_after_the_bytes_before_it(served, monkeypatch, capsys):
-    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 32768)
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 32768)
     path = Path(local_shards(served)[2])
     with serving(served, ranges=True, unavailable_after={path.name: 1}) as server:  # 503 after the first piece
         skipped = Counter()
@@ -171,7 +204,7 @@ def test_a_read_ahead_piece_that_cannot_be_read_ends_the_shard_after_the_bytes_b
 def test_a_shard_that_changes_under_the_read_ahead_is_cut_short_not_mixed(served, tmp_path, monkeypatch, capsys):
     """Pieces fetched after the file changed (another Last-Modified) are refused: the samples
     before them are whole and the shard is counted unreadable, never spliced from two versions."""
-    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 4096)
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 4096)
     root = tmp_path / "root"
     shutil.copytree(served / "latents", root)
     path = sorted(root.glob("*.tar"))[0]
@@ -187,7 +220,7 @@ def test_a_shard_that_changes_under_the_read_ahead_is_cut_short_not_mixed(served
 
 
 def test_the_loader_reads_ahead_over_http_with_the_batches_of_the_local_folder(served, monkeypatch):
-    monkeypatch.setattr(remote, "_AHEAD_CHUNK", 8192)
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 8192)
     cfg = LoaderConfig(batch_size=4, seed=3, http_connections=3)
     with serving(served, ranges=True) as server:
         streamed = latent_loader(server.url + "latents/", cfg)

@@ -11,10 +11,10 @@ A *source* is anything a stage accepts where a shard folder is accepted (``data.
 - ``pipe:CMD``: the command's standard output (``pipe:aws s3 cp s3://b/x.tar -``);
 - one ``.tar`` (a path, ``file://``, or URL), or a list of any of these shards, taken as given.
 
-Reading (:func:`open_stream`): local files and ``file://`` directly; ``http(s)://`` through urllib
-with retries and exponential backoff, where a connection that dies mid-way is *resumed*: reopened
-with ``Range: bytes=N-`` (a server that ignores Range answers 200 and its first N bytes are
-skipped), so a flaky link costs a reconnect, not the shard; ``pipe:`` as a subprocess; any other
+Reading (:func:`open_stream`): local files and ``file://`` directly; ``http(s)://`` with
+retries and exponential backoff (``pipeline.data.http_source``), where a connection that dies
+mid-way is *resumed*: reopened with ``Range: bytes=N-`` (a server that ignores Range answers 200
+and its first N bytes are skipped), so a flaky link costs a reconnect, not the shard; ``pipe:`` as a subprocess; any other
 scheme through ``fsspec.open`` when fsspec (and its backend, e.g. s3fs) is installed.
 
 Shards are streamed (memory flat in the shard size) through webdataset's own tar grouping, so keys
@@ -26,10 +26,8 @@ samples it did not get.
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,16 +35,17 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import braceexpand
+
 from pipeline.config.source import is_url
-from pipeline.data.tars import SPAN, group_samples, read_exact, tar_members
+from pipeline.data.http_source import NETWORK_ERRORS, SourceError, SourceNotFound, open_http, reason
+from pipeline.data.tars import SPAN, group_samples, tar_members
 
 __all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "is_url", "iter_shard", "list_shards",
            "open_stream", "read_bytes", "read_json", "read_shard", "read_span"]
@@ -54,20 +53,8 @@ __all__ = ["SourceError", "SourceNotFound", "complete_shards", "dataset_meta", "
 PROG = "pipeline.data.remote"
 BACKOFF_S = 0.5  # the first retry waits this long, each next one twice as long
 _CHUNK = 1 << 20  # read buffer (bytes)
-_SMALL_READS = 64 << 10  # an HTTP stream's buffer: only small reads (tar headers, padding) go through it
-_AHEAD_CHUNK = 8 << 20  # the piece each read-ahead connection asks for (``open_stream(connections=...)``)
 _BRACES = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")  # {000000..000099} or {a,b}
 _LIST_SEP = re.compile(r"::(?![^\[\]]*\])")  # WebDataset's "a.tar::b.tar" ("::" inside [IPv6] excluded)
-_RETRIED_STATUS = {408, 425, 429}  # and every 5xx; other 4xx answers are final
-_NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts and resets are OSErrors
-
-
-class SourceError(OSError):
-    """A source that cannot be read (after its retries); the message is one line naming it."""
-
-
-class SourceNotFound(SourceError, FileNotFoundError):
-    """The source does not exist (no such file, HTTP 404/410): never retried."""
 
 
 # ---------------------------------------------------------------------------- opening one source
@@ -82,7 +69,7 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
     seconds; ``timeout`` is per connection attempt and socket read; ``start``/``stop`` ask for just
     those bytes (``Range: bytes=start-(stop-1)``). Elsewhere ``stop`` is a hint: read no further.
     ``connections`` > 1: an HTTP file is read ahead as that many concurrent ``Range`` requests
-    (:class:`_ReadAhead`), for servers that cap each connection (object stores); one
+    (``pipeline.data.http_source._ReadAhead``), for servers that cap each connection (object stores); one
     connection when the server ignores ``Range``. ``then``: the HTTP file read next, opened and
     read ahead on the same connections once this one's last piece is asked for (a whole-file
     read of it then starts with its first pieces in memory, not with a request's latency)."""
@@ -92,16 +79,7 @@ def open_stream(source: str | Path, retries: int = 3, timeout: float = 60.0, bac
         _skip(stream, start, text)
         return stream
     if urlsplit(text).scheme.lower() in ("http", "https"):
-        # a large read (a tar member, ``pipeline.data.tars``) goes straight from the socket into its
-        # buffer; a 1 MB buffer here made each tar header pull the next member's first MB through
-        # it, a second copy of nearly every byte
-        if connections > 1:
-            ahead = _ReadAhead.prefetched(text, connections) if (start, stop) == (0, None) else None
-            raw = ahead.result() if ahead is not None else _ReadAhead.open(text, retries, timeout, backoff, start, stop, connections)
-            if then is not None and isinstance(raw, _ReadAhead):
-                raw.then = lambda: _ReadAhead.prefetch(then, retries, timeout, backoff, connections)
-            return io.BufferedReader(raw, _SMALL_READS)
-        return io.BufferedReader(_HTTPStream(text, retries, timeout, backoff, start, stop), _SMALL_READS)
+        return open_http(text, retries, timeout, backoff, start, stop, connections, then)
     stream = _open_local(text) if not is_url(text) or text.startswith("file://") else _open_fsspec(text, retries, backoff)
     if start:
         stream.seek(start)
@@ -124,8 +102,8 @@ def read_bytes(source: str | Path, retries: int = 3, timeout: float = 60.0) -> b
             return stream.read()
         except SourceError:
             raise
-        except _NETWORK_ERRORS as err:
-            raise SourceError(f"{source}: {_reason(err)}") from err
+        except NETWORK_ERRORS as err:
+            raise SourceError(f"{source}: {reason(err)}") from err
 
 
 def read_json(source: str | Path, retries: int = 3, timeout: float = 60.0) -> dict:
@@ -144,7 +122,7 @@ def _open_local(source: str) -> BinaryIO:
     except FileNotFoundError:
         raise SourceNotFound(f"{source}: no such file") from None
     except OSError as err:
-        raise SourceError(f"{source}: {_reason(err)}") from None
+        raise SourceError(f"{source}: {reason(err)}") from None
 
 
 def _open_fsspec(source: str, retries: int, backoff: float) -> BinaryIO:
@@ -162,258 +140,12 @@ def _open_fsspec(source: str, retries: int, backoff: float) -> BinaryIO:
         except FileNotFoundError:
             raise SourceNotFound(f"{source}: not found") from None
         except (ImportError, ValueError) as err:  # no backend for the scheme, an unknown protocol
-            raise SourceError(f"{source}: {_reason(err)}") from None
+            raise SourceError(f"{source}: {reason(err)}") from None
         except OSError as err:
             failures += 1
             if failures > retries:
-                raise SourceError(f"{source}: {_reason(err)} (after {retries} retries)") from err
+                raise SourceError(f"{source}: {reason(err)} (after {retries} retries)") from err
             time.sleep(backoff * 2 ** (failures - 1))
-
-
-def _reason(err: BaseException) -> str:
-    """An exception as one short line (webdataset appends ``@ <stream>`` to tar errors)."""
-    if isinstance(err, urllib.error.HTTPError):
-        return f"HTTP {err.code} {err.reason}"
-    if isinstance(err, urllib.error.URLError) and isinstance(err.reason, BaseException):
-        err = err.reason
-    if isinstance(err, OSError) or len(err.args) < 2:
-        text = str(err)
-    else:  # webdataset appends (stream, url) to the args of tar errors
-        text = str(err.args[0])
-    text = text.split(" @ ")[0]
-    return " ".join(f"{type(err).__name__}: {text}".split()) if text else type(err).__name__
-
-
-class _HTTPStream(io.RawIOBase):
-    """One HTTP GET that survives dropped connections: each failure reopens it at the byte reached.
-
-    ``retries`` counts failures in a row without a byte of progress; any progress resets it, so
-    a link that drops every few megabytes still delivers the whole file."""
-
-    def __init__(self, url: str, retries: int, timeout: float, backoff: float, start: int = 0, stop: int | None = None) -> None:
-        super().__init__()
-        self.url, self.retries, self.timeout, self.backoff = url, retries, timeout, backoff
-        self.pos, self.stop, self.length, self.version, self.failures = start, stop, stop, None, 0
-        self.opened = False  # a first response was checked (its length and version recorded)
-        self.response: http.client.HTTPResponse | None = None
-        while self.response is None:
-            self._reopen()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while True:
-            if self.response is None:
-                self._reopen()
-                continue
-            if self.stop is not None:  # a server that ignores Range would send the rest of the file
-                buffer = memoryview(buffer)[: max(0, self.stop - self.pos)]
-            try:
-                n = self.response.readinto(buffer)
-                if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
-                    raise ConnectionError(f"connection closed before the end (of {self.length} bytes)")
-            except _NETWORK_ERRORS as err:
-                self._drop()
-                self._failed(err)
-                continue
-            if n:
-                self.pos, self.failures = self.pos + n, 0
-            return n
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-    def _drop(self) -> None:
-        if self.response is not None:
-            self.response.close()
-            self.response = None
-
-    def _failed(self, err: BaseException) -> None:
-        """Wait before the next attempt, or give up after ``retries`` failures without progress."""
-        self.failures += 1
-        if self.failures > self.retries:
-            where = f" at byte {self.pos}" if self.pos else ""
-            raise SourceError(f"{self.url}: {_reason(err)}{where} (after {self.retries} retries)") from err
-        time.sleep(self.backoff * 2 ** (self.failures - 1))
-
-    def _reopen(self) -> None:
-        try:
-            self.response = self._request()
-        except SourceError:
-            raise
-        except _NETWORK_ERRORS as err:
-            self._failed(err)
-
-    def _request(self) -> http.client.HTTPResponse:
-        """GET from ``self.pos``; a final HTTP error is a :class:`SourceError`, others are retried."""
-        end = "" if self.stop is None else str(self.stop - 1)
-        headers = {"Range": f"bytes={self.pos}-{end}"} if self.pos or end else {}
-        try:
-            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            err.close()
-            if err.code in (404, 410):
-                raise SourceNotFound(f"{self.url}: {_reason(err)}") from None
-            if err.code < 500 and err.code not in _RETRIED_STATUS:
-                raise SourceError(f"{self.url}: {_reason(err)}") from None
-            raise
-        try:
-            self._check_resumed(response)
-        except BaseException:
-            response.close()
-            raise
-        return response
-
-    def _check_resumed(self, response: http.client.HTTPResponse) -> None:
-        """Position ``response`` at ``self.pos``: a 206 must start there; a 200 is skipped to it.
-        The first response records the file's version (ETag / Last-Modified) and where it ends."""
-        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        if not self.opened:
-            self.opened, self.version = True, version
-            if self.length is None:
-                self.length = _total_length(response)
-        elif version is not None and self.version is not None and version != self.version:
-            raise SourceError(f"{self.url}: changed while being read ({self.version} -> {version})")
-        if response.status == 206:
-            found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
-            if not found or int(found.group(1)) != self.pos:
-                raise SourceError(f"{self.url}: asked for bytes from {self.pos}, got Content-Range "
-                                  f"{response.headers.get('Content-Range')!r}")
-            return
-        left = self.pos  # 200: the server ignores Range (python -m http.server does)
-        while left:
-            chunk = response.read(min(left, _CHUNK))
-            if not chunk:
-                raise ConnectionError(f"connection closed while skipping to byte {self.pos}")
-            left -= len(chunk)
-
-
-def _total_length(response: http.client.HTTPResponse) -> int | None:
-    """The whole file's length: a 206's ``Content-Range`` total, a 200's ``Content-Length``."""
-    if response.status == 206:
-        found = re.search(r"/(\d+)$", response.headers.get("Content-Range") or "")
-        return int(found.group(1)) if found else None
-    size = response.headers.get("Content-Length")
-    return int(size) if size is not None else None
-
-
-class _ReadAhead(io.RawIOBase):
-    """An HTTP file read ahead in ``chunk``-byte pieces by ``connections`` concurrent ``Range``
-    requests, served in order. Each piece is its own :class:`_HTTPStream` (its retries and
-    resumption); a piece that fails for good, or finds another version of the file (ETag /
-    Last-Modified) than the first piece did, raises its :class:`SourceError` where the reader
-    reaches it, after the bytes before it. Memory: 2 × ``connections`` pieces queued (8 MB each)
-    and the one being read; twice that while the next file is read ahead (:meth:`prefetch`).
-
-    The connections are a process's pool for that count (:func:`_pieces_pool`), shared by its
-    read-aheads, first come first served: the next file's pieces (``then``, called once this
-    file's last piece is asked for) queue behind this file's, so a stream of shards keeps every
-    connection busy across shard ends, and never uses more than ``connections``."""
-
-    _ahead: dict[tuple[int, str, int], Future] = {}  # (pid, url, connections) -> its opening: at most one
-
-    def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
-        """``first()``: the first piece's bytes (its response already open), up to ``first_stop``;
-        ``fetch(a, b)``: bytes ``[a, b)``."""
-        super().__init__()
-        self.fetch, self.chunk, self.stop, self.then = fetch, chunk, stop, None
-        self.current, self.offset = memoryview(b""), 0
-        self.next_start = first_stop
-        self.pool = _pieces_pool(connections)
-        self.pending: deque[Future] = deque([self.pool.submit(first)])
-        for _ in range(2 * connections - 1):  # a piece queued behind each one under way: no connection waits on the reader
-            self._submit()
-
-    @classmethod
-    def open(cls, url: str, retries: int, timeout: float, backoff: float, start: int, stop: int | None,
-             connections: int, chunk: int | None = None) -> io.RawIOBase:
-        """The first piece asks with ``Range``: a 206 gives the file's length and the rest is read
-        ahead; a server that ignores ``Range`` (200) is read on that one connection instead."""
-        chunk = chunk or _AHEAD_CHUNK
-        first = _HTTPStream(url, retries, timeout, backoff, start, start + chunk if stop is None else min(stop, start + chunk))
-        total = _total_length(first.response) if first.response.status == 206 else None
-        if total is None:  # the server ignores Range (or names no length): one connection
-            first.close()
-            return _HTTPStream(url, retries, timeout, backoff, start, stop)
-        end = total if stop is None else min(stop, total)
-        first_stop = min(first.length, end)
-
-        def read_first() -> bytearray:
-            with first:
-                return read_exact(first, first_stop - start)
-
-        def fetch(a: int, b: int) -> bytearray:
-            with _HTTPStream(url, retries, timeout, backoff, a, b) as piece:
-                if None not in (piece.version, first.version) and piece.version != first.version:
-                    raise SourceError(f"{url}: changed while being read ({first.version} -> {piece.version})")
-                return read_exact(piece, b - a)
-
-        return cls(read_first, fetch, first_stop, end, chunk, connections)
-
-    @classmethod
-    def prefetch(cls, url: str, retries: int, timeout: float, backoff: float, connections: int) -> None:
-        """Open ``url`` (whole) on the pool, its pieces queued behind those already asked for; a
-        whole-file :func:`open_stream` of it takes it (:meth:`prefetched`). One per process: an
-        earlier one not taken is closed."""
-        for key in [k for k in cls._ahead if k[0] == os.getpid()]:
-            cls._ahead.pop(key).add_done_callback(_close_opened)
-        opening = _pieces_pool(connections).submit(cls.open, url, retries, timeout, backoff, 0, None, connections)
-        cls._ahead[(os.getpid(), url, connections)] = opening
-
-    @classmethod
-    def prefetched(cls, url: str, connections: int) -> Future | None:
-        """The opening :meth:`prefetch` started for ``url``, taken (its ``result()`` raises what opening raised)."""
-        return cls._ahead.pop((os.getpid(), url, connections), None)
-
-    def _submit(self) -> None:
-        if self.next_start < self.stop:
-            a, b = self.next_start, min(self.stop, self.next_start + self.chunk)
-            self.pending.append(self.pool.submit(self.fetch, a, b))
-            self.next_start = b
-        elif self.then is not None:  # every piece asked for: the next file's queue behind them
-            then, self.then = self.then, None
-            then()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self.offset >= len(self.current):
-            if not self.pending:
-                return 0
-            self.current, self.offset = memoryview(self.pending.popleft().result()), 0  # raises its SourceError
-            self._submit()
-        n = min(len(buffer), len(self.current) - self.offset)
-        buffer[:n] = self.current[self.offset : self.offset + n]
-        self.offset += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            for piece in self.pending:  # queued pieces are dropped; those under way finish and are dropped
-                piece.cancel()
-            self.pending.clear()
-        super().close()
-
-
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, connections) -> the read-aheads' connections
-
-
-def _pieces_pool(connections: int) -> ThreadPoolExecutor:
-    """This process's ``connections`` threads for read-ahead pieces (a forked data worker makes its own:
-    a parent's threads do not exist in the child)."""
-    key = (os.getpid(), connections)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(connections, thread_name_prefix="read-ahead")
-    return _POOLS[key]
-
-
-def _close_opened(opening: Future) -> None:
-    """A prefetched opening nobody took: close its stream (its queued pieces are dropped)."""
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
 
 
 class _PipeStream(io.RawIOBase):
@@ -556,8 +288,8 @@ def read_shard(source: str | Path, *, retries: int = 3, timeout: float = 60.0, b
             yield from group_samples(tar_members(stream), url, spans)
     except SourceError:
         raise
-    except (_NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:  # truncated, corrupt, duplicate member
-        raise SourceError(f"{url}: {_reason(err)}") from err
+    except (NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:  # truncated, corrupt, duplicate member
+        raise SourceError(f"{url}: {reason(err)}") from err
 
 
 def read_span(source: str | Path, start: int, end: int, *, retries: int = 3, timeout: float = 60.0,
@@ -572,8 +304,8 @@ def read_span(source: str | Path, start: int, end: int, *, retries: int = 3, tim
         samples = list(group_samples(tar_members(io.BytesIO(data)), url, spans=True))
     except SourceError:
         raise
-    except (_NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:
-        raise SourceError(f"{url}: bytes {start}-{end}: {_reason(err)}") from err
+    except (NETWORK_ERRORS + (tarfile.TarError, EOFError, ValueError)) as err:
+        raise SourceError(f"{url}: bytes {start}-{end}: {reason(err)}") from err
     if len(samples) != 1 or len(data) != end - start:
         raise SourceError(f"{url}: bytes {start}-{end} do not hold one whole sample (the shard changed?)")
     samples[0][SPAN] = (start, end)

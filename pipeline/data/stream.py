@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -534,7 +534,7 @@ class LocalBatchMemory:
     MIN_BYTES = 1 << 20  # smaller tensors come from the allocator's heap, without page faults
     KEEP = 8  # storages kept: a batch holds a few, and the trainer may hold a batch or two
     loaders = 0  # 0-worker loaders iterating in this process
-    kept: list[torch.UntypedStorage] = []
+    kept: ClassVar[list[torch.UntypedStorage]] = []
 
     @classmethod
     def enter(cls) -> None:

@@ -167,11 +167,10 @@ class StreamSchedule:
             raw -= self.sizes[shard]
         raise AssertionError("offset beyond its group")
 
-    def following(self, epoch: int, stream: int, position: int) -> int | None:
-        """The first shard of the stream's group after its ``position``-th of ``epoch`` (None: none)."""
-        groups = self.groups(epoch, stream)
-        nxt = groups[position + 1] if position + 1 < len(groups) else (self.groups(epoch + 1, stream) or [[]])[0]
-        return nxt[0] if nxt else None
+    def following(self, groups: list[list[int]], epoch: int, stream: int, position: int) -> int:
+        """The first shard of the group after the ``position``-th of ``groups`` (the stream's in
+        ``epoch``): the next epoch's first group after the last."""
+        return groups[position + 1][0] if position + 1 < len(groups) else self.groups(epoch + 1, stream)[0][0]
 
     def seek(self, stream: int, offset: int) -> tuple[int, int, int]:
         """Emission ``offset`` of a stream -> (epoch, group position in epoch, offset in group). An
@@ -271,11 +270,13 @@ class ShardStream(IterableDataset):
     def _emitted(self, stream: int, offset: int) -> Iterator[Emitted]:
         """The stream's samples from emission ``offset`` on, forever."""
         epoch, position, skip = self.schedule.seek(stream, offset)
+        ahead = self.schedule.cfg.http_connections > 1  # each shard's successor is read ahead behind it
         while True:
             groups = self.schedule.groups(epoch, stream)
             for index in range(position, len(groups)):
                 order = self.schedule.order(epoch, stream, index)
-                yield from self._group(groups[index], order, skip, offset - skip, self.schedule.following(epoch, stream, index))
+                then = self.schedule.following(groups, epoch, stream, index) if ahead else None
+                yield from self._group(groups[index], order, skip, offset - skip, then)
                 offset += len(order) - skip
                 skip = 0
             epoch, position = epoch + 1, 0
@@ -551,9 +552,9 @@ class LocalBatchMemory:
         """A storage of at least ``nbytes`` nobody else uses, or ``None`` (allocate as usual)."""
         if not cls.loaders or nbytes < cls.MIN_BYTES or _use_count is None:
             return None
-        free = [s for s in cls.kept if nbytes <= s.nbytes() <= 2 * nbytes and _use_count(s._cdata) == 1]
-        if free:
-            return min(free, key=lambda s: s.nbytes())
+        free = best_fit([s for s in cls.kept if _use_count(s._cdata) == 1], nbytes)
+        if free is not None:
+            return free
         storage = torch.UntypedStorage(nbytes)
         if len(cls.kept) >= cls.KEEP:  # make room: drop a storage nobody uses (one in use is theirs to free)
             idle = [s for s in cls.kept if _use_count(s._cdata) == 1]
@@ -562,6 +563,12 @@ class LocalBatchMemory:
             cls.kept.remove(idle[0])
         cls.kept.append(storage)
         return storage
+
+
+def best_fit(storages: list[torch.UntypedStorage], nbytes: int) -> torch.UntypedStorage | None:
+    """The smallest storage of at least ``nbytes`` and at most twice that, if any."""
+    fits = [s for s in storages if nbytes <= s.nbytes() <= 2 * nbytes]
+    return min(fits, key=lambda s: s.nbytes()) if fits else None
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # references to a storage (tensors, views, storage objects)
@@ -599,9 +606,10 @@ class BatchMemory:
         if memory is None:
             return torch.UntypedStorage._new_shared(nbytes)
         memory._collect()
-        fits = [s for s in memory.free if nbytes <= s.nbytes() <= 2 * nbytes]
-        storage = min(fits, key=lambda s: s.nbytes()) if fits else torch.UntypedStorage._new_shared(max(nbytes, 1))
-        if fits:
+        storage = best_fit(memory.free, nbytes)
+        if storage is None:
+            storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+        else:
             memory.free.remove(storage)
         if len(memory.lent) >= 4 * memory.keep:
             memory.lent.pop(next(iter(memory.lent)))

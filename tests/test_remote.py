@@ -17,8 +17,10 @@ import os
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,23 @@ def test_read_ahead_pieces_reuse_kept_connections(served, monkeypatch, closes_af
         assert server.connections <= 2 * 2 + 1 < requests  # two threads, each with a connection or two
     else:
         assert requests / 3 <= server.connections < requests
+
+
+def test_a_read_ahead_closed_before_its_first_piece_is_read_closes_that_pieces_response(served, monkeypatch):
+    """The first piece's response is opened when the read-ahead opens; closed while that piece still
+    waits for a connection (a prefetch nobody took), it is closed too, not left holding a connection."""
+    monkeypatch.setattr(http_source, "_AHEAD_CHUNK", 4096)
+    busy, release = ThreadPoolExecutor(1), threading.Event()
+    busy.submit(release.wait)  # the pool's one connection is taken
+    monkeypatch.setattr(http_source, "_pieces_pool", lambda connections: busy)
+    name = Path(local_shards(served)[0]).name
+    with serving(served, ranges=True, keep_alive=True) as server:
+        ahead = http_source._ReadAhead.open(server.url + "latents/" + name, 1, 5.0, 0.0, 0, None, 2)
+        assert ahead.first.response is not None and not ahead.first_piece.done()
+        ahead.close()
+        release.set()
+        busy.shutdown()
+    assert ahead.first_piece.cancelled() and ahead.first.closed and ahead.first.response is None
 
 
 def test_kept_connections_are_not_used_through_a_proxy(monkeypatch):

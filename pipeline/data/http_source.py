@@ -208,15 +208,17 @@ class _ReadAhead(io.RawIOBase):
 
     _ahead: ClassVar[dict[tuple[int, str, int], Future]] = {}  # (pid, url, connections) -> its opening: at most one
 
-    def __init__(self, first, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
-        """``first()``: the first piece's bytes (its response already open), up to ``first_stop``;
+    def __init__(self, first: _HTTPStream, fetch, first_stop: int, stop: int, chunk: int, connections: int) -> None:
+        """``first``: the first piece's stream (its response already open), read up to ``first_stop``;
         ``fetch(a, b)``: bytes ``[a, b)``."""
         super().__init__()
         self.fetch, self.chunk, self.stop, self.then = fetch, chunk, stop, None
         self.current, self.offset = memoryview(b""), 0
         self.next_start = first_stop
         self.pool = _pieces_pool(connections)
-        self.pending: deque[Future] = deque([self.pool.submit(first)])
+        self.first = first
+        self.first_piece = self.pool.submit(self._read_first, first.pos, first_stop)
+        self.pending: deque[Future] = deque([self.first_piece])
         for _ in range(2 * connections - 1):  # a piece queued behind each one under way: no connection waits on the reader
             self._submit()
 
@@ -234,17 +236,13 @@ class _ReadAhead(io.RawIOBase):
         end = total if stop is None else min(stop, total)
         first_stop = min(first.length, end)
 
-        def read_first() -> bytearray:
-            with first:
-                return read_exact(first, first_stop - start)
-
         def fetch(a: int, b: int) -> bytearray:
             with _HTTPStream(url, retries, timeout, backoff, a, b, keep_alive=True) as piece:
                 if None not in (piece.version, first.version) and piece.version != first.version:
                     raise SourceError(f"{url}: changed while being read ({first.version} -> {piece.version})")
                 return read_exact(piece, b - a)
 
-        return cls(read_first, fetch, first_stop, end, chunk, connections)
+        return cls(first, fetch, first_stop, end, chunk, connections)
 
     @classmethod
     def prefetch(cls, url: str, retries: int, timeout: float, backoff: float, connections: int) -> None:
@@ -260,6 +258,10 @@ class _ReadAhead(io.RawIOBase):
     def prefetched(cls, url: str, connections: int) -> Future | None:
         """The opening :meth:`prefetch` started for ``url``, taken (its ``result()`` raises what opening raised)."""
         return cls._ahead.pop((os.getpid(), url, connections), None)
+
+    def _read_first(self, start: int, stop: int) -> bytearray:
+        with self.first:
+            return read_exact(self.first, stop - start)
 
     def _submit(self) -> None:
         if self.next_start < self.stop:
@@ -289,6 +291,8 @@ class _ReadAhead(io.RawIOBase):
             for piece in self.pending:  # queued pieces are dropped; those under way finish and are dropped
                 piece.cancel()
             self.pending.clear()
+            if self.first_piece.cancelled():  # its response was opened by open(): close it (and its connection)
+                self.first.close()
         super().close()
 
 

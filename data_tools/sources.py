@@ -76,6 +76,7 @@ def _stem_groups(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]]:
 def discover_folder(root: Path) -> Discovery:
     """Images paired with same-stem ``.txt`` captions (or a caption field in same-stem ``.json``)."""
     found = Discovery()
+    real_root = root.resolve()  # os.walk does not enter linked folders: a file that is no link resolves under it
     for (_, _), files in sorted(_stem_groups(root).items()):
         images, txt, js = files["image"], files["txt"], files["json"]
         if not images:
@@ -91,7 +92,7 @@ def discover_folder(root: Path) -> Discovery:
         for image in images:
             found.candidates.append(
                 Candidate(
-                    image=str(image.resolve()),
+                    image=str(image.resolve() if image.is_symlink() else real_root / image.relative_to(root)),
                     source=image.relative_to(root).as_posix(),
                     caption_file=str(txt[0]) if txt else None,
                     json_file=str(js[0]) if js else None,

@@ -205,6 +205,30 @@ def test_npy_views_the_member_bytes_and_decodes_as_np_load(array):
         assert np.array_equal(from_bytes, array) and from_bytes.flags.writeable
 
 
+@pytest.mark.parametrize("key", ["000001000042", "k" * 95, "k" * 96, "k" * 120, "clé"])
+def test_tar_writer_matches_tarfile_byte_for_byte(tmp_path, key):
+    """``write_tar_atomic`` patches ustar headers into a template: the file must equal what
+    ``tarfile`` (PAX format, the fixed metadata) writes, names at and past 100 bytes and non-ASCII
+    ones included (those take tarfile's pax headers), and read back in webdataset."""
+    import tarfile
+
+    import webdataset as wds
+
+    from pipeline.data.shards import _tar_info
+
+    rng = np.random.default_rng(len(key))
+    samples = [(f"{key}{i}", {ext: rng.integers(0, 256, size, dtype=np.uint8).tobytes() for ext, size in zip(
+        ("jpg", "txt", "latent.npy"), (0, 511, 512) if i == 0 else (513, 1, 10_240 * i), strict=True)}) for i in range(3)]
+    write_tar_atomic(tmp_path / "fast.tar", samples)
+    with tarfile.open(tmp_path / "tarfile.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for sample_key, members in samples:
+            for ext in sorted(members):
+                tar.addfile(_tar_info(f"{sample_key}.{ext}", len(members[ext])), io.BytesIO(members[ext]))
+    assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "tarfile.tar").read_bytes()
+    read = {s["__key__"]: {k: s[k] for k in ("jpg", "txt", "latent.npy")} for s in wds.WebDataset(str(tmp_path / "fast.tar"), shardshuffle=False)}
+    assert read == dict(samples)
+
+
 def test_npy_of_an_object_array_is_refused():
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object))

@@ -280,3 +280,24 @@ def test_tar_keys_split_as_webdataset_splits_them():
 
     names = ["000001.jpg", "part1/000001.seg.png", "./x.json", "noext", "dir.v2/file.txt", ".hidden", "a/.b.c", "k.tar.gz"]
     assert [base_plus_ext(n) for n in names] == [theirs(n) for n in names]
+
+
+def test_discovered_image_paths_are_resolved_through_links(tmp_path):
+    """Candidates carry each image's resolved path (the plan's fingerprint hashes it): an input
+    folder reached through a link, and an image that is itself a link to a file elsewhere,
+    resolve as ``Path.resolve`` does; the root is resolved once, not each file."""
+    from data_tools.sources import discover
+
+    real, elsewhere = tmp_path / "real", tmp_path / "elsewhere"
+    write(real / "a.jpg", ib.solid_jpeg())
+    write(real / "sub" / "b.jpg", ib.solid_jpeg())
+    write(elsewhere / "target.jpg", ib.solid_jpeg())
+    (real / "c.jpg").symlink_to(elsewhere / "target.jpg")
+    for stem in ("a", "sub/b", "c"):
+        write(real / f"{stem}.txt", b"a caption")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    found = discover(tmp_path / "link")
+    assert {c.source: c.image for c in found.candidates} == {
+        "a.jpg": str((real / "a.jpg").resolve()), "c.jpg": str((elsewhere / "target.jpg").resolve()),
+        "sub/b.jpg": str((real / "sub" / "b.jpg").resolve())}
+    assert "link" not in "".join(c.image for c in found.candidates)

@@ -16,7 +16,6 @@ source (``pipeline.data.remote``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -78,6 +77,31 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _header_by_tarfile(name: str, size: int) -> bytes:
+    """What ``tarfile`` (PAX format) writes before a member's data: a ustar block, preceded by
+    pax extended-header blocks when the name is long or not ASCII."""
+    return _tar_info(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATE = _header_by_tarfile("x", 0)  # the fixed fields (mode, owner, mtime, magic) as this Python writes them
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)  # ustar field offsets
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header block(s) of member ``name`` with ``size`` bytes, byte-identical to ``tarfile``'s.
+    A name that fits a ustar block (ASCII, at most 100 bytes) is patched into a template instead
+    of going through ``TarInfo`` (0.1 ms a member: a third of the shard tool's writing)."""
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or size >= 8**11 or not name.isascii():
+        return _header_by_tarfile(name, size)
+    block = bytearray(_TEMPLATE)
+    block[_NAME] = raw.ljust(100, b"\0")
+    block[_SIZE] = b"%011o\0" % size
+    block[_CHKSUM] = b"        "  # the checksum counts its own field as spaces
+    block[148:155] = b"%06o\0" % sum(block)
+    return bytes(block)
+
+
 def shard_key(key: str) -> str:
     """A sample key as our writers store it: folders (``part1/000001``, from a tar of folders) joined
     by ``__`` and dots made ``_`` (WebDataset splits a member name at its first dot)."""
@@ -94,14 +118,20 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
     path = Path(path)
     tmp = _tmp_path(path)
     count = 0
-    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    written = 0
+    with open(tmp, "wb") as f:
         for key, members in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"shard key {key!r} must not contain '.' or '/'")
             for ext in sorted(members):
                 data = members[ext]
-                tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                padding = -len(data) % tarfile.BLOCKSIZE
+                for part in (member_header(f"{key}.{ext}", len(data)), data, b"\0" * padding):
+                    f.write(part)
+                    written += len(part)
             count += 1
+        end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tarfile closes
+        f.write(b"\0" * (end + -(written + end) % tarfile.RECORDSIZE))
     _commit(tmp, path)
     return count
 

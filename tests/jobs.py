@@ -520,10 +520,11 @@ OVERFLOW_AT, OVERFLOW_STEPS = 2, 3
 def http_sizes_job(url: str, text: dict, vae: Path, out: Path) -> dict:
     """One DDP step on latents served over loopback HTTP with no size anywhere (no stats files, no
     shard_samples) and their encoders elsewhere (``encoders.*``): the main rank alone counts the
-    shards (``pipeline.data.sizes.sizes_once``); the server's log shows how often each was read."""
+    shards (``pipeline.data.sizes.sizes_once``); the server's log shows how often each was read (one
+    plain GET per shard read: ``http_connections=1``, no read-ahead of the schedule's next shard)."""
     encoders = [f"encoders.vae={vae}", f"encoders.t5={text['t5']['path']}", f"encoders.clip={text['clip']['path']}"]
     return job("http-sizes", "train", [f"data.latents={url}", f"output_dir={out}", "run=http-sizes", *MODES["ddp"], *encoders,
-                                       "model.overrides={depth: 1}", "data.loader.batch_size=4", "steps=1", "checkpoint.every=1",
+                                       "model.overrides={depth: 1}", "data.loader.batch_size=4", "data.loader.http_connections=1", "steps=1", "checkpoint.every=1",
                                        "sampling.steps=1"])
 
 

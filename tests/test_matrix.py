@@ -226,6 +226,22 @@ def test_fp16_without_a_gpu_is_one_line(latent_shards, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "mixed_precision=fp16 needs a CUDA GPU" in err
 
 
+def test_bf16_without_bf16_kernels_is_one_warning_line_and_trains_as_asked(monkeypatch, capsys):
+    """On a CPU without bf16 matrix kernels (AVX2 only) bf16 matmuls run ~14x slower than fp32:
+    one warning line names that and the fix; bf16 is still what runs. None where the kernels
+    exist, and none for fp32."""
+    from pipeline.training import distributed
+
+    if not torch.cuda.is_available():  # the probe native_bf16 reads exists in this torch (else it answers yes)
+        assert isinstance(torch.ops.mkldnn._is_mkldnn_bf16_supported(), bool)
+    for native, precision, lines in ((False, "bf16", 1), (True, "bf16", 0), (False, "no", 0)):
+        monkeypatch.setattr(distributed, "native_bf16", lambda native=native: native)
+        distributed.check_precision(precision)
+        err = capsys.readouterr().err
+        assert err.count("\n") == lines and ("mixed_precision=no trains in fp32" in err) == bool(lines), (native, precision, err)
+    assert distributed.compute_dtype("bf16") == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------- accumulation and sampling
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,10 +74,29 @@ def _skip_cpu_inference_op() -> None:
 
 def check_precision(mixed_precision: str) -> None:
     """fp16 needs a CUDA GPU: on the CPU accelerate has no fp16 autocast (it would train in fp32
-    while the run says fp16) and DeepSpeed refuses it. One line, before anything is built."""
+    while the run says fp16) and DeepSpeed refuses it. One line, before anything is built. bf16
+    where the machine has no bf16 matrix kernels (:func:`native_bf16`) trains as asked, after one
+    warning line (rank 0) that names the cost and the fix."""
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU (on the CPU accelerate would silently train in fp32 "
                           "and DeepSpeed refuses fp16); use bf16 or no")
+    if mixed_precision == "bf16" and dist_env().rank == 0 and not native_bf16():
+        print("warning: mixed_precision=bf16 on a CPU without bf16 matrix kernels (AVX2, no AVX-512 or AMX): its matrix "
+              "multiplies run ~10x slower than in fp32 here; mixed_precision=no trains in fp32", file=sys.stderr, flush=True)
+
+
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices at speed: a CUDA GPU with bf16, or a CPU whose
+    oneDNN has bf16 kernels (AVX-512 and newer). On an AVX2-only CPU (2-core AMD EPYC, 2026-12-07)
+    a bf16 matmul took 14x an fp32 one (17.6 against 1.24 ms, (1024, 128) @ (128, 512), 2 threads)
+    and a DiT-tiny training step in bf16 autocast 3.6-4.2 s against 0.25-0.32 s in fp32. Where
+    torch cannot tell (no oneDNN probe), the answer is yes: the run does what it was asked."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype:

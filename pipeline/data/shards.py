@@ -91,14 +91,13 @@ def member_header(name: str, size: int) -> bytes:
     """The header block(s) of member ``name`` with ``size`` bytes, byte-identical to ``tarfile``'s.
     A name that fits a ustar block (ASCII, at most 100 bytes) is patched into a template instead
     of going through ``TarInfo`` (0.1 ms a member: a third of the shard tool's writing)."""
-    raw = name.encode("ascii", "replace")
-    if len(raw) > 100 or size >= 8**11 or not name.isascii():
+    if not name.isascii() or len(name) > 100 or size >= 8**11:
         return _header_by_tarfile(name, size)
     block = bytearray(_TEMPLATE)
-    block[_NAME] = raw.ljust(100, b"\0")
+    block[_NAME] = name.encode("ascii").ljust(100, b"\0")
     block[_SIZE] = b"%011o\0" % size
     block[_CHKSUM] = b"        "  # the checksum counts its own field as spaces
-    block[148:155] = b"%06o\0" % sum(block)
+    block[_CHKSUM.start : _CHKSUM.stop - 1] = b"%06o\0" % sum(block)  # 6 octal digits, NUL; the last space stays
     return bytes(block)
 
 

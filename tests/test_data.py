@@ -265,6 +265,32 @@ def test_in_process_batch_memory_is_reused_only_once_the_trainer_drops_it(tmp_pa
     assert LocalBatchMemory.loaders == 0 and not LocalBatchMemory.kept
 
 
+def _many_tensors(samples: list[dict]) -> dict:
+    """A collate that builds its batch without ``batch_tensor`` (as the image loaders do), in 200
+    shared tensors: 200 storages for the main process to give back per batch."""
+    return {"key": [s["key"] for s in samples], **{f"t{i}": torch.full((1,), i) for i in range(200)}}
+
+
+def test_give_backs_of_batches_a_worker_did_not_build_never_block_the_trainer(tmp_path):
+    """The main process gives every shared batch storage back to its worker; a worker whose collate
+    never asks for batch memory (the image loaders) must still read them, or the pipe fills
+    (~64 KiB: ~4,000 give-backs) and the trainer blocks for good (the demo's autoencoder hung at
+    step 3,441). 60 batches of 200 storages are 12,000 give-backs, three pipes' worth."""
+    import threading
+
+    from pipeline.data.stream import ShardLoader
+
+    shards = write_latent_shards(tmp_path, 4, 24)
+    loader = ShardLoader(shards, LoaderConfig(batch_size=4, num_workers=1, prefetch_factor=2),
+                         lambda raw: {"key": raw["__key__"]}, _many_tensors)
+    keys: list = []
+    reader = threading.Thread(target=lambda: keys.extend(b["key"] for b in itertools.islice(loader, 60)), daemon=True)
+    reader.start()
+    reader.join(timeout=90)  # blocked for good in a give-back, it would never end: fail, do not hang
+    assert not reader.is_alive(), f"the loader blocked giving batch memory back after {len(keys)} batches"
+    assert len(keys) == 60 and all(len(k) == 4 for k in keys)
+
+
 def test_worker_batch_memory_is_reused_only_once_the_trainer_drops_it(tmp_path):
     """A worker reuses a batch's shared memory after the main process freed it, never while a batch is held."""
     from pipeline.data.stream import _inode

@@ -77,10 +77,14 @@ class DistillSection:
     adversarial: AdversarialSection = field(default_factory=AdversarialSection)  # LADD's term (pipeline.training.ladd)
     consistency_weight: float = 1.0  # the consistency loss's weight beside the adversarial term; 0: LADD alone (as its paper)
     student_init: Path | None = None  # an exported student folder to continue from (fine-tune); None: the teacher's copy
+    denoise_weight: float = 0.0  # CTM's denoising term beside the consistency loss: weight·d(f_student(x_t), x̂0); 0: off
+    denoise_target: Literal["data", "teacher"] = "data"  # x̂0: the batch's own latent, or the teacher's guided one-step x0
 
     def __post_init__(self) -> None:
         if self.intervals < 1 or not 0 <= self.target_decay < 1:
             raise ValueError("intervals must be >= 1 and target_decay in [0, 1)")
+        if self.denoise_weight < 0:
+            raise ValueError(f"denoise_weight must be >= 0 (got {self.denoise_weight})")
         if not 1 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 1 <= guidance_min <= guidance_max (got {self.guidance_min}, {self.guidance_max})")
 
@@ -104,6 +108,9 @@ class DistillConfig(TrainConfig):
                              "adversarial term (distill.adversarial.weight > 0); must be >= 0")
         if self.distill.mode == "ct" and self.distill.adversarial.enabled:
             raise ValueError("distill.adversarial.weight: the adversarial term reads the teacher's features: distill.mode=cd only")
+        if self.distill.mode == "ct" and self.distill.denoise_weight:
+            raise ValueError("distill.denoise_weight: distill.mode=ct has the term already (its targets at r = 0 are the data); "
+                             "distill.mode=cd only")
 
 
 class Distiller(Trainer):
@@ -141,14 +148,16 @@ class Distiller(Trainer):
             student.load_state_dict(start.state_dict())  # strict: a student of this teacher's architecture
         return student
 
-    def teacher_step(self, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict, g: torch.Tensor) -> torch.Tensor:
-        """One guided ODE step of the frozen teacher from ``t_hi`` down to ``t_lo``."""
+    def teacher_step(self, x: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor, cond: dict,
+                     g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One guided ODE step of the frozen teacher from ``t_hi`` down to ``t_lo``, and its guided
+        velocity at ``(x, t_hi)`` (both (B, C, h, w))."""
         dt = (t_lo - t_hi).reshape(-1, 1, 1, 1)
         v = guided_velocity(self.teacher, x, t_hi, cond, g)
         x_euler = x + dt * v
         if self.cfg.distill.solver == "euler":
-            return x_euler
-        return x + dt * 0.5 * (v + guided_velocity(self.teacher, x_euler, t_lo, cond, g))
+            return x_euler, v
+        return x + dt * 0.5 * (v + guided_velocity(self.teacher, x_euler, t_lo, cond, g)), v
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         per_sample, t_hi, _ = self.consistency_terms(self.model, *self.draws(batch))
@@ -170,21 +179,26 @@ class Distiller(Trainer):
                          g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``d(f_student(x_{t_{n+1}}), f_target(x̂_{t_n}))`` per sample (B,) and ``t_{n+1}`` (B,): interval
         ``n`` (B,) of this batch's grid, noise (B, C, h, w), guidance ``g`` (B,)."""
-        return self.consistency_terms(student, x0, cond, noise, n, g)[:2]
+        return self.consistency_terms(student, x0, cond, noise, n, g, denoise=False)[:2]
 
     def consistency_terms(self, student: torch.nn.Module, x0: torch.Tensor, cond: dict, noise: torch.Tensor, n: torch.Tensor,
-                          g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`consistency_loss`'s values and the student's prediction ``f_student(x_{t_{n+1}})``
-        (B, C, h, w), with its graph (the adversarial term's negatives)."""
+                          g: torch.Tensor, denoise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`consistency_loss`'s values, plus ``denoise_weight``·``d(f_student(x_{t_{n+1}}), x̂0)``
+        when ``denoise`` (training; CTM's denoising term), and the student's prediction
+        ``f_student(x_{t_{n+1}})`` (B, C, h, w), with its graph (the adversarial term's negatives)."""
         d = self.cfg.distill
         grid = self.time_grid(x0)
         t_lo, t_hi = grid[n], grid[n + 1]
         x_hi = (1 - t_hi.view(-1, 1, 1, 1)) * x0 + t_hi.view(-1, 1, 1, 1) * noise
         with torch.no_grad(), self.autocast():
-            x_lo = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
+            x_lo, v_teacher = self.teacher_step(x_hi, t_hi, t_lo, cond, g)
             target = consistency_fn(self.target.module, x_lo, t_lo, {**cond, "guidance": g})
         prediction = consistency_fn(student, x_hi, t_hi, {**cond, "guidance": g})
-        return distance(prediction, target, d.loss, d.huber_c), t_hi, prediction
+        per_sample = distance(prediction, target, d.loss, d.huber_c)
+        if d.denoise_weight and denoise:
+            x0_hat = x0 if d.denoise_target == "data" else x_hi - t_hi.view(-1, 1, 1, 1) * v_teacher
+            per_sample = per_sample + d.denoise_weight * distance(prediction, x0_hat, d.loss, d.huber_c)
+        return per_sample, t_hi, prediction
 
     def micro_step(self, batch: dict) -> torch.Tensor | None:
         """The DiT's micro-step (consistency loss alone) or, with the adversarial term on, the

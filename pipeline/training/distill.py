@@ -3,7 +3,8 @@ that samples in 1–4 steps, on the DiT recipe's machinery (``pipeline.training.
 
 References: Song et al. 2023, "Consistency Models" (consistency distillation, Alg. 2); Luo et al.
 2023, "Latent Consistency Models" (guidance-conditioned student, skipping-step teacher solver);
-Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models" (pseudo-Huber).
+Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models" (pseudo-Huber); Kim et
+al. 2024, "Consistency Trajectory Models" (the denoising term beside the consistency loss).
 
 - Teacher: the trained EMA DiT (frozen). Student: ``pipeline.models.student.student_from`` — the
   teacher plus a guidance-scale embedding whose output starts at zero.
@@ -29,6 +30,12 @@ block features against the batch's re-noised latents; from ``start_step`` the lo
 consistency loss plus ``weight``·the hinge generator loss (one backward), and at each window's
 boundary the heads take ``d_steps`` updates of their own (plain autograd, own AdamW, gradients
 all-reduced over the ranks). The logged line adds ``g_loss``, ``d_loss``, ``d_real``, ``d_fake``.
+
+Denoising term (``distill.denoise_weight``, off at 0; CTM, Kim et al. 2024, its L_DSM): the training
+loss adds ``denoise_weight``·``d(f_student(x_{t_{n+1}}), x̂0)``, the same prediction against ``x̂0``,
+the batch's own latents (``denoise_target: data``, CTM's real-data term) or the teacher's guided
+one-step x0-prediction ``x_{t_{n+1}} − t_{n+1}·v_teacher`` (``teacher``: the Euler step's own
+velocity, no extra evaluation). Validation reads the consistency loss alone.
 
 Fine-tuning (``distill.student_init``): an exported student's weights replace the fresh copy of the
 teacher (the target network and the export EMA start from them).

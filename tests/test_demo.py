@@ -37,6 +37,7 @@ def test_quick_demo_runs_the_chain_and_writes_the_report(tmp_path):
     assert report["autoencoder"]["psnr"] > 10
     md = (tmp_path / "demo/report.md").read_text()
     assert "all correct, 1-object prompts" in md and "Autoencoder ceiling" in md
+    assert "autoencoder_adherence_ceiling" in {g["goal"] for g in report["goals"]}
     for picture in ("eval/teacher_50/grid.png", "eval/student_1/grid.png", "loss_teacher.png", "loss_student.png"):
         assert picture in md and (tmp_path / "demo" / picture).is_file(), picture
     assert [s["stage"] for s in report["stages"]][-1] == "report"
@@ -102,3 +103,8 @@ def test_report_goals_compare_the_student_with_the_teacher_at_the_same_steps():
     assert not by_goal["teacher_one_to_many_tv_excess"]["met"]  # at most 0.10
     report["teacher"]["tv_excess"] = 0.04
     assert {g["goal"]: g for g in goals(report)}["teacher_one_to_many_tv_excess"]["met"]
+    assert "autoencoder_adherence_ceiling" not in by_goal  # not measured: no goal line
+    report["teacher"]["adherence_vae_ceiling"] = {"all": 0.801, "1": 0.9}
+    assert not {g["goal"]: g for g in goals(report)}["autoencoder_adherence_ceiling"]["met"]  # at least 0.85
+    report["teacher"]["adherence_vae_ceiling"]["all"] = 0.871
+    assert {g["goal"]: g for g in goals(report)}["autoencoder_adherence_ceiling"]["value"] == pytest.approx(0.871)

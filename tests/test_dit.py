@@ -446,6 +446,43 @@ def test_inference_refines_only_the_kept_rows_and_agrees_with_training(text_atte
     torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_reusing_text_computes_the_context_once_per_distinct_text(text_attention: str):
+    """Inside ``reusing_text`` the text context (projections, refiner, null rows) of a text seen before
+    is reused, bit for bit the same output; a new text, a changed value in a reused buffer, or
+    leaving the block computes it again; with autograd it is never reused."""
+    model = perturbed(tiny(text_refiner_depth=2, text_attention=text_attention))
+    x, t, cond = inputs()
+    cond = {**cond, "drop": torch.tensor([False, True, False])}
+    other = inputs(seed=3)[2]
+    calls, kv_calls = [], []
+    model.text_refiner[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    if text_attention == "cross":  # a cross-attention block's keys and values are computed once too
+        model.blocks[1].cross_attn.kv.register_forward_hook(lambda module, args, out: kv_calls.append(1))
+    with torch.no_grad():
+        plain = [model(x, t * s, cond) for s in (1.0, 0.5)]
+        calls.clear(), kv_calls.clear()
+        with model.reusing_text():
+            reused = [model(x, t * s, {k: v.clone() for k, v in cond.items()}) for s in (1.0, 0.5)]  # equal values, new tensors
+            assert calls == [2] and len(kv_calls) == (text_attention == "cross")  # the kept rows, once for both steps
+            model(x, t, other)
+            model(x, t, cond)
+            assert calls == [2, 3]  # the other text once; the first still remembered
+            buffer = inputs(seed=4)[2]
+            model(x, t, buffer)
+            buffer["t5"][0, 0] += 1.0  # the caller reuses its buffer with a new value
+            changed = model(x, t, buffer)
+            assert calls == [2, 3, 3, 3]
+        model(x, t, cond)
+        assert calls == [2, 3, 3, 3, 2]  # outside the block: computed every time
+        torch.testing.assert_close(changed, model(x, t, buffer), atol=0, rtol=0)
+    for a, b in zip(plain, reused):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with model.reusing_text():
+        model(x, t, cond).sum().backward()  # gradients flow through the text: no memo
+        model(x, t, cond).sum().backward()
+    assert calls[-2:] == [3, 3] and model.t5_proj.linear.weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # adaLN-single (PixArt-α §2.3): one shared modulation MLP plus a (6, D) table per block
 # ----------------------------------------------------------------------------------------------
@@ -561,3 +598,16 @@ def test_flops_per_sample_adaln_single():
     single = flops_per_sample({**model.config, "adaln": "single"}, 16)
     assert flops_per_sample(model, 16) - single == 2 * ((depth - 1) * 6 * D * D + 2 * D * D)
     assert single == flops_per_sample(tiny(depth=3, adaln="single"), 16)
+
+
+def test_qk_norm_reaches_the_cross_attention_keys():
+    """With ``qk_norm`` the cross-attention's keys are RMS-normed too (on every path: the memo's
+    precomputed keys and values included): its k-norm's weight moves the output."""
+    model = perturbed(tiny(qk_norm=True))
+    x, t, cond = inputs()
+    with torch.no_grad():
+        before = model(x, t, cond)
+        with model.reusing_text():
+            assert torch.equal(model(x, t, cond), before)
+        model.blocks[0].cross_attn.k_norm.weight.mul_(3.0)
+        assert (model(x, t, cond) - before).abs().max() > 1e-3

@@ -160,3 +160,29 @@ def test_strength_at_shift_one_starts_at_the_strength_itself():
             torch.testing.assert_close(grid, torch.tensor([strength, *below]), atol=1e-6, rtol=0)
     # a grid time that equals the strength up to float rounding is the start, not a second, empty step
     assert len(time_grid(50, strength=0.3)) == 16
+
+
+@pytest.mark.parametrize("sampler, steps", [("euler", 6), ("heun", 3), ("consistency", 4)])
+def test_samplers_compute_a_dits_text_context_once(sampler: str, steps: int):
+    """``samplers.sample`` runs inside ``DiT.reusing_text``: the text refiner sees the guided
+    batch's kept rows once per sample, not once per step, and the latents are bit for bit those
+    of the sampler computing it at every step."""
+    from pipeline.diffusion.samplers import _sample, sample
+    from pipeline.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(in_channels=4, sample_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, text_dim=8, clip_dim=8,
+                text_refiner_depth=1, guidance_embed=sampler == "consistency", qk_norm=sampler == "heun")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cond = {"t5": torch.randn(3, 5, 8), "clip": torch.randn(3, 8)}
+    noise = torch.randn(3, 4, 4, 4)
+    calls = []
+    model.text_refiner[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    reused = sample(model, sampler, cond, noise, steps, guidance=3.0, seed=1)
+    assert calls == [3]
+    with torch.no_grad():
+        every_step = _sample(model, sampler, cond, noise, steps, 3.0, 1.0, 1, None, None, None)
+    assert len(calls) > 2
+    torch.testing.assert_close(reused, every_step, atol=0, rtol=0)

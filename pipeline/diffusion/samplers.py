@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from tqdm import tqdm
@@ -212,6 +213,13 @@ def sampler_generators(seed: Seeds, shape: Sequence[int]) -> Generators:
     return torch.Generator().manual_seed(int(seed) + 1)
 
 
+def reusing_text(model: Model) -> AbstractContextManager:
+    """For one sampling call: the model's memo of its text context (``DiT.reusing_text``: the text
+    is the same at every step), or nothing for a model without one."""
+    enter = getattr(model, "reusing_text", None)
+    return enter() if callable(enter) else nullcontext()
+
+
 @torch.no_grad()
 def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float = 1.0,
            seed: Seeds = 0, edit: Edit | None = None, image_guidance: float | None = None,
@@ -225,7 +233,13 @@ def sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: i
     (``seed``: one for the batch, or one per image). ``edit``: start from an image and keep its
     unmasked part. ``image_guidance``: an image-conditioned teacher's source-image scale
     (``pipeline.diffusion.guidance``; None or 1: plain guidance with the source kept); a student
-    takes none."""
+    takes none. The model's text context is computed once per distinct text (:func:`reusing_text`)."""
+    with reusing_text(model):
+        return _sample(model, sampler, cond, noise, steps, guidance, shift, seed, edit, image_guidance, options)
+
+
+def _sample(model: Model, sampler: str, cond: dict, noise: torch.Tensor, steps: int, guidance: float, shift: float,
+            seed: Seeds, edit: Edit | None, image_guidance: float | None, options: SamplerOptions | None) -> torch.Tensor:
     _check_sampler(sampler)
     options = options or SamplerOptions()
     generator = sampler_generators(seed, noise.shape[1:])
@@ -270,5 +284,6 @@ def text_edit(model: Model, sampler: str, latents: torch.Tensor, source_cond: di
         raise ValueError(f"FlowEdit integrates its own Euler steps: sampler '{sampler}' is for image-to-image and inpainting")
     source_v, target_v = guided(model, sampler, source_guidance), guided(model, sampler, guidance)
     grid = time_grid(steps, shift, latents.device, strength)
-    return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents, grid,
-                     sampler_generators(seed, latents.shape[1:]), average)
+    with reusing_text(model):  # the source and the target text, each computed once
+        return flow_edit(lambda x, t: source_v(x, t, source_cond), lambda x, t: target_v(x, t, target_cond), latents,
+                         grid, sampler_generators(seed, latents.shape[1:]), average)

@@ -51,7 +51,7 @@ from pipeline.data.images import image_to_tensor, to_rgb
 from pipeline.diffusion.flow import SHIFT_BASE_TOKENS, resolution_shift
 from pipeline.diffusion.guidance import guided_velocity
 from pipeline.diffusion.noise import Generators, randn_rows
-from pipeline.diffusion.samplers import consistency_fn, consistency_velocity
+from pipeline.diffusion.samplers import consistency_fn, consistency_velocity, reusing_text
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
@@ -141,10 +141,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = self._starting_noise(len(prompts), height, width, generator, latents)
         image_guidance = self._source(cond, image, image_guidance_scale, latents, negative)
         self._set_timesteps(steps, latents)
-        if self.config.sampler == "consistency":
-            latents = self._consistency(latents, cond, guidance, generator)
-        else:
-            latents = self._scheduler_steps(latents, cond, negative, guidance, image_guidance)
+        with reusing_text(self.transformer):  # the text context once, not at every step
+            if self.config.sampler == "consistency":
+                latents = self._consistency(latents, cond, guidance, generator)
+            else:
+                latents = self._scheduler_steps(latents, cond, negative, guidance, image_guidance)
         images = latents if output_type == "latent" else self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -48,7 +48,7 @@ from pipeline.data.images import tensor_to_images
 from pipeline.diffusion.editing import check_strength
 from pipeline.diffusion.flow import interpolate
 from pipeline.diffusion.noise import randn_rows
-from pipeline.diffusion.samplers import guided, sampler_generators, time_grid
+from pipeline.diffusion.samplers import guided, reusing_text, sampler_generators, time_grid
 from pipeline.inference.pipeline import TextToImage
 
 UPDATES = ("velocity", "predicted", "fresh")
@@ -136,12 +136,13 @@ def solve(pipe: TextToImage, deg: Degradation, y: torch.Tensor, prompts: list[st
     x = noise if start is None else interpolate(pipe.vae.encode(start.to(device)), noise, grid[0].expand(len(seeds)))
     velocity, cond = guided(pipe.transformer, pipe.sampler, cfg.guidance), pipe.text.encode(prompts)
     generators = sampler_generators(seeds, shape)
-    for i in tqdm(range(len(grid) - 1), desc="solver", unit="step", leave=False, disable=not progress):
-        t, t_next = grid[i], grid[i + 1]
-        v = velocity(x, t.expand(x.shape[0]), cond)
-        x0 = x - t * v  # (B, C, h, w)
-        projected = deg.project(pipe.vae.decode(x0), y, mask).clamp(-1, 1)  # (B, 3, H, W)
-        x = _next(cfg.update, x, v, pipe.vae.encode(projected), t, t_next, generators)
+    with reusing_text(pipe.transformer):  # the text context once, not at every step
+        for i in tqdm(range(len(grid) - 1), desc="solver", unit="step", leave=False, disable=not progress):
+            t, t_next = grid[i], grid[i + 1]
+            v = velocity(x, t.expand(x.shape[0]), cond)
+            x0 = x - t * v  # (B, C, h, w)
+            projected = deg.project(pipe.vae.decode(x0), y, mask).clamp(-1, 1)  # (B, 3, H, W)
+            x = _next(cfg.update, x, v, pipe.vae.encode(projected), t, t_next, generators)
     raw = pipe.vae.decode(x)  # (B, 3, H, W)
     pixels = consistent_pixels(deg, raw, y, mask, cfg.polish)
     return Solved(tensor_to_images(pixels), pixels, raw)

@@ -56,7 +56,8 @@ or ``gradient_checkpointing=True`` at construction; not saved in the config).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -77,6 +78,10 @@ from pipeline.models.dit_layers import (
 
 COND_KEYS = frozenset({"t5", "t5_mask", "clip", "clip_tokens", "clip_tokens_mask", "drop", "guidance", "image", "drop_image"})
 TEXT_ATTENTION = ("cross", "joint")  # how the image tokens read the text: PixArt-α or SD3 MMDiT
+TEXT_INPUTS = ("t5", "t5_mask", "clip_tokens", "clip_tokens_mask", "drop")  # what the text context depends on
+# (B, S, D) context, (B, 1, 1, S) key mask or None, each cross-attention block's (k, v) 2 × (B, H, S, Dh) or None
+TextContext = tuple[Tensor | None, Tensor | None, list[tuple[Tensor, Tensor]] | None]
+TEXT_MEMO_SIZE = 4  # distinct text conditions kept inside ``reusing_text`` (an edit alternates two)
 IMAGE_CONDITION = ("concat", "sequence")  # how a source latent enters: InstructPix2Pix / Flux Control, or FLUX.1 Kontext
 ADALN = ("block", "single")  # the blocks' modulation: DiT's adaLN-Zero MLP per block, or PixArt-α's adaLN-single
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +189,7 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, single=single)
         self._pos_cache: dict[tuple, Tensor] = {}
+        self._text_memo: list[tuple[tuple, TextContext]] | None = None  # inside reusing_text
         self.gradient_checkpointing = False
         self.initialize_weights()
         if gradient_checkpointing:
@@ -264,12 +270,12 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             h = torch.cat([h, self._patches(source, gh, gw, row_offset=gh)], dim=1)  # (B, 2N, D): [noisy; source]
         c = self._conditioning(t.expand(B) if t.ndim == 0 else t, cond)  # (B, D)
         block_c = c if self.adaln_single is None else self.adaln_single(c)  # (B, D), or the shared (B, 6D)
-        context, mask = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None
-        for block in self.blocks:
+        context, mask, kv = self._text_context(cond, B)  # (B, S, D), (B, 1, 1, S) or None, per-block (k, v) or None
+        for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 out = self._gradient_checkpointing_func(block, h, block_c, context, mask)
             else:
-                out = block(h, block_c, context, mask)
+                out = block(h, block_c, context, mask) if kv is None else block(h, block_c, context, mask, kv[i])
             # DiTBlock -> h (B, N, D); JointBlock -> (h, context): the text stream moves on too.
             h, context = out if self.joint else (out, context)
         if self.image_condition == "sequence":
@@ -320,7 +326,38 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             c = c + self.guidance_embedder(cond["guidance"])
         return c
 
-    def _text_context(self, cond: Mapping[str, Tensor], batch: int) -> tuple[Tensor | None, Tensor | None]:
+    @contextmanager
+    def reusing_text(self) -> Iterator["DiT"]:
+        """Within the block, a forward whose text inputs (``TEXT_INPUTS``, compared by value) match
+        one of the last ``TEXT_MEMO_SIZE`` seen reuses its text context: the projections, the
+        refiner, the null rows and every cross-attention block's keys and values, which depend on
+        neither x nor t (a joint block's text stream does: it is recomputed). A sampler calls the model with
+        the same text at every step (the guided batch included), so a 50-step sample computes it
+        once instead of 50 times. Only without autograd, and only while the weights stay put: for
+        sampling, not training. Nested blocks share the outer memo."""
+        outer = self._text_memo
+        self._text_memo = [] if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._text_memo = outer
+
+    def _text_context(self, cond: Mapping[str, Tensor], batch: int) -> TextContext:
+        """:meth:`_build_text_context` (no keys and values computed ahead), or its memo inside
+        :meth:`reusing_text` with each cross-attention block's keys and values."""
+        if self._text_memo is None or torch.is_grad_enabled() or not self.has_text:
+            return (*self._build_text_context(cond, batch), None)
+        inputs = (batch, *(cond.get(key) for key in TEXT_INPUTS))
+        for seen, text in self._text_memo:
+            if all(_same_value(a, b) for a, b in zip(seen, inputs)):
+                return text
+        context, mask = self._build_text_context(cond, batch)
+        kv = None if self.joint else [block.cross_attn.keys_values(context) for block in self.blocks]
+        kept = tuple(v.clone() if torch.is_tensor(v) else v for v in inputs)  # the caller may reuse its buffers
+        self._text_memo[:] = [(kept, (context, mask, kv)), *self._text_memo[: TEXT_MEMO_SIZE - 1]]
+        return context, mask, kv
+
+    def _build_text_context(self, cond: Mapping[str, Tensor], batch: int) -> tuple[Tensor | None, Tensor | None]:
         """Projected token sequences, concatenated, with the learned null token where needed.
 
         Returns context (B, S, D) and key mask (B, 1, 1, S) bool. Without masks and without
@@ -421,6 +458,13 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if cond["image"].shape != x.shape:
                 raise ValueError(f"DiT: cond['image'] must have x's shape {tuple(x.shape)}, got {tuple(cond['image'].shape)}")
         return cond
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal numbers / None, or tensors of one shape, dtype and device holding equal values."""
+    if not (torch.is_tensor(a) and torch.is_tensor(b)):
+        return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,15 +159,23 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, D), context (B, S, D) or None, mask (B, 1, 1, S) bool or None -> (B, N, D)."""
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention's keys (k-normed with ``qk_norm``) and values: context (B, S, D) -> 2 × (B, H, S, Dh)."""
+        k, v = split_heads(self.kv(context), 2, self.num_heads)
+        return (self.k_norm(k) if self.qk_norm else k), v
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, D), context (B, S, D) or None, mask (B, 1, 1, S) bool or None -> (B, N, D);
+        ``kv``: cross-attention's :meth:`keys_values` of ``context``, computed before (a sampler's memo)."""
         if self.cross:
             (q,) = split_heads(self.q(x), 1, self.num_heads)  # (B, H, N, Dh)
-            k, v = split_heads(self.kv(context), 2, self.num_heads)  # 2 × (B, H, S, Dh)
+            k, v = self.keys_values(context) if kv is None else kv  # 2 × (B, H, S, Dh)
+            q = self.q_norm(q) if self.qk_norm else q
         else:
             q, k, v = split_heads(self.qkv(x), 3, self.num_heads)  # 3 × (B, H, N, Dh)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
         out = attention(q, k, v, mask)  # (B, H, N, Dh)
         return self.proj(merge_heads(out))  # (B, N, D) -> (B, N, D)
 
@@ -213,12 +221,14 @@ class DiTBlock(nn.Module):
             return (c.view(c.shape[0], 6, -1) + self.scale_shift_table).chunk(6, dim=1)  # (B, 6, D) -> 6 × (B, 1, D)
         return self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, 6D) -> 6 × (B, 1, D)
 
-    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, N, D), c (B, D) or (B, 6D) (``single``), context (B, S, D), mask (B, 1, 1, S) bool -> (B, N, D)."""
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, D), c (B, D) or (B, 6D) (``single``), context (B, S, D), mask (B, 1, 1, S) bool -> (B, N, D);
+        ``kv``: the cross-attention's keys and values of ``context``, when computed before."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)  # 6 × (B, 1, D)
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context, mask)
+            x = x + self.cross_attn(self.norm_cross(x), context, mask, kv)
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 

@@ -462,8 +462,10 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 def _same_value(a: Any, b: Any) -> bool:
     """Equal numbers / None, or tensors of one shape, dtype and device holding equal values."""
-    if not (torch.is_tensor(a) and torch.is_tensor(b)):
-        return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+    if torch.is_tensor(a) != torch.is_tensor(b):
+        return False
+    if not torch.is_tensor(a):
+        return a == b
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
